@@ -1,0 +1,78 @@
+"""KSI host: runs LLM completions for agent systems through pluggy plugins.
+
+The public API plugin authors and users import from here.
+"""
+
+from .db import Database
+from .errors import (
+    AuthFailed,
+    BadRequest,
+    Cancelled,
+    ConfigError,
+    ContextWindowExceeded,
+    DeadlineExceeded,
+    KsiError,
+    MissingPluginError,
+    NoProviderError,
+    OperationalError,
+    PluginLoadError,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+    StartupError,
+    ValidationError,
+)
+from .hookspecs import hookimpl
+from .models import (
+    PRIORITIES,
+    Attempt,
+    AttemptContext,
+    CompletionRequest,
+    CompletionResult,
+    FailureDecision,
+    Provider,
+    ProviderInfo,
+    ProviderResponse,
+    Ticket,
+    UpstreamCall,
+    Usage,
+)
+from .service import Host
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRIORITIES",
+    "Attempt",
+    "AttemptContext",
+    "AuthFailed",
+    "BadRequest",
+    "Cancelled",
+    "CompletionRequest",
+    "CompletionResult",
+    "ConfigError",
+    "ContextWindowExceeded",
+    "Database",
+    "DeadlineExceeded",
+    "FailureDecision",
+    "Host",
+    "KsiError",
+    "MissingPluginError",
+    "NoProviderError",
+    "OperationalError",
+    "PluginLoadError",
+    "Provider",
+    "ProviderError",
+    "ProviderInfo",
+    "ProviderResponse",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "StartupError",
+    "Ticket",
+    "UpstreamCall",
+    "Usage",
+    "ValidationError",
+    "hookimpl",
+]

@@ -1,0 +1,147 @@
+"""The config file: one TOML table per plugin, validated against attrs classes.
+
+Each plugin declares its table with ``ksi_config_spec`` (a table name and an
+attrs class). :func:`load_config` reads the file; :func:`build_table` turns one
+table into an instance, raising :class:`~ksi_host.errors.ConfigError` that names
+the key (``[litellm.deployments][1].timeout_s``) for unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError
+
+HOST_TABLE = "host"
+
+
+@attrs.define
+class HostConfig:
+    """The ``[host]`` table: settings of the host itself.
+
+    ``concurrency``: overrides the queue's concurrency limit when set
+    (``ksi-host run --concurrency N`` sets it too).
+    ``log_level``: the level of the ``ksi_host`` loggers (``WARNING`` by default).
+    """
+
+    concurrency: int | None = None
+    log_level: str = "WARNING"
+
+
+def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Read a TOML file into a dict (an empty dict for None)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, got {value!r}"
+        )
+    if origin is list or origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        _, vt = typing.get_args(tp) or (str, Any)
+        return {k: _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if attrs.has(tp):
+        return build_table(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build_table(cls: type, data: Any, where: str) -> Any:
+    """Build attrs class ``cls`` from the TOML table ``data`` found at ``where``.
+
+    Unknown keys and wrong types raise ConfigError naming ``where.key``. A
+    validator of ``cls`` that raises ValueError or TypeError becomes a
+    ConfigError naming the table.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}]: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {a.name: a for a in attrs.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"[{where}] unknown key {unknown[0]!r} (known keys: {', '.join(fields) or 'none'})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints.get(name, Any), f"[{where}].{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{where}]: {e}") from None
+
+
+def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
+    """Validate every table of ``raw`` against ``specs`` (table name -> attrs class).
+
+    A table that no loaded plugin declares is an error naming it.
+    """
+    specs = {HOST_TABLE: HostConfig, **specs}
+    unknown = sorted(set(raw) - set(specs))
+    if unknown:
+        raise ConfigError(
+            f"unknown config table [{unknown[0]}]: no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
+        )
+    return {name: build_table(cls, raw.get(name), name) for name, cls in specs.items()}

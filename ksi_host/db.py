@@ -1,0 +1,201 @@
+"""The async SQLite helper: the one way any plugin touches SQLite.
+
+One database file per host. Every connection is opened with
+``journal_mode=WAL``, ``synchronous=NORMAL``, ``foreign_keys=ON`` and a busy
+timeout, so readers never block the writer and a committed write survives a
+killed process.
+
+Writes are group-committed: :meth:`Database.execute` queues the statement and
+returns once the transaction holding it is committed. Statements queued while
+a commit is in progress go into the next one, so many concurrent writers
+share one commit. Each plugin keeps its own tables and migrates them with
+:meth:`Database.migrate`, which records versions in ``ksi_schema_versions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+DEFAULT_DB_ENV = "KSI_HOST_DB"
+DEFAULT_DB_PATH = "ksi-host.db"
+"""Used when neither ``--db`` nor ``KSI_HOST_DB`` is given: in the current directory."""
+
+Statement = tuple[str, Sequence[Any] | dict[str, Any]]
+
+
+def default_db_path() -> str:
+    return os.environ.get(DEFAULT_DB_ENV) or DEFAULT_DB_PATH
+
+
+class Database:
+    """An aiosqlite connection with WAL, migrations and group commit.
+
+    ``async with Database(path) as db:`` or ``await db.open()`` / ``await db.close()``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> None:
+        self.path = str(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn: aiosqlite.Connection | None = None
+        self._pending: list[tuple[Statement, bool, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.commits = 0  # transactions committed by the group writer (for tests and benchmarks)
+
+    async def __aenter__(self) -> Database:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RuntimeError("database is not open")
+        return self._conn
+
+    async def open(self) -> Database:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS ksi_schema_versions ("
+            " owner TEXT PRIMARY KEY, version INTEGER NOT NULL, applied_at REAL NOT NULL)"
+        )
+        self._conn = conn
+        return self
+
+    async def close(self) -> None:
+        if self._conn is None:
+            return
+        await self.flush()
+        await self._conn.close()
+        self._conn = None
+
+    # -- schema -------------------------------------------------------------
+
+    async def migrate(self, owner: str, migrations: Sequence[str]) -> int:
+        """Bring ``owner``'s tables to version ``len(migrations)``.
+
+        ``migrations[i]`` is the SQL script that takes the schema from version
+        ``i`` to ``i + 1``; scripts already applied (recorded in
+        ``ksi_schema_versions``) are skipped. Never edit a released migration:
+        append a new one. Returns the version now in force.
+        """
+        async with self._lock:
+            rows = await self.conn.execute_fetchall("SELECT version FROM ksi_schema_versions WHERE owner = ?", (owner,))
+            current = rows[0][0] if rows else 0
+            if current > len(migrations):
+                raise RuntimeError(f"{owner}: database schema version {current} is newer than this code knows ({len(migrations)})")
+            for version in range(current + 1, len(migrations) + 1):
+                script = migrations[version - 1].strip().rstrip(";")
+                await self.conn.executescript(
+                    f"BEGIN;\n{script};\n"
+                    f"INSERT INTO ksi_schema_versions(owner, version, applied_at) VALUES ('{owner.replace(chr(39), '')}', {version}, {time.time()})"
+                    f" ON CONFLICT(owner) DO UPDATE SET version = excluded.version, applied_at = excluded.applied_at;\nCOMMIT;"
+                )
+            return len(migrations)
+
+    async def schema_version(self, owner: str) -> int:
+        row = await self.fetchone("SELECT version FROM ksi_schema_versions WHERE owner = ?", (owner,))
+        return row[0] if row else 0
+
+    # -- writes (group commit) ----------------------------------------------
+
+    def _queue(self, statement: Statement, many: bool) -> asyncio.Future[None]:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((statement, many, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+        return fut
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
+        """Run one write statement; return once it is committed."""
+        await self._queue((sql, params), False)
+
+    async def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
+        """Run one write statement for each parameter set; return once committed."""
+        await self._queue((sql, list(seq)), True)
+
+    async def write_batch(self, statements: Sequence[Statement]) -> None:
+        """Run several write statements in the same transaction; return once committed."""
+        futs = [self._queue(s, False) for s in statements]
+        await asyncio.gather(*futs)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush_loop(self) -> None:
+        await asyncio.sleep(0)  # let writers of this loop iteration join the batch
+        while self._pending:
+            batch, self._pending = self._pending, []
+            async with self._lock:
+                try:
+                    await self._commit(batch)
+                except sqlite3.Error:
+                    await self._commit_one_by_one(batch)
+
+    async def _commit(self, batch: list[tuple[Statement, bool, asyncio.Future[None]]]) -> None:
+        conn = self.conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            i = 0
+            while i < len(batch):
+                (sql, params), many, _ = batch[i]
+                if many:
+                    await conn.executemany(sql, params)
+                    i += 1
+                    continue
+                j = i + 1
+                while j < len(batch) and not batch[j][1] and batch[j][0][0] == sql:
+                    j += 1
+                if j - i == 1:
+                    await conn.execute(sql, params)
+                else:
+                    await conn.executemany(sql, [b[0][1] for b in batch[i:j]])
+                i = j
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        for _, _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _commit_one_by_one(self, batch: list[tuple[Statement, bool, asyncio.Future[None]]]) -> None:
+        for item in batch:
+            try:
+                await self._commit([item])
+            except sqlite3.Error as e:
+                if not item[2].done():
+                    item[2].set_exception(e)
+
+    # -- reads ----------------------------------------------------------------
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a query; return all rows (``sqlite3.Row``: index or name)."""
+        return list(await self.conn.execute_fetchall(sql, params))
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        rows = await self.conn.execute_fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def pragma(self, name: str) -> Any:
+        row = await self.fetchone(f"PRAGMA {name}")
+        return row[0] if row else None

@@ -1,0 +1,159 @@
+"""The errors of KSI host.
+
+Two families, and the difference matters:
+
+* :class:`OperationalError` and its subclasses are *expected* failures: a
+  provider is down or rate limited, the input is bad, a request was cancelled.
+  They flow into failure handling (``ksi_handle_failure``) and end as an
+  ``error`` result; they never crash the host.
+* Any other exception raised by a hookimpl is a *programming error*. The host
+  does not catch it: it propagates with its traceback, and the host adds a
+  note naming the plugin and the hook it came from.
+
+Start-up problems (bad config, a plugin that fails to import) are
+:class:`StartupError`: ``ksi-host`` prints them as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class KsiError(Exception):
+    """Base of every error KSI host defines."""
+
+
+class StartupError(KsiError):
+    """The host cannot start: bad config, a plugin that fails to load."""
+
+
+class ConfigError(StartupError):
+    """The config file is wrong. The message names the table and key."""
+
+
+class PluginLoadError(StartupError):
+    """A plugin's entry point failed to import or is not a plugin."""
+
+
+class OperationalError(KsiError):
+    """An expected failure. Carries a short, human-readable message.
+
+    ``type`` is the name written into results and the usage ledger
+    (``RateLimited``, ``ProviderTimeout``, ...). ``retryable`` is a hint for
+    failure policies; the retry plugin owns the actual decision.
+    """
+
+    retryable: bool = False
+
+    def __init__(self, message: str = "", **kwargs: object) -> None:
+        super().__init__(message or self.__class__.__name__)
+        self.message = message or self.__class__.__name__
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    @property
+    def type(self) -> str:
+        return self.__class__.__name__
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+class ValidationError(OperationalError):
+    """Bad input. ``field`` names the offending field (``messages[0].role``),
+    ``line`` the input line when the request came from a file."""
+
+    def __init__(self, field: str, reason: str, *, line: int | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.line = line
+        where = f"line {line}: " if line is not None else ""
+        super().__init__(f"{where}{field}: {reason}")
+
+    def at_line(self, line: int) -> ValidationError:
+        """The same error, located at input line ``line``."""
+        return ValidationError(self.field, self.reason, line=line)
+
+
+class MissingPluginError(OperationalError):
+    """No loaded plugin implements a hook that this request needs."""
+
+    def __init__(self, hook: str, install: str | None = None) -> None:
+        self.hook = hook
+        self.install = install
+        hint = f": pip install {install}" if install else ""
+        super().__init__(f"no plugin implements {hook}{hint}")
+
+
+class NoProviderError(OperationalError):
+    """No provider (deployment) serves the requested model."""
+
+
+class DeadlineExceeded(OperationalError):
+    """The request's ``timeout_s`` deadline would be passed by another attempt."""
+
+
+class Cancelled(OperationalError):
+    """The request was cancelled before it finished."""
+
+
+class ProviderError(OperationalError):
+    """A failure reported by, or while talking to, an upstream provider.
+
+    ``provider`` is the deployment's name; ``usage`` is the token usage the
+    upstream reported for the failed call, if any (it is still recorded).
+    """
+
+    provider: str | None = None
+    usage: object | None = None
+    status_code: int | None = None
+
+
+class RateLimited(ProviderError):
+    """HTTP 429. ``retry_after`` (seconds) is set when the provider sent one."""
+
+    retryable = True
+    retry_after: float | None = None
+
+
+class ProviderTimeout(ProviderError):
+    """The upstream did not answer within the attempt's timeout."""
+
+    retryable = True
+
+
+class ProviderUnavailable(ProviderError):
+    """5xx, connection refused or reset, malformed response."""
+
+    retryable = True
+
+
+class BadRequest(ProviderError):
+    """HTTP 400: the request itself is wrong; retrying will not help."""
+
+
+class ContextWindowExceeded(BadRequest):
+    """The prompt does not fit the model's context window."""
+
+
+class AuthFailed(ProviderError):
+    """HTTP 401/403: this deployment's key is missing, wrong or not allowed."""
+
+
+__all__ = [
+    "AuthFailed",
+    "BadRequest",
+    "Cancelled",
+    "ConfigError",
+    "ContextWindowExceeded",
+    "DeadlineExceeded",
+    "KsiError",
+    "MissingPluginError",
+    "NoProviderError",
+    "OperationalError",
+    "PluginLoadError",
+    "ProviderError",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "StartupError",
+    "ValidationError",
+]

@@ -1,0 +1,71 @@
+"""Calling hooks: the one helper that awaits async hookimpls.
+
+pluggy calls hookimpls synchronously; an ``async def`` hookimpl would hand it
+a coroutine, which pluggy's ``firstresult`` would take for an answer. So the
+host calls hookimpls itself, in pluggy's order, awaiting each answer that is
+awaitable before deciding whether it counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+from .errors import KsiError
+
+
+def _note(exc: BaseException, plugin: str, hook: str) -> None:
+    note = f"raised by plugin {plugin!r} in hook {hook}"
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
+class HookCaller:
+    """Calls hooks of one :class:`pluggy.PluginManager`, awaiting async hookimpls."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
+
+    def reset(self) -> None:
+        """Forget cached hookimpl lists (call after registering plugins)."""
+        self._impls.clear()
+
+    def impls(self, hook: str) -> list[tuple[str, Any, tuple[str, ...]]]:
+        """``(plugin_name, function, argnames)`` in call order."""
+        found = self._impls.get(hook)
+        if found is None:
+            caller = getattr(self.pm.hook, hook)
+            found = [(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())]
+            self._impls[hook] = found
+        return found
+
+    def implemented(self, hook: str) -> bool:
+        return bool(self.impls(hook))
+
+    async def call(self, hook: str, /, **kwargs: Any) -> list[Any]:
+        """Call every hookimpl of ``hook``; return their non-None answers."""
+        return await self._run(hook, kwargs, False)
+
+    async def first(self, hook: str, /, **kwargs: Any) -> Any:
+        """Call hookimpls of ``hook`` until one answers something other than None."""
+        return await self._run(hook, kwargs, True)
+
+    async def _run(self, hook: str, kwargs: dict[str, Any], first: bool) -> Any:
+        results = []
+        for plugin, fn, argnames in self.impls(hook):
+            try:
+                r = fn(*[kwargs[a] for a in argnames])
+                if r is not None and hasattr(r, "__await__"):
+                    r = await r
+            except KsiError:
+                raise
+            except Exception as e:
+                _note(e, plugin, hook)
+                raise
+            if r is not None:
+                if first:
+                    return r
+                results.append(r)
+        return None if first else results

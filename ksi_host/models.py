@@ -1,0 +1,438 @@
+"""The data that crosses hooks: requests, results, usage, attempts, decisions.
+
+Every class is an attrs class. Validation happens at the edge: building a
+:class:`CompletionRequest` (directly or with :meth:`CompletionRequest.from_dict`)
+raises :class:`~ksi_host.errors.ValidationError` naming the field and why.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from .errors import ValidationError
+
+PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3, "background": 4}
+"""Priority names and their rank (lower runs first)."""
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+STATUSES = frozenset({"ok", "error", "cancelled"})
+
+
+def _fail(field: str, reason: str) -> None:
+    raise ValidationError(field, reason)
+
+
+def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        _fail(a.name, "must be a non-empty string or null")
+
+
+def _req_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        _fail(a.name, "is required and must be a non-empty string")
+
+
+def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not value:
+        _fail("messages", "must be a non-empty list of {role, content} objects (or give 'prompt')")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            _fail(f"messages[{i}]", "must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            _fail(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
+        content = m.get("content")
+        if not isinstance(content, (str, list)):
+            _fail(f"messages[{i}].content", "must be a string (or a list of content parts)")
+
+
+def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if value not in PRIORITIES:
+        _fail("priority", f"must be one of {', '.join(PRIORITIES)}; got {value!r}")
+
+
+def _pos_int(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if value is not None and (type(value) is not int or value <= 0):
+        _fail(a.name, f"must be a positive integer or null, got {value!r}")
+
+
+def _temperature(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        _fail("temperature", f"must be a number from 0 to 2 or null, got {value!r}")
+
+
+def _pos_num(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        _fail(a.name, f"must be a positive number of seconds or null, got {value!r}")
+
+
+def _metadata(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, dict):
+        _fail("metadata", "must be an object")
+    for k, v in value.items():
+        if not isinstance(k, str):
+            _fail("metadata", f"keys must be strings, got {k!r}")
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            _fail(f"metadata.{k}", "values must be strings, numbers, booleans or null")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@attrs.frozen(slots=True)
+class CompletionRequest:
+    """One completion to run. Only ``model`` and ``messages`` are required."""
+
+    model: str = attrs.field(validator=_req_str)
+    messages: tuple[dict[str, Any], ...] = attrs.field(
+        converter=lambda v: tuple(v) if isinstance(v, list) else v, validator=_messages
+    )
+    request_id: str = attrs.field(factory=new_request_id, validator=_req_str)
+    session_id: str | None = attrs.field(default=None, validator=_opt_str)
+    agent_id: str | None = attrs.field(default=None, validator=_opt_str)
+    originator_agent_id: str | None = attrs.field(default=None, validator=_opt_str)
+    purpose: str | None = attrs.field(default=None, validator=_opt_str)
+    priority: str = attrs.field(default="normal", validator=_priority)
+    max_tokens: int | None = attrs.field(default=None, validator=_pos_int)
+    temperature: float | None = attrs.field(default=None, validator=_temperature)
+    timeout_s: float | None = attrs.field(default=None, validator=_pos_num)
+    metadata: dict[str, Any] = attrs.field(factory=dict, validator=_metadata)
+
+    @property
+    def priority_rank(self) -> int:
+        return PRIORITIES[self.priority]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CompletionRequest:
+        """Build a request from JSON-like data.
+
+        Accepts ``prompt`` (a string) as shorthand for one user message.
+        Unknown keys, missing or wrong fields raise ValidationError naming the field.
+        """
+        if not isinstance(data, dict):
+            raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        prompt = data.pop("prompt", None)
+        if prompt is not None:
+            if "messages" in data:
+                raise ValidationError("prompt", "give either 'prompt' or 'messages', not both")
+            if not isinstance(prompt, str) or not prompt:
+                raise ValidationError("prompt", "must be a non-empty string")
+            data["messages"] = [{"role": "user", "content": prompt}]
+        unknown = sorted(set(data) - _REQUEST_FIELDS)
+        if unknown:
+            raise ValidationError(unknown[0], f"unknown field (known: {', '.join(sorted(_REQUEST_FIELDS | {'prompt'}))})")
+        for name in ("model", "messages"):
+            if data.get(name) is None:
+                raise ValidationError(name, "is required" + (" (or give 'prompt')" if name == "messages" else ""))
+        if data.get("request_id") is None:
+            data.pop("request_id", None)
+        if data.get("metadata") is None:
+            data.pop("metadata", None)
+        if data.get("priority") is None:
+            data.pop("priority", None)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self, recurse=False)
+        d["messages"] = list(self.messages)
+        return d
+
+
+_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest))
+
+
+@attrs.frozen(slots=True)
+class Usage:
+    """Token usage one upstream call reported. ``cost_usd`` is None when unknown."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float | None = None
+
+    def __add__(self, other: Usage) -> Usage:
+        cost = None
+        if self.cost_usd is not None or other.cost_usd is not None:
+            cost = (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            cost,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(slots=True)
+class ProviderResponse:
+    """What :meth:`Provider.complete` returns on success."""
+
+    text: str
+    usage: Usage | None = None
+    model: str | None = None  # the upstream's own model name, if it said
+    session_id: str | None = None  # the session the conversation continues under, if the provider has one
+
+
+@attrs.frozen(slots=True)
+class ProviderInfo:
+    """One provider (deployment) as ``ksi_list_providers`` describes it.
+
+    ``state`` is the circuit state: ``closed`` (healthy), ``open`` (skipped
+    until its cool-down ends) or ``half_open`` (one trial call allowed).
+    """
+
+    name: str
+    model: str  # the model name or glob pattern it serves
+    plugin: str
+    state: str = "closed"
+    detail: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.state != "open"
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What ``ksi_select_provider`` returns: one deployment, ready to call.
+
+    ``name`` is unique across the host and appears in results and the ledger.
+    ``timeout_s`` is the per-attempt timeout the deployment is configured with.
+    ``complete`` makes exactly one upstream attempt; it returns a
+    :class:`ProviderResponse` or raises an :class:`~ksi_host.errors.OperationalError`
+    (usually a :class:`~ksi_host.errors.ProviderError` subclass, with ``usage``
+    set when the upstream reported usage for the failed call).
+    """
+
+    name: str
+    timeout_s: float | None
+
+    async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> ProviderResponse: ...
+
+
+@attrs.frozen(slots=True)
+class Attempt:
+    """One attempt of a request, as the final result reports it."""
+
+    number: int
+    provider: str | None
+    error_type: str | None = None  # None when this attempt succeeded
+    error_message: str | None = None
+    delay_s: float | None = None  # the wait before the next attempt; None for the last
+    latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(slots=True)
+class AttemptContext:
+    """What ``ksi_handle_failure`` knows about the attempt that just failed.
+
+    ``number`` counts from 1. ``started_at`` and ``now`` are readings of
+    ``host.clock`` (monotonic seconds): when the request's first attempt
+    began, and now. ``deadline`` is ``started_at + request.timeout_s`` or None.
+    ``history`` holds the earlier attempts; ``excluded`` the providers already
+    switched away from (this one not included).
+    """
+
+    number: int
+    provider: str | None
+    started_at: float
+    now: float
+    deadline: float | None
+    history: tuple[Attempt, ...] = ()
+    excluded: frozenset[str] = frozenset()
+
+    @property
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.now
+
+
+@attrs.frozen(slots=True)
+class FailureDecision:
+    """What a failed attempt becomes (the answer of ``ksi_handle_failure``).
+
+    Use the constructors: ``FailureDecision.retry(delay_s, switch_provider=...)``
+    or ``FailureDecision.give_up(error)``.
+    """
+
+    action: str = attrs.field(validator=attrs.validators.in_({"retry", "give_up"}))
+    delay_s: float = 0.0
+    switch_provider: bool = False  # exclude the failed provider from the next selection
+    error: Exception | None = None  # for give_up: the error to report (may wrap the original)
+
+    @classmethod
+    def retry(cls, delay_s: float = 0.0, *, switch_provider: bool = False) -> FailureDecision:
+        return cls("retry", max(0.0, float(delay_s)), switch_provider)
+
+    @classmethod
+    def give_up(cls, error: Exception) -> FailureDecision:
+        return cls("give_up", 0.0, False, error)
+
+
+@attrs.frozen(slots=True)
+class UpstreamCall:
+    """One upstream call that reported usage: what ``ksi_record_usage`` receives."""
+
+    request_id: str
+    attempt: int
+    provider: str
+    model: str
+    usage: Usage
+    latency_ms: float
+    outcome: str  # "ok", or the error type of the failed attempt
+    created_at: float = attrs.field(factory=time.time)  # unix seconds
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds to an ISO 8601 UTC string (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@attrs.frozen(slots=True)
+class CompletionResult:
+    """The final outcome of one request.
+
+    ``status`` is ``ok``, ``error`` or ``cancelled``. ``usage`` sums every
+    upstream call of the request (retries included). ``error`` is None when ok,
+    else ``{"type": ..., "message": ...}``. Times are unix seconds.
+    """
+
+    request_id: str
+    status: str = attrs.field(validator=attrs.validators.in_(STATUSES))
+    text: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    session_id: str | None = None
+    usage: Usage = attrs.field(factory=Usage)
+    attempts: tuple[Attempt, ...] = ()
+    error: dict[str, str] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def failed(
+        cls,
+        request_id: str,
+        error: Exception,
+        *,
+        model: str | None = None,
+        session_id: str | None = None,
+        status: str | None = None,
+        **kw: Any,
+    ) -> CompletionResult:
+        """An error (or cancelled) result for ``error``."""
+        from .errors import Cancelled, OperationalError
+
+        info = error.to_dict() if isinstance(error, OperationalError) else {"type": type(error).__name__, "message": str(error)}
+        status = status or ("cancelled" if isinstance(error, Cancelled) else "error")
+        now = time.time()
+        kw.setdefault("started_at", now)
+        kw.setdefault("finished_at", now)
+        return cls(request_id, status, model=model, session_id=session_id, error=info, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to results files."""
+        return {
+            "request_id": self.request_id,
+            "status": self.status,
+            "text": self.text,
+            "model": self.model,
+            "provider": self.provider,
+            "session_id": self.session_id,
+            "usage": self.usage.to_dict(),
+            "attempts": [a.to_dict() for a in self.attempts],
+            "error": self.error,
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompletionResult:
+        """Inverse of :meth:`to_dict` (times may be ISO strings or unix seconds)."""
+
+        def ts(v: Any) -> float | None:
+            if v is None or isinstance(v, (int, float)):
+                return v
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+
+        return cls(
+            d["request_id"],
+            d["status"],
+            text=d.get("text"),
+            model=d.get("model"),
+            provider=d.get("provider"),
+            session_id=d.get("session_id"),
+            usage=Usage(**(d.get("usage") or {})),
+            attempts=tuple(Attempt(**a) for a in d.get("attempts") or ()),
+            error=d.get("error"),
+            started_at=ts(d.get("started_at")),
+            finished_at=ts(d.get("finished_at")),
+        )
+
+
+class Ticket:
+    """A handle on a submitted request: ``await ticket.result()``.
+
+    The queue plugin creates it in ``ksi_enqueue`` (``Ticket(request_id)``)
+    and completes it with :meth:`set_result` or, for a programming error,
+    :meth:`set_exception`. Several tickets may share one request (a request
+    submitted again while it is queued).
+    """
+
+    __slots__ = ("request_id", "_future")
+
+    def __init__(self, request_id: str, future: Any = None) -> None:
+        import asyncio
+
+        self.request_id = request_id
+        self._future = future if future is not None else asyncio.get_running_loop().create_future()
+
+    @classmethod
+    def done(cls, result: CompletionResult) -> Ticket:
+        t = cls(result.request_id)
+        t._future.set_result(result)
+        return t
+
+    @property
+    def future(self) -> Any:
+        return self._future
+
+    def is_done(self) -> bool:
+        return self._future.done()
+
+    def set_result(self, result: CompletionResult) -> None:
+        if not self._future.done():
+            self._future.set_result(result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._future.done():
+            self._future.set_exception(exc)
+
+    async def result(self) -> CompletionResult:
+        import asyncio
+
+        return await asyncio.shield(self._future)
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self.request_id} {'done' if self.is_done() else 'pending'}>"

@@ -1,0 +1,12 @@
+"""The testing kit for plugin authors.
+
+Installed with ``pip install ksi-host[testing]``; the pytest plugin
+(:mod:`ksi_host.testing.pytest_plugin`, registered through ``pytest11``) gives
+the ``make_host`` fixture: a Host built from an explicit list of plugin
+objects (no entry points) on a temporary database, so one hook can be tested
+alone. :mod:`ksi_host.testing.fakes` holds small stand-in plugins.
+"""
+
+from .fakes import DirectQueue, FakeProvider, ScriptedProviders
+
+__all__ = ["DirectQueue", "FakeProvider", "ScriptedProviders"]

@@ -1,0 +1,89 @@
+"""Small stand-in plugins for testing one plugin without the others.
+
+* :class:`DirectQueue` implements ``ksi_enqueue`` by running the request at
+  once (no storage, no ordering): enough to test a provider, retry or usage
+  plugin through ``host.complete``.
+* :class:`ScriptedProviders` implements ``ksi_select_provider`` and
+  ``ksi_list_providers`` with :class:`FakeProvider` deployments whose answers
+  are scripted: a string (the text), a ProviderResponse, or an exception to raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from typing import Any
+
+from ..hookspecs import hookimpl
+from ..models import CompletionRequest, ProviderInfo, ProviderResponse, Ticket, Usage
+
+
+class DirectQueue:
+    """``ksi_enqueue`` that runs each request immediately in a task."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    @hookimpl
+    def ksi_enqueue(self, host: Any, request: CompletionRequest) -> Ticket:
+        ticket = Ticket(request.request_id)
+
+        async def run() -> None:
+            try:
+                ticket.set_result(await host.execute(request))
+            except BaseException as e:  # programming errors reach the caller
+                ticket.set_exception(e)
+
+        task = asyncio.ensure_future(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return ticket
+
+
+class FakeProvider:
+    """A deployment whose answers come from ``script`` in order (the last repeats).
+
+    Each item: a string (answered as text with ``usage``), a ProviderResponse,
+    an exception instance (raised), or a coroutine function ``f(request)``.
+    ``calls`` lists the requests it received.
+    """
+
+    def __init__(self, name: str, model: str = "*", script: Iterable[Any] = ("ok",),
+                 usage: Usage | None = Usage(10, 5, 15, None), timeout_s: float | None = 30.0) -> None:
+        self.name = name
+        self.model = model
+        self.script = list(script)
+        self.usage = usage
+        self.timeout_s = timeout_s
+        self.calls: list[CompletionRequest] = []
+
+    async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> ProviderResponse:
+        item = self.script[min(len(self.calls), len(self.script) - 1)]
+        self.calls.append(request)
+        if isinstance(item, BaseException):
+            raise item
+        if callable(item):
+            item = await item(request)
+        if isinstance(item, ProviderResponse):
+            return item
+        return ProviderResponse(text=str(item), usage=self.usage)
+
+
+class ScriptedProviders:
+    """Selects the first FakeProvider (in list order) whose model pattern matches and is not excluded."""
+
+    def __init__(self, *providers: FakeProvider) -> None:
+        self.providers = list(providers)
+
+    @hookimpl
+    def ksi_select_provider(self, request: CompletionRequest, exclude: frozenset[str]) -> FakeProvider | None:
+        for p in self.providers:
+            if p.name not in exclude and fnmatchcase(request.model, p.model):
+                return p
+        return None
+
+    @hookimpl
+    def ksi_list_providers(self, model: str | None) -> list[ProviderInfo]:
+        return [ProviderInfo(p.name, p.model, "fake") for p in self.providers
+                if model is None or fnmatchcase(model, p.model)]

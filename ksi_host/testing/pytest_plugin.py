@@ -1,0 +1,30 @@
+"""pytest fixtures of the KSI host testing kit (registered through ``pytest11``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ..service import Host
+
+
+@pytest.fixture
+def ksi_db_path(tmp_path: Any) -> Any:
+    """A fresh database path for one test."""
+    return tmp_path / "ksi-test.db"
+
+
+@pytest.fixture
+def make_host(ksi_db_path: Any) -> Callable[..., Host]:
+    """Build a Host from explicit plugin objects on a temporary database.
+
+    ``async with make_host(MyPlugin(), DirectQueue(), config={"my": {...}}) as host: ...``
+    Keyword arguments (``serve``, ``clock``, ``sleep``, ``db_path``) go to Host.
+    """
+
+    def factory(*plugins: Any, config: dict[str, Any] | None = None, db_path: Any = None, **kw: Any) -> Host:
+        return Host(config or {}, db_path or ksi_db_path, plugins=list(plugins), **kw)
+
+    return factory
