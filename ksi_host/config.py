@@ -3,7 +3,7 @@
 Each plugin declares its table with ``ksi_config_spec`` (a table name and an
 attrs class). :func:`load_config` reads the file; :func:`build_table` turns one
 table into an instance, raising :class:`~ksi_host.errors.ConfigError` that names
-the key (``[litellm.deployments][1].timeout_s``) for unknown keys and wrong types.
+the key (``litellm.deployments[1].timeout_s``) for unknown keys and wrong types.
 """
 
 from __future__ import annotations
@@ -70,39 +70,39 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, got {value!r}"
+            f"config key {where}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, got {value!r}"
         )
     if origin is list or origin is tuple:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
         items = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
+            raise ConfigError(f"config key {where}: expected a table, got {value!r}")
         _, vt = typing.get_args(tp) or (str, Any)
         return {k: _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if attrs.has(tp):
         return build_table(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"config key {where}: expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"config key {where}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"config key {where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"config key {where}: expected a string, got {value!r}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"config key {where}: expected {_type_name(tp)}, got {value!r}")
     return value
 
 
@@ -116,21 +116,24 @@ def build_table(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"[{where}]: expected a table, got {data!r}")
+        raise ConfigError(f"config key {where}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {a.name: a for a in attrs.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"[{where}] unknown key {unknown[0]!r} (known keys: {', '.join(fields) or 'none'})")
+        raise ConfigError(f"config key {where}.{unknown[0]}: unknown key (known keys of {where}: {', '.join(fields) or 'none'})")
+    missing = [n for n, a in fields.items() if a.default is attrs.NOTHING and a.init and n not in data]
+    if missing:
+        raise ConfigError(f"config key {where}.{missing[0]}: is required")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints.get(name, Any), f"[{where}].{name}")
+        kwargs[name] = _convert(value, hints.get(name, Any), f"{where}.{name}")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"[{where}]: {e}") from None
+        raise ConfigError(f"config table {where}: {e}") from None
 
 
 def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
@@ -142,6 +145,6 @@ def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(specs))
     if unknown:
         raise ConfigError(
-            f"unknown config table [{unknown[0]}]: no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
+            f"config table [{unknown[0]}]: unknown table, no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
         )
     return {name: build_table(cls, raw.get(name), name) for name, cls in specs.items()}

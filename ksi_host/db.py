@@ -28,7 +28,8 @@ DEFAULT_DB_ENV = "KSI_HOST_DB"
 DEFAULT_DB_PATH = "ksi-host.db"
 """Used when neither ``--db`` nor ``KSI_HOST_DB`` is given: in the current directory."""
 
-Statement = tuple[str, Sequence[Any] | dict[str, Any]]
+Statement = tuple[str, Any]
+_Pending = tuple[list[Statement], bool, 'asyncio.Future[None]']
 
 
 def default_db_path() -> str:
@@ -45,7 +46,7 @@ class Database:
         self.path = str(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._conn: aiosqlite.Connection | None = None
-        self._pending: list[tuple[Statement, bool, asyncio.Future[None]]] = []
+        self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.commits = 0  # transactions committed by the group writer (for tests and benchmarks)
@@ -115,25 +116,24 @@ class Database:
 
     # -- writes (group commit) ----------------------------------------------
 
-    def _queue(self, statement: Statement, many: bool) -> asyncio.Future[None]:
+    def _queue(self, statements: list[Statement], many: bool) -> asyncio.Future[None]:
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((statement, many, fut))
+        self._pending.append((statements, many, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_loop())
         return fut
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
         """Run one write statement; return once it is committed."""
-        await self._queue((sql, params), False)
+        await self._queue([(sql, params)], False)
 
     async def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         """Run one write statement for each parameter set; return once committed."""
-        await self._queue((sql, list(seq)), True)
+        await self._queue([(sql, list(seq))], True)
 
     async def write_batch(self, statements: Sequence[Statement]) -> None:
-        """Run several write statements in the same transaction; return once committed."""
-        futs = [self._queue(s, False) for s in statements]
-        await asyncio.gather(*futs)
+        """Run several write statements atomically (all or none); return once committed."""
+        await self._queue(list(statements), False)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -147,28 +147,33 @@ class Database:
             async with self._lock:
                 try:
                     await self._commit(batch)
-                except sqlite3.Error:
-                    await self._commit_one_by_one(batch)
+                except sqlite3.Error as e:
+                    if len(batch) == 1:
+                        batch[0][2].set_exception(e)
+                        continue
+                    for item in batch:  # find the failing writer; the others commit alone
+                        try:
+                            await self._commit([item])
+                        except sqlite3.Error as e:
+                            if not item[2].done():
+                                item[2].set_exception(e)
 
-    async def _commit(self, batch: list[tuple[Statement, bool, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[_Pending]) -> None:
+        """One transaction for the whole batch; runs of the same SQL go through executemany."""
         conn = self.conn
+        singles: list[Statement] = []
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            i = 0
-            while i < len(batch):
-                (sql, params), many, _ = batch[i]
+            for statements, many, _ in batch:
                 if many:
-                    await conn.executemany(sql, params)
-                    i += 1
+                    await self._run_singles(singles)
+                    await conn.executemany(*statements[0])
                     continue
-                j = i + 1
-                while j < len(batch) and not batch[j][1] and batch[j][0][0] == sql:
-                    j += 1
-                if j - i == 1:
-                    await conn.execute(sql, params)
-                else:
-                    await conn.executemany(sql, [b[0][1] for b in batch[i:j]])
-                i = j
+                for st in statements:
+                    if singles and singles[0][0] != st[0]:
+                        await self._run_singles(singles)
+                    singles.append(st)
+            await self._run_singles(singles)
             await conn.execute("COMMIT")
         except BaseException:
             await conn.execute("ROLLBACK")
@@ -178,13 +183,12 @@ class Database:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _commit_one_by_one(self, batch: list[tuple[Statement, bool, asyncio.Future[None]]]) -> None:
-        for item in batch:
-            try:
-                await self._commit([item])
-            except sqlite3.Error as e:
-                if not item[2].done():
-                    item[2].set_exception(e)
+    async def _run_singles(self, singles: list[Statement]) -> None:
+        if len(singles) == 1:
+            await self.conn.execute(*singles[0])
+        elif singles:
+            await self.conn.executemany(singles[0][0], [p for _, p in singles])
+        singles.clear()
 
     # -- reads ----------------------------------------------------------------
 

@@ -92,7 +92,11 @@ class Host:
             found = [PluginInfo(getattr(p, "__name__", type(p).__name__), None, None, p) for p in self._explicit]
         for info in found:
             obj = instantiate(info.obj)
-            name = self.pm.register(obj, name=info.name)
+            name, n = info.name, 1
+            while self.pm.has_plugin(name):
+                n += 1
+                name = f"{info.name}-{n}"
+            self.pm.register(obj, name=name)
             self.plugins.append(PluginInfo(name, info.distribution, info.version, obj))
         self.hooks.reset()
 
@@ -110,7 +114,7 @@ class Host:
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
         self.db = await Database(self.db_path).open()
         try:
-            for plugin, fn, argnames in self.hooks.impls("ksi_startup"):
+            for plugin, fn, argnames in reversed(self.hooks.impls("ksi_startup")):  # registration order
                 await self._call_one(plugin, fn, argnames, "ksi_startup")
                 self._started.append(plugin)
         except BaseException:
@@ -130,7 +134,7 @@ class Host:
     async def stop(self) -> None:
         try:
             for plugin, fn, argnames in self.hooks.impls("ksi_shutdown"):
-                if plugin in self._started:
+                if plugin in self._started:  # newest first: reverse registration order
                     await self._call_one(plugin, fn, argnames, "ksi_shutdown")
         finally:
             self._started.clear()

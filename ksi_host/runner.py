@@ -1,0 +1,132 @@
+"""``ksi-host run``: a JSONL batch of requests through a Host.
+
+Each input line is one JSON request. Lines that fail validation become
+``error`` results naming the line and the field; the others are submitted in
+input order (so each session keeps the order of its lines). A request without
+``request_id`` gets one derived from its line number and text, so running
+the same file again on the same database resumes instead of resending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import IO, Any
+
+from .errors import ValidationError
+from .models import CompletionRequest, CompletionResult
+from .progress import BatchStats, ProgressBar
+from .service import Host
+
+#: Hooks a batch cannot run without (checked before anything runs).
+REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
+
+
+def line_request_id(lineno: int, text: str) -> str:
+    """The request id given to a line that has none: stable across reruns of the same file."""
+    return f"line{lineno}-{hashlib.sha256(text.strip().encode()).hexdigest()[:16]}"
+
+
+def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
+    """A request, or an ``error`` result naming the line and the field."""
+    request_id = line_request_id(lineno, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return _rejected(request_id, ValidationError("json", f"not valid JSON ({e.msg} at column {e.colno})", line=lineno))
+    if isinstance(data, dict) and isinstance(data.get("request_id"), str) and data["request_id"]:
+        request_id = data["request_id"]
+    elif isinstance(data, dict) and data.get("request_id") is None:
+        data["request_id"] = request_id
+    try:
+        return CompletionRequest.from_dict(data)
+    except ValidationError as e:
+        return _rejected(request_id, e.at_line(lineno), data)
+    except TypeError as e:  # a wrong shape attrs itself caught
+        return _rejected(request_id, ValidationError("request", str(e), line=lineno), data)
+
+
+def _rejected(request_id: str, error: ValidationError, data: Any = None) -> CompletionResult:
+    d = data if isinstance(data, dict) else {}
+    return CompletionResult.failed(
+        request_id, error,
+        model=d.get("model") if isinstance(d.get("model"), str) else None,
+        session_id=d.get("session_id") if isinstance(d.get("session_id"), str) else None,
+    )
+
+
+def read_lines(stream: IO[str]) -> list[tuple[int, str]]:
+    """Non-blank lines with their 1-based line numbers."""
+    return [(n, line) for n, line in enumerate(stream, 1) if line.strip()]
+
+
+class BatchRunner:
+    """Runs parsed lines through ``host`` and writes one result per line to ``out``."""
+
+    def __init__(self, host: Host, out: IO[str], progress_stream: IO[str], window: int = 2000) -> None:
+        self.host = host
+        self.out = out
+        self.window = asyncio.Semaphore(window)
+        self.stats = BatchStats(0)
+        self.progress = ProgressBar(self.stats, progress_stream)
+        self._served: dict[str, bool] = {}
+
+    def write(self, result: CompletionResult, *, rejected: bool = False) -> None:
+        self.out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        self.out.flush()
+        self.stats.add(result, rejected=rejected)
+        self.progress.update()
+
+    async def _served_model(self, model: str) -> bool:
+        served = self._served.get(model)
+        if served is None:
+            served = self._served[model] = bool(await self.host.providers(model))
+        return served
+
+    async def _one(self, lineno: int, request: CompletionRequest) -> None:
+        try:
+            ticket = await self.host.submit(request)
+            self.stats.submitted += 1
+            result = await ticket.result()
+        finally:
+            self.window.release()
+        self.write(result)
+
+    async def run(self, lines: Iterable[tuple[int, str]]) -> BatchStats:
+        parsed = [(n, parse_line(n, text)) for n, text in lines]
+        self.stats.total = len(parsed)
+        pending: set[asyncio.Future[None]] = set()
+        crashed: list[BaseException] = []
+
+        def finished(task: asyncio.Future[None]) -> None:
+            pending.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())
+
+        try:
+            for lineno, item in parsed:
+                if crashed:
+                    break
+                if isinstance(item, CompletionRequest) and not await self._served_model(item.model):
+                    known = sorted({p.model for p in await self.host.providers(None)})
+                    item = _rejected(item.request_id, ValidationError(
+                        "model", f"no provider serves model {item.model!r} (configured models: {', '.join(known) or 'none'})",
+                        line=lineno), {"model": item.model, "session_id": item.session_id})
+                if isinstance(item, CompletionResult):
+                    self.write(item, rejected=True)
+                    continue
+                await self.window.acquire()
+                task = asyncio.ensure_future(self._one(lineno, item))
+                pending.add(task)
+                task.add_done_callback(finished)
+            while pending and not crashed:
+                await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
+            if crashed:
+                raise crashed[0]
+        finally:
+            for task in list(pending):
+                task.cancel()
+            self.progress.close()
+        return self.stats

@@ -1,0 +1,158 @@
+"""``ksi-host`` end to end in subprocesses, with in-test plugins installed as a fake distribution."""
+
+import json
+
+from conftest import make_dist, run_cli
+
+ONLY = {"KSI_HOST_PLUGINS": "fakequeue,echo,fakeretry"}
+
+
+def test_plugins_json_lists_name_distribution_version_hooks(fake_site):
+    p = run_cli(["plugins", "--json"], site=fake_site, env={"KSI_HOST_PLUGINS": "fakequeue,echo"})
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert rows == [
+        {"name": "echo", "distribution": "ksi-fake", "version": "0.1", "hooks": ["ksi_list_providers", "ksi_select_provider"]},
+        {"name": "fakequeue", "distribution": "ksi-fake", "version": "0.1", "hooks": ["ksi_enqueue"]},
+    ]
+
+
+def test_disable_blocks_named_plugins(fake_site):
+    p = run_cli(["plugins", "--json"], site=fake_site,
+                env={"KSI_HOST_PLUGINS": "fakequeue,echo,broken", "KSI_HOST_DISABLE": "broken,echo"})
+    assert [r["name"] for r in json.loads(p.stdout)] == ["fakequeue"]
+
+
+def test_plugins_human_form(fake_site):
+    p = run_cli(["plugins"], site=fake_site, env={"KSI_HOST_PLUGINS": "echo"})
+    assert p.returncode == 0 and "echo  (ksi-fake 0.1)" in p.stdout and "ksi_select_provider" in p.stdout
+
+
+def test_unknown_plugin_name_in_env_is_a_clear_error(fake_site):
+    p = run_cli(["plugins"], site=fake_site, env={"KSI_HOST_PLUGINS": "nosuch"})
+    assert p.returncode == 2 and "KSI_HOST_PLUGINS names 'nosuch'" in p.stderr
+
+
+def test_plugin_that_fails_to_import_stops_startup_with_one_line(tmp_path):
+    site = make_dist(tmp_path / "s", "ksi-bad", "ksi_bad_plugin", "import no_such_module\n", {"bad": "ksi_bad_plugin:Plugin"})
+    p = run_cli(["plugins"], site=site, env={"KSI_HOST_PLUGINS": "bad"})
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "ksi-host: plugin 'bad' (ksi_bad_plugin:Plugin) failed to load: ModuleNotFoundError: No module named 'no_such_module'"]
+
+
+def write_batch(tmp_path, lines):
+    f = tmp_path / "requests.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+def test_run_writes_one_result_per_line_and_names_bad_lines(tmp_path, fake_site):
+    f = write_batch(tmp_path, [
+        json.dumps({"model": "echo-1", "prompt": "one", "session_id": "s1", "request_id": "r1"}),
+        "{not json",
+        "[1, 2]",
+        json.dumps({"model": "echo-1"}),
+        json.dumps({"model": "nowhere", "prompt": "x"}),
+        "",
+        json.dumps({"model": "echo-1", "prompt": "two", "priority": "urgent"}),
+        json.dumps({"model": "echo-1", "prompt": "three", "session_id": "s1"}),
+    ])
+    out = tmp_path / "results.jsonl"
+    p = run_cli(["run", str(f), "--out", str(out), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(results) == 7
+    by_msg = {r["error"]["message"].split(":")[0] if r["error"] else r["request_id"]: r for r in results}
+    assert by_msg["r1"]["text"] == "echo: one" and by_msg["r1"]["status"] == "ok"
+    errors = sorted(r["error"]["message"] for r in results if r["error"])
+    assert errors[0].startswith("line 2: json: not valid JSON")
+    assert errors[1] == "line 3: request: must be a JSON object, got list"
+    assert errors[2].startswith("line 4: messages: is required")
+    assert errors[3].startswith("line 5: model: no provider serves model 'nowhere' (configured models: echo*)")
+    assert errors[4].startswith("line 7: priority: must be one of")
+    ok = [r for r in results if r["status"] == "ok"]
+    assert len(ok) == 2 and all(r["usage"]["total_tokens"] == 5 for r in ok)
+    for r in results:
+        assert set(r) >= {"request_id", "status", "text", "model", "provider", "session_id", "usage", "attempts",
+                          "error", "started_at", "finished_at"}
+    assert "Done: 7 of 7 requests" in p.stderr and "2 ok, 5 failed" in p.stderr
+
+
+def test_run_all_ok_exits_0_and_ids_are_stable(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": f"p{i}"}) for i in range(5)])
+    ids = []
+    for _ in range(2):
+        p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+        assert p.returncode == 0, p.stderr
+        ids.append(sorted(json.loads(x)["request_id"] for x in p.stdout.splitlines()))
+    assert ids[0] == ids[1] and len(set(ids[0])) == 5
+
+
+def test_run_reads_stdin(tmp_path, fake_site):
+    p = run_cli(["run", "-", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY,
+                input=json.dumps({"model": "echo", "prompt": "hey"}) + "\n")
+    assert p.returncode == 0 and json.loads(p.stdout)["text"] == "echo: hey"
+
+
+def test_run_without_queue_plugin_exits_2_naming_hook_and_package(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "echo"})
+    assert p.returncode == 2
+    assert p.stderr.strip() == "ksi-host: no plugin implements ksi_enqueue: pip install ksi-queue"
+    assert p.stdout == ""
+
+
+def test_run_without_provider_plugin_exits_2(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "fakequeue"})
+    assert p.returncode == 2
+    assert "no plugin implements ksi_select_provider: pip install ksi-provider-litellm" in p.stderr
+
+
+def test_programming_error_exits_nonzero_with_traceback_naming_plugin_and_hook(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site,
+                env={"KSI_HOST_PLUGINS": "fakequeue,echo,broken"})
+    assert p.returncode == 70
+    assert "Traceback" in p.stderr and "KeyError: 'ledger bug'" in p.stderr
+    assert "raised by plugin 'broken' in hook ksi_record_usage" in p.stderr
+
+
+def test_operational_error_in_a_request_fails_only_that_request(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "rate"}), json.dumps({"model": "echo", "prompt": "fine"})])
+    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 1
+    statuses = sorted((json.loads(x)["status"], (json.loads(x)["error"] or {}).get("type")) for x in p.stdout.splitlines())
+    assert statuses == [("error", "RateLimited"), ("ok", None)]
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path, fake_site):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[host]\nconcurrency = 'many'\n")
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    p = run_cli(["run", str(f), "--config", str(cfg), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 2 and "config key host.concurrency: expected an integer" in p.stderr
+    cfg.write_text("[nosuch]\nx = 1\n")
+    p = run_cli(["status", "--config", str(cfg), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 2 and "config table [nosuch]: unknown table" in p.stderr
+
+
+def test_missing_input_file_and_bad_concurrency_exit_2(tmp_path, fake_site):
+    p = run_cli(["run", str(tmp_path / "nope.jsonl")], site=fake_site, env=ONLY)
+    assert p.returncode == 2 and "cannot read" in p.stderr
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    p = run_cli(["run", str(f), "--concurrency", "0"], site=fake_site, env=ONLY)
+    assert p.returncode == 2 and "--concurrency" in p.stderr
+
+
+def test_usage_without_tokens_plugin_says_what_to_install(tmp_path, fake_site):
+    p = run_cli(["usage", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 2 and "no plugin implements ksi_usage_report: pip install ksi-tokens" in p.stderr
+
+
+def test_status_lists_providers(tmp_path, fake_site):
+    p = run_cli(["status", "--json", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["providers"] == [{"name": "echo-main", "model": "echo*", "plugin": "fake", "state": "closed"}]
