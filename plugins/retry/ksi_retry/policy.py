@@ -131,13 +131,15 @@ def decide(
     window = backoff_window(settings, failures)
     floor = retry_after(error)
     if remaining is not None:
-        if floor is not None and floor >= remaining:
+        if floor is not None and now + floor >= attempt.deadline:
             return FailureDecision.give_up(DeadlineExceeded(
                 f"gave up after {n} attempt(s): {attempt.provider or 'the provider'} asked to wait {floor:g}s "
                 f"(Retry-After) but only {remaining:.3g}s of the {_timeout(attempt)} deadline remain ({last})"))
         window = min(window, remaining)
-    delay = rng.random() * window  # in [0, window): never reaches the deadline
+    delay = rng.random() * window  # in [0, window): short of the deadline
     if floor is not None:
         delay = max(delay, floor)
+    if attempt.deadline is not None and now + delay >= attempt.deadline:
+        delay = floor or 0.0  # float rounding only; now + floor < deadline was checked
     log.debug("attempt %d on %s failed with %s: retrying in %.3fs", n, attempt.provider, error.type, delay)
     return FailureDecision.retry(delay)
