@@ -1,0 +1,186 @@
+"""A circuit breaker for one deployment: closed, open, half-open.
+
+* **closed** (healthy): every call is allowed. Each operational failure adds
+  one to the count of consecutive failures; a success resets it. At
+  ``failures_to_open`` consecutive failures the circuit opens.
+* **open**: no call is allowed until ``cooldown_s`` has passed.
+* **half_open**: the cool-down has passed; exactly one trial call is allowed.
+  Its success closes the circuit; its failure opens it for another cool-down.
+  If the trial's outcome never arrives (the caller dropped the call) the trial
+  slot frees again after its lease (``lease_s`` given to :meth:`try_acquire`).
+
+Outcomes are reported with the *generation* read when the call started
+(:attr:`CircuitBreaker.generation`, bumped on every state change), so the late
+outcome of a call that started before the circuit opened does not count as the
+half-open trial's. Time comes from ``clock`` (monotonic seconds, injectable).
+All methods are synchronous and cheap: call them from the event loop thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+
+def _positive_int(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{a.name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{a.name} must be a number of seconds >= 0, got {value!r}")
+
+
+@attrs.define(frozen=True)
+class CircuitConfig:
+    """The ``[<plugin>.circuit]`` table: when a deployment's circuit opens and for how long."""
+
+    failures_to_open: int = attrs.field(default=5, validator=_positive_int)
+    cooldown_s: float = attrs.field(default=30.0, validator=_non_negative)
+
+
+class CircuitBreaker:
+    """The circuit of one deployment. See the module docstring."""
+
+    __slots__ = ("failures_to_open", "cooldown_s", "clock", "_state", "failures", "opened_at", "generation",
+                 "_trial_until", "opens", "last_error")
+
+    def __init__(self, failures_to_open: int = 5, cooldown_s: float = 30.0, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        _positive_int(None, attrs.fields(CircuitConfig).failures_to_open, failures_to_open)
+        _non_negative(None, attrs.fields(CircuitConfig).cooldown_s, cooldown_s)
+        self.failures_to_open = failures_to_open
+        self.cooldown_s = float(cooldown_s)
+        self.clock = clock
+        self._state = CLOSED
+        self.failures = 0  # consecutive operational failures
+        self.opened_at: float | None = None
+        self.generation = 0
+        self._trial_until: float | None = None  # half-open: the trial's lease end, None when no trial is out
+        self.opens = 0  # how many times the circuit opened
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_config(cls, config: CircuitConfig, *, clock: Callable[[], float] = time.monotonic) -> CircuitBreaker:
+        return cls(config.failures_to_open, config.cooldown_s, clock=clock)
+
+    # -- reading ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open``, or ``half_open`` (an open circuit whose cool-down has passed)."""
+        if self._state == OPEN and self.clock() >= self.opens_until:  # type: ignore[operator]
+            return HALF_OPEN
+        return self._state
+
+    @property
+    def opens_until(self) -> float | None:
+        """The clock reading at which an open circuit allows its trial call (None unless open)."""
+        if self._state != OPEN or self.opened_at is None:
+            return None
+        return self.opened_at + self.cooldown_s
+
+    def cooldown_left(self) -> float:
+        """Seconds until the trial call is allowed: 0 unless open and cooling down."""
+        until = self.opens_until
+        return 0.0 if until is None else max(0.0, until - self.clock())
+
+    def available(self) -> bool:
+        """Would :meth:`try_acquire` allow a call now? (Does not change anything.)"""
+        if self._state == CLOSED:
+            return True
+        now = self.clock()
+        if self._state == OPEN:
+            return now >= self.opens_until  # type: ignore[operator]
+        return self._trial_until is None or now >= self._trial_until
+
+    # -- calls ------------------------------------------------------------------------
+
+    def try_acquire(self, lease_s: float | None = None) -> bool:
+        """Claim the right to make one call now.
+
+        Closed: always True. Open before the cool-down ends: False. Otherwise
+        the circuit is half-open and this claims its one trial call (True),
+        unless a trial is already out and its lease (``lease_s`` seconds from
+        its claim; None: one ``cooldown_s``) has not ended (False).
+        """
+        if self._state == CLOSED:
+            return True
+        now = self.clock()
+        if self._state == OPEN:
+            if now < self.opens_until:  # type: ignore[operator]
+                return False
+            self._state = HALF_OPEN
+            self.generation += 1
+        elif self._trial_until is not None and now < self._trial_until:
+            return False
+        self._trial_until = now + (self.cooldown_s if lease_s is None else lease_s)
+        return True
+
+    def record_success(self, generation: int | None = None) -> None:
+        """A call that started at ``generation`` succeeded (None: a call of the current one)."""
+        if generation is not None and generation != self.generation:
+            return
+        if self._state == OPEN:
+            return
+        if self._state == HALF_OPEN:
+            self._close()
+        self.failures = 0
+
+    def record_failure(self, generation: int | None = None, error: str | None = None) -> None:
+        """A call that started at ``generation`` failed operationally (the deployment's fault)."""
+        if generation is not None and generation != self.generation:
+            return
+        if self._state == OPEN:
+            return
+        self.last_error = error
+        self.failures += 1
+        if self._state == HALF_OPEN or self.failures >= self.failures_to_open:
+            self._open()
+
+    def record_neutral(self, generation: int | None = None) -> None:
+        """A call ended in a way that says nothing about the deployment's health
+        (a bad request, for example). Frees a half-open trial slot; changes nothing else."""
+        if generation is not None and generation != self.generation:
+            return
+        if self._state == HALF_OPEN:
+            self._trial_until = None
+
+    def reset(self) -> None:
+        """Close the circuit and forget the failures (an operator's override)."""
+        self._close()
+        self.failures = 0
+
+    def _open(self) -> None:
+        self._state = OPEN
+        self.opened_at = self.clock()
+        self._trial_until = None
+        self.generation += 1
+        self.opens += 1
+
+    def _close(self) -> None:
+        self._state = CLOSED
+        self.opened_at = None
+        self._trial_until = None
+        self.generation += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as JSON-ready data: state, failures, cooldown_left_s, opens, last_error."""
+        return {
+            "state": self.state,
+            "failures": self.failures,
+            "cooldown_left_s": round(self.cooldown_left(), 3),
+            "opens": self.opens,
+            "last_error": self.last_error,
+        }
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.state} failures={self.failures}/{self.failures_to_open}>"

@@ -1,0 +1,77 @@
+"""The ``litellm`` plugin: provider selection and upstream calls through litellm.
+
+Hooks: ``ksi_config_spec`` (the ``[litellm]`` table), ``ksi_startup`` (builds
+one :class:`~ksi_provider_litellm.provider.LitellmProvider` and circuit per
+deployment), ``ksi_select_provider``, ``ksi_list_providers`` and
+``ksi_status`` (``{"circuits": [...]}``).
+
+Selection: the deployments serving the requested model (exact name or glob),
+in the order written; the first that is not in ``exclude`` and whose circuit
+allows a call wins. None when no deployment serves the model or every one
+that does is excluded (the host then raises NoProviderError). When the only
+deployments left have open circuits, selection fails fast with a retryable
+ProviderUnavailable whose ``retry_after`` is the shortest remaining cool-down.
+
+``mock/<anything>`` is served by the built-in deployment ``mock`` (unless
+``mock = false``) through litellm's ``mock_response``: no network, no key.
+
+Importing this module does not import litellm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ksi_host import hookimpl
+from ksi_host.circuit import CircuitBreaker
+from ksi_host.deployments import DeploymentPool
+from ksi_host.models import CompletionRequest, ProviderInfo
+
+from .config import MOCK_NAME, MOCK_PATTERN, LitellmConfig, LitellmDeployment
+from .provider import LitellmProvider
+
+TABLE = "litellm"
+
+
+class Plugin:
+    """One instance per Host; holds the deployments and their circuits."""
+
+    def __init__(self) -> None:
+        self.pool: DeploymentPool[LitellmProvider] | None = None
+
+    @hookimpl
+    def ksi_config_spec(self) -> tuple[str, type]:
+        return TABLE, LitellmConfig
+
+    @hookimpl
+    def ksi_startup(self, host: Any) -> None:
+        self.pool = build_pool(host.config[TABLE], clock=host.clock)
+
+    def _pool(self, host: Any) -> DeploymentPool[LitellmProvider]:
+        if self.pool is None:  # hooks called before start-up (tests calling hooks directly)
+            self.pool = build_pool(host.config.get(TABLE) or LitellmConfig(), clock=host.clock)
+        return self.pool
+
+    @hookimpl
+    def ksi_select_provider(self, host: Any, request: CompletionRequest, exclude: frozenset[str]) -> LitellmProvider | None:
+        pool = self.pool or self._pool(host)
+        return pool.select(request.model, exclude)
+
+    @hookimpl
+    def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:
+        return self._pool(host).infos(model, TABLE)
+
+    @hookimpl
+    def ksi_status(self, host: Any) -> dict[str, Any]:
+        return {"circuits": self._pool(host).status()}
+
+
+def build_pool(config: LitellmConfig, *, clock: Any) -> DeploymentPool[LitellmProvider]:
+    """The deployments of ``config`` in order, then the built-in mock deployment (if enabled)."""
+    providers = [
+        LitellmProvider(d, CircuitBreaker.from_config(config.circuit, clock=clock)) for d in config.deployments
+    ]
+    if config.mock:
+        mock = LitellmDeployment(name=MOCK_NAME, model=MOCK_PATTERN, timeout_s=60.0)
+        providers.append(LitellmProvider(mock, CircuitBreaker.from_config(config.circuit, clock=clock), mock=True))
+    return DeploymentPool(providers)
