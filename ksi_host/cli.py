@@ -192,14 +192,15 @@ async def _usage(args: argparse.Namespace) -> int:
     since = parse_since(args.since)
     async with _host(args, serve=False) as host:
         rows = await host.usage_report(args.by, since)
+        # requests are counted once each (a request that failed over belongs to two providers)
+        totals = await host.usage_report("total", since)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    total: dict[str, Any] = {"key": "TOTAL"}
-    for k in ("calls", "requests", "prompt_tokens", "completion_tokens", "total_tokens"):
-        total[k] = sum(r.get(k) or 0 for r in rows)
-    costs = [r["cost_usd"] for r in rows if r.get("cost_usd") is not None]
-    total["cost_usd"] = sum(costs) if costs else None
+    if not rows:
+        print("no usage recorded" + (f" since {args.since}" if args.since else ""))
+        return EXIT_OK
+    total: dict[str, Any] = {**(totals[0] if totals else {}), "key": "TOTAL"}
     shown = [{**r, "key": "(none)" if r.get("key") is None else r["key"]} for r in rows]
     print(render(shown + [total], [
         ("key", args.by), ("calls", "calls"), ("requests", "requests"), ("prompt_tokens", "prompt"),
