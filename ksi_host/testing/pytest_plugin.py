@@ -28,3 +28,21 @@ def make_host(ksi_db_path: Any) -> Callable[..., Host]:
         return Host(config or {}, db_path or ksi_db_path, plugins=list(plugins), **kw)
 
     return factory
+
+
+@pytest.fixture
+def openai_server() -> Any:
+    """A local OpenAI-compatible server (:class:`ksi_host.testing.server.OpenAIServer`) for one test.
+
+    It runs on its own event loop in a background thread, so sync tests, async
+    tests and code that calls it from worker threads all work. ``server.url``
+    is ``http://127.0.0.1:PORT/v1``; set faults with ``server.script(...)`` or
+    ``server.set_faults(...)``; count ``server.hits`` and read ``server.arrivals``.
+    """
+    from .server import OpenAIServer
+
+    server = OpenAIServer().start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop_thread()

@@ -137,6 +137,8 @@ class OpenAIServer:
 
     See the module docstring for the fault modes and how one is chosen.
     ``reply``: the answer text (None: ``"echo: <last user message>"``).
+    ``keep_bodies``: keep each request's JSON body in its Arrival.
+    ``echo_auth``: the ``401`` answer repeats the key it was sent (to test redaction).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class OpenAIServer:
         hang_s: float = 300.0,
         reply: str | None = None,
         keep_bodies: bool = True,
+        echo_auth: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -161,6 +164,7 @@ class OpenAIServer:
         self.hang_s = hang_s
         self.reply = reply
         self.keep_bodies = keep_bodies
+        self.echo_auth = echo_auth
         self.arrivals: list[Arrival] = []
         self.counts: Counter[str] = Counter()
         self._script: list[str] = []
@@ -417,6 +421,9 @@ class OpenAIServer:
             return True
         if fault in _ERRORS:
             status, typ, message, code = _ERRORS[fault]
+            if fault == "401" and self.echo_auth:  # like an upstream that repeats the key it got
+                token = (headers.get("authorization") or "").removeprefix("Bearer ")
+                message = f"Incorrect API key provided: {token}. You can find your API key at example.invalid."
             extra = {"Retry-After": str(self.retry_after)} if fault == "429" and self.retry_after is not None else None
             await self._send(writer, status, {"error": {"message": message, "type": typ, "param": None, "code": code}},
                              extra=extra, close=close)
