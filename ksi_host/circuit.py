@@ -146,6 +146,22 @@ class CircuitBreaker:
         if self._state == HALF_OPEN or self.failures >= self.failures_to_open:
             self._open()
 
+    def record_error(self, generation: int | None, error: BaseException) -> bool:
+        """Record a call that raised ``error``, by the rule every provider plugin follows.
+
+        A :class:`~ksi_host.errors.BadRequest` (context window included) is the
+        request's fault, not the deployment's: neutral. Any other error counts
+        as a failure. Returns True when this call opened the circuit (log it).
+        """
+        from .errors import BadRequest
+
+        if isinstance(error, BadRequest):
+            self.record_neutral(generation)
+            return False
+        opens = self.opens
+        self.record_failure(generation, f"{type(error).__name__}: {getattr(error, 'message', None) or error}")
+        return self.opens != opens
+
     def record_neutral(self, generation: int | None = None) -> None:
         """A call ended in a way that says nothing about the deployment's health
         (a bad request, for example). Frees a half-open trial slot; changes nothing else."""

@@ -229,3 +229,32 @@ class DeploymentPool(Generic[M]):
 def ordered(deployments: Sequence[Deployment], model: str) -> list[Deployment]:
     """The deployments serving ``model``, in the order given (no circuits involved)."""
     return [d for d in deployments if d.matches(model)]
+
+
+DEFAULT_PRIORITY = 100
+"""The priority of a provider plugin that states none (``ProviderInfo.detail["priority"]`` absent)."""
+
+
+def outranking(infos: Iterable[ProviderInfo], *, plugin: str, priority: int, exclude: Container[str] = ()) -> ProviderInfo | None:
+    """The first deployment of *another* provider plugin that must be tried before ``plugin``'s, or None.
+
+    How provider plugins that serve one model share it by config: each plugin
+    has a ``priority`` key (lower is tried first) and reports it as
+    ``detail["priority"]`` in its ProviderInfo; plugins that report none rank
+    at :data:`DEFAULT_PRIORITY`; equal priorities rank by plugin name. A
+    plugin's ``ksi_select_provider`` passes ``await host.providers(model)``
+    here and returns None (lets the host ask the next plugin) when a
+    deployment of a better-ranked plugin is available (circuit not open) and
+    not in ``exclude``. Such plugins mark the hook ``tryfirst`` so they are
+    asked before plugins that do not take part.
+    """
+    mine = (priority, plugin)
+    for info in infos:
+        if info.plugin == plugin or info.name in exclude or not info.available:
+            continue
+        theirs = info.detail.get("priority", DEFAULT_PRIORITY)
+        if isinstance(theirs, bool) or not isinstance(theirs, int):
+            theirs = DEFAULT_PRIORITY
+        if (theirs, info.plugin) < mine:
+            return info
+    return None
