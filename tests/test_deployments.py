@@ -1,0 +1,132 @@
+"""ksi_host.deployments: Deployment config, matching, and the ordered selection with circuits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+
+from ksi_host.circuit import CircuitBreaker
+from ksi_host.config import build_table
+from ksi_host.deployments import Deployment, DeploymentPool, check_unique_names, is_pattern
+from ksi_host.errors import AuthFailed, ConfigError, ProviderUnavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@attrs.define
+class Member:
+    deployment: Deployment
+    breaker: CircuitBreaker
+
+
+def pool(*specs: tuple[str, str], clock: Clock | None = None, failures: int = 1, cooldown: float = 10) -> DeploymentPool[Any]:
+    clock = clock or Clock()
+    return DeploymentPool(
+        [Member(Deployment(name, model, timeout_s=5), CircuitBreaker(failures, cooldown, clock=clock)) for name, model in specs],
+        wall_clock=lambda: 1_700_000_000.0,
+    )
+
+
+def test_matching_exact_and_glob() -> None:
+    assert Deployment("a", "gpt-4o").matches("gpt-4o")
+    assert not Deployment("a", "gpt-4o").matches("gpt-4o-mini")
+    assert Deployment("a", "gpt-4o*").matches("gpt-4o-mini")
+    assert Deployment("a", "openai/*").matches("openai/x")
+    assert not Deployment("a", "GPT-*").matches("gpt-4")  # case-sensitive
+    assert Deployment("a", "model-[ab]").matches("model-b")
+    assert is_pattern("x*") and not is_pattern("x")
+
+
+def test_validation() -> None:
+    with pytest.raises(ValueError, match="name"):
+        Deployment("", "m")
+    with pytest.raises(ValueError, match="timeout_s"):
+        Deployment("a", "m", timeout_s=0)
+    with pytest.raises(ValueError, match="never the key itself") as info:
+        Deployment("a", "m", api_key_env="sk-live-abc")
+    assert "sk-live-abc" not in str(info.value)
+    assert Deployment("a", "m", timeout_s=3).timeout_s == 3.0
+    assert Deployment("a", "m", timeout_s=None).timeout_s is None
+
+
+def test_config_table_builds_and_names_unknown_keys() -> None:
+    d = build_table(Deployment, {"name": "a", "model": "m", "timeout_s": 5, "api_key_env": "K"}, "x.deployments[0]")
+    assert d == Deployment("a", "m", api_key_env="K", timeout_s=5.0)
+    with pytest.raises(ConfigError, match="api_key"):
+        build_table(Deployment, {"name": "a", "model": "m", "api_key": "K"}, "x.deployments[0]")
+
+
+def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Deployment("a", "m", api_key_env="KSI_TEST_DEPLOYMENT_KEY")
+    monkeypatch.setenv("KSI_TEST_DEPLOYMENT_KEY", "k1")
+    assert d.api_key() == "k1"
+    monkeypatch.delenv("KSI_TEST_DEPLOYMENT_KEY")
+    with pytest.raises(AuthFailed, match="KSI_TEST_DEPLOYMENT_KEY") as info:
+        d.api_key()
+    assert info.value.provider == "a"
+    assert Deployment("a", "m").api_key() is None
+
+
+def test_unique_names() -> None:
+    check_unique_names([Deployment("a", "m"), Deployment("b", "m")])
+    with pytest.raises(ValueError, match=r"deployments\[1\].name 'a'"):
+        check_unique_names([Deployment("a", "m"), Deployment("a", "n")])
+    with pytest.raises(ValueError, match="reserved"):
+        check_unique_names([Deployment("mock", "m")], reserved={"mock"})
+    with pytest.raises(ValueError):
+        pool(("a", "m"), ("a", "m"))
+
+
+def test_select_in_order_skipping_excluded() -> None:
+    p = pool(("a", "gpt-*"), ("b", "gpt-4o"), ("c", "claude"))
+    assert p.select("gpt-4o").deployment.name == "a"
+    assert p.select("gpt-4o", {"a"}).deployment.name == "b"
+    assert p.select("gpt-4o", {"a", "b"}) is None
+    assert p.select("gpt-3").deployment.name == "a"
+    assert p.select("llama") is None
+    assert [m.deployment.name for m in p.serving("gpt-4o")] == ["a", "b"]
+    assert p.get("c") is not None and p.get("zzz") is None and len(p) == 3
+
+
+def test_select_skips_open_circuits_and_fails_fast_when_all_are_open() -> None:
+    clock = Clock()
+    p = pool(("a", "m"), ("b", "m"), clock=clock)
+    p.get("a").breaker.record_failure()
+    assert p.select("m").deployment.name == "b"
+    clock.t = 4
+    p.get("b").breaker.record_failure()
+    with pytest.raises(ProviderUnavailable) as info:
+        p.select("m")
+    assert info.value.retry_after == pytest.approx(6)
+    assert "a (open, 6.0s" in info.value.message and "b (open, 10.0s" in info.value.message
+    clock.t = 10
+    assert p.select("m").deployment.name == "a"  # a's trial
+    assert p.get("a").breaker.state == "half_open"
+    with pytest.raises(ProviderUnavailable) as info:  # a's trial is out, b still cooling down
+        p.select("m")
+    assert "trial call in flight" in info.value.message
+    clock.t = 10 + 6  # the trial's lease (timeout_s 5 + 1) ended without an outcome
+    assert p.select("m").deployment.name == "a"
+
+
+def test_infos_and_status() -> None:
+    clock = Clock()
+    p = pool(("a", "gpt-*"), ("b", "claude"), clock=clock)
+    p.get("a").breaker.record_failure(error="RateLimited: slow")
+    infos = p.infos("gpt-4", "myplugin")
+    assert [(i.name, i.model, i.plugin, i.state, i.available) for i in infos] == [("a", "gpt-*", "myplugin", "open", False)]
+    assert infos[0].detail["cooldown_left_s"] == 10
+    assert infos[0].detail["opens_until"] == "2023-11-14T22:13:30.000Z"
+    assert [i.name for i in p.infos(None, "myplugin")] == ["a", "b"]
+    status = p.status()
+    assert status[0]["name"] == "a" and status[0]["state"] == "open" and status[0]["last_error"] == "RateLimited: slow"
+    assert (status[1]["state"], status[1]["failures"], status[1]["opens_until"]) == ("closed", 0, None)
+    assert "api_key" not in status[0] and status[0]["api_key_env"] is None
