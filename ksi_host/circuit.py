@@ -51,7 +51,7 @@ class CircuitBreaker:
     """The circuit of one deployment. See the module docstring."""
 
     __slots__ = ("failures_to_open", "cooldown_s", "clock", "_state", "failures", "opened_at", "generation",
-                 "_trial_until", "opens", "last_error")
+                 "_trial_until", "opens", "last_error", "on_change")
 
     def __init__(self, failures_to_open: int = 5, cooldown_s: float = 30.0, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -67,6 +67,7 @@ class CircuitBreaker:
         self._trial_until: float | None = None  # half-open: the trial's lease end, None when no trial is out
         self.opens = 0  # how many times the circuit opened
         self.last_error: str | None = None
+        self.on_change: Callable[[CircuitBreaker], None] | None = None  # called after a change worth persisting
 
     @classmethod
     def from_config(cls, config: CircuitConfig, *, clock: Callable[[], float] = time.monotonic) -> CircuitBreaker:
@@ -133,7 +134,10 @@ class CircuitBreaker:
             return
         if self._state == HALF_OPEN:
             self._close()
+        elif self.failures == 0:
+            return
         self.failures = 0
+        self._changed()
 
     def record_failure(self, generation: int | None = None, error: str | None = None) -> None:
         """A call that started at ``generation`` failed operationally (the deployment's fault)."""
@@ -145,6 +149,7 @@ class CircuitBreaker:
         self.failures += 1
         if self._state == HALF_OPEN or self.failures >= self.failures_to_open:
             self._open()
+        self._changed()
 
     def record_error(self, generation: int | None, error: BaseException) -> bool:
         """Record a call that raised ``error``, by the rule every provider plugin follows.
@@ -174,6 +179,32 @@ class CircuitBreaker:
         """Close the circuit and forget the failures (an operator's override)."""
         self._close()
         self.failures = 0
+        self._changed()
+
+    def restore(self, *, state: str, failures: int, cooldown_left: float = 0.0, opens: int = 0,
+                last_error: str | None = None) -> None:
+        """Take over a state saved earlier (another process, a previous run).
+
+        ``state`` ``open`` (or ``half_open``) restores an open circuit with
+        ``cooldown_left`` seconds still to wait (0: its trial call is due);
+        anything else a closed one with ``failures`` consecutive failures.
+        """
+        self.failures = max(0, int(failures))
+        self.opens = max(0, int(opens))
+        self.last_error = last_error
+        self._trial_until = None
+        self.generation += 1
+        if state in (OPEN, HALF_OPEN):
+            self._state = OPEN
+            left = min(max(0.0, float(cooldown_left)), self.cooldown_s)
+            self.opened_at = self.clock() - (self.cooldown_s - left)
+        else:
+            self._state = CLOSED
+            self.opened_at = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _open(self) -> None:
         self._state = OPEN

@@ -17,6 +17,8 @@ circuit.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import time
@@ -29,6 +31,8 @@ import attrs
 from .circuit import CircuitBreaker
 from .errors import AuthFailed, ProviderUnavailable
 from .models import ProviderInfo, iso
+
+log = logging.getLogger("ksi_host.deployments")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _GLOB_CHARS = frozenset("*?[")
@@ -143,6 +147,10 @@ class DeploymentPool(Generic[M]):
         self._serving: dict[str, tuple[M, ...]] = {}
         self._lease_s = lease_s or (lambda m: None if m.deployment.timeout_s is None else m.deployment.timeout_s + 1.0)
         self._wall_clock = wall_clock
+        self._db: Any = None
+        self._table: str | None = None
+        self._dirty: dict[str, M] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -219,6 +227,81 @@ class DeploymentPool(Generic[M]):
             "opens": b.opens,
             "last_error": b.last_error,
         }
+
+    # -- persistence ------------------------------------------------------------------
+
+    async def attach(self, db: Any, table: str) -> None:
+        """Keep the circuits in ``table`` of ``db`` (a :class:`ksi_host.db.Database`).
+
+        Creates the table (migrations owned by ``table``), restores each
+        configured deployment's saved circuit (an open circuit keeps the rest of
+        its cool-down, in wall-clock time), then writes every later change in
+        the background (:meth:`flush` waits for the writes). So ``ksi-host
+        status`` in another process shows the circuits of the running host,
+        and a restarted host does not hammer a deployment it knew was down.
+        """
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", table):
+            raise ValueError(f"table must be an SQL identifier, got {table!r}")
+        await db.migrate(table, [
+            f"CREATE TABLE {table} ("
+            " name TEXT PRIMARY KEY,"
+            " model TEXT NOT NULL,"
+            " state TEXT NOT NULL,"
+            " failures INTEGER NOT NULL,"
+            " opens_until REAL,"  # unix seconds when an open circuit allows its trial call; NULL unless open
+            " opens INTEGER NOT NULL,"
+            " last_error TEXT,"
+            " updated_at REAL NOT NULL)"
+        ])
+        rows = await db.fetchall(f"SELECT name, state, failures, opens_until, opens, last_error FROM {table}")
+        now = self._wall_clock()
+        for name, state, failures, opens_until, opens, last_error in rows:
+            m = self._by_name.get(name)
+            if m is not None:
+                left = max(0.0, opens_until - now) if opens_until is not None else 0.0
+                m.breaker.restore(state=state, failures=failures, cooldown_left=left, opens=opens, last_error=last_error)
+        self._db, self._table = db, table
+        for m in self.members:
+            m.breaker.on_change = lambda _b, m=m: self._mark(m)
+
+    def _mark(self, m: M) -> None:
+        self._dirty[m.deployment.name] = m
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_dirty())
+
+    async def _flush_dirty(self) -> None:
+        while self._dirty and self._db is not None:
+            batch = list(self._dirty.values())
+            self._dirty.clear()
+            now = self._wall_clock()
+            rows = []
+            for m in batch:
+                b = m.breaker
+                left = b.cooldown_left()
+                state = "closed" if b.state == "closed" else "open"  # half-open is open with its cool-down over
+                rows.append((m.deployment.name, m.deployment.model, state, b.failures,
+                             now + left if state == "open" else None, b.opens, b.last_error, now))
+            await self._db.executemany(
+                f"INSERT INTO {self._table} (name, model, state, failures, opens_until, opens, last_error, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET model = excluded.model,"
+                " state = excluded.state, failures = excluded.failures, opens_until = excluded.opens_until,"
+                " opens = excluded.opens, last_error = excluded.last_error, updated_at = excluded.updated_at",
+                rows,
+            )
+
+    async def flush(self) -> None:
+        """Wait until every circuit change so far is written."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        if self._dirty and self._db is not None:
+            await self._flush_dirty()
+
+    async def detach(self) -> None:
+        """Write pending changes and stop persisting (call before the database closes)."""
+        await self.flush()
+        for m in self.members:
+            m.breaker.on_change = None
+        self._db = None
 
     def status(self) -> list[dict[str, Any]]:
         """Every deployment's circuit, for ``ksi_status`` (``{"circuits": pool.status()}``)."""

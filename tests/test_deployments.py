@@ -130,3 +130,44 @@ def test_infos_and_status() -> None:
     assert status[0]["name"] == "a" and status[0]["state"] == "open" and status[0]["last_error"] == "RateLimited: slow"
     assert (status[1]["state"], status[1]["failures"], status[1]["opens_until"]) == ("closed", 0, None)
     assert "api_key" not in status[0] and status[0]["api_key_env"] is None
+
+
+async def test_circuits_persist_and_restore(tmp_path: Any) -> None:
+    from ksi_host.db import Database
+
+    wall = [1_700_000_000.0]
+    clock = Clock()
+
+    def make() -> DeploymentPool[Any]:
+        return DeploymentPool(
+            [Member(Deployment(n, "m", api_key_env="K"), CircuitBreaker(2, 30, clock=clock)) for n in ("a", "b")],
+            wall_clock=lambda: wall[0],
+        )
+
+    async with Database(tmp_path / "c.db") as db:
+        p = make()
+        await p.attach(db, "test_circuits")
+        p.get("a").breaker.record_failure(error="ProviderUnavailable: down")
+        p.get("a").breaker.record_failure(error="ProviderUnavailable: down")
+        p.get("b").breaker.record_failure(error="RateLimited: slow")
+        await p.flush()
+        rows = {r[0]: tuple(r) for r in await db.fetchall("SELECT name, state, failures, opens_until, opens FROM test_circuits")}
+        assert rows == {"a": ("a", "open", 2, wall[0] + 30, 1), "b": ("b", "closed", 1, None, 0)}
+        p.get("b").breaker.record_success()
+        await p.detach()
+        assert (await db.fetchone("SELECT failures FROM test_circuits WHERE name = 'b'"))[0] == 0
+
+        wall[0] += 10  # another process, 10 s later
+        q = make()
+        await q.attach(db, "test_circuits")
+        a = q.get("a").breaker
+        assert a.state == "open" and a.failures == 2 and a.opens == 1
+        assert a.cooldown_left() == pytest.approx(20)
+        assert a.last_error == "ProviderUnavailable: down"
+        assert q.get("b").breaker.state == "closed"
+        wall[0] += 60
+        r = make()
+        await r.attach(db, "test_circuits")
+        assert r.get("a").breaker.state == "half_open"  # the cool-down ended while nobody ran: trial due
+        with pytest.raises(ValueError, match="identifier"):
+            await r.attach(db, "bad table")

@@ -3,7 +3,9 @@
 Hooks: ``ksi_config_spec`` (the ``[litellm]`` table), ``ksi_startup`` (builds
 one :class:`~ksi_provider_litellm.provider.LitellmProvider` and circuit per
 deployment), ``ksi_select_provider``, ``ksi_list_providers`` and
-``ksi_status`` (``{"circuits": [...]}``).
+``ksi_status`` (``{"circuits": [...]}``). The circuits are kept in the
+table ``litellm_circuits`` of the host database: restored at start-up, written
+in the background on every change (never a key: names and states only).
 
 Selection: the deployments serving the requested model (exact name or glob),
 in the order written; the first that is not in ``exclude`` and whose circuit
@@ -31,6 +33,8 @@ from .config import MOCK_NAME, MOCK_PATTERN, LitellmConfig, LitellmDeployment
 from .provider import LitellmProvider
 
 TABLE = "litellm"
+CIRCUITS_TABLE = "litellm_circuits"
+"""Where the circuits are kept in the host database (so ``ksi-host status`` in another process sees them)."""
 
 
 class Plugin:
@@ -44,8 +48,14 @@ class Plugin:
         return TABLE, LitellmConfig
 
     @hookimpl
-    def ksi_startup(self, host: Any) -> None:
+    async def ksi_startup(self, host: Any) -> None:
         self.pool = build_pool(host.config[TABLE], clock=host.clock)
+        await self.pool.attach(host.db, CIRCUITS_TABLE)
+
+    @hookimpl
+    async def ksi_shutdown(self, host: Any) -> None:
+        if self.pool is not None:
+            await self.pool.detach()
 
     def _pool(self, host: Any) -> DeploymentPool[LitellmProvider]:
         if self.pool is None:  # hooks called before start-up (tests calling hooks directly)

@@ -178,3 +178,19 @@ async def test_hooks_work_when_called_before_startup(openai_server: Any) -> None
     plugin = Plugin()
     assert [i.name for i in plugin.ksi_list_providers(FakeHost(), None)] == ["main", "mock"]
     assert plugin.ksi_select_provider(FakeHost(), request(), frozenset()).name == "main"
+
+
+async def test_circuits_survive_a_restart_and_show_in_a_read_only_status(lit_host: Any, openai_server: Any) -> None:
+    openai_server.set_faults(faults_by_model={"a-model": "503"})
+    circuit = {"failures_to_open": 1, "cooldown_s": 300}
+    async with lit_host(deployments=two(openai_server), circuit=circuit) as host:
+        await host.complete(request(model="gpt-x"))
+    # a second host on the same database, as `ksi-host status` would open it
+    async with lit_host(deployments=two(openai_server), circuit=circuit, serve=False) as host:
+        circuits = {c["name"]: c for c in (await host.status())["circuits"]}
+        infos = await host.providers("gpt-x")
+    assert circuits["a"]["state"] == "open"
+    assert 290 < circuits["a"]["cooldown_left_s"] <= 300
+    assert "ProviderUnavailable" in circuits["a"]["last_error"]
+    assert [(i.name, i.state) for i in infos] == [("a", "open"), ("b", "closed")]
+    assert openai_server.hits == 1
