@@ -1,0 +1,508 @@
+"""The ksi-queue plugin: accepts requests durably and runs them in order.
+
+One :class:`Plugin` per Host. ``ksi_enqueue`` registers the request (its
+place in its session is fixed at that moment), checks whether the request id
+is already stored, stores it, and returns a ticket. The :class:`Scheduler`
+decides what runs; each started request runs ``host.execute`` in its own task,
+and its final result is stored (group-committed) before its tickets complete
+and before the next request of its session may start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+import ksi_host
+from ksi_host.errors import Cancelled, OperationalError, StartupError
+from ksi_host.models import PRIORITIES, CompletionRequest, CompletionResult, Ticket, iso
+
+from . import schema
+from .config import QueueConfig
+from .owner import alive, process_start
+from .scheduler import ACCEPTING, DONE, QUEUED, RUNNING, STORING, Entry, Scheduler
+from .store import QueueStore, request_params
+
+COMMAND_POLL_S = 0.2  # how often the serving process looks for commands from other processes
+COMMAND_WAIT_S = 10.0  # how long another process waits for the serving process to answer
+
+# Databases served by a Host of this process: realpath -> plugin.
+_SERVING: dict[str, Plugin] = {}
+
+
+class ServedElsewhere(OperationalError):
+    """Another process serves this queue; the operation must go through it."""
+
+
+def _db_key(path: str) -> str:
+    return path if path == ":memory:" else os.path.realpath(path)
+
+
+class Plugin:
+    """The queue. See the package README for the behaviour and the tables."""
+
+    def __init__(self) -> None:
+        self.host: Any = None
+        self.store: QueueStore | None = None
+        self.sched: Scheduler | None = None
+        self.entries: dict[str, Entry] = {}
+        self.serving = False
+        self.closing = False
+        self.seq = 0
+        self._owner: tuple[int, float] | None = None
+        self._key: str | None = None
+        self._commands: asyncio.Task[None] | None = None
+        self._unserved_tickets: list[Ticket] = []
+
+    # -- life cycle -----------------------------------------------------------------
+
+    @ksi_host.hookimpl
+    def ksi_config_spec(self) -> tuple[str, type]:
+        return ("queue", QueueConfig)
+
+    @ksi_host.hookimpl
+    async def ksi_startup(self, host: Any) -> None:
+        cfg: QueueConfig = host.config["queue"]
+        limit = host.concurrency if host.concurrency is not None else cfg.concurrency
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise StartupError(f"config key host.concurrency: must be a positive integer, got {limit!r}")
+        self.host = host
+        self.store = QueueStore(host.db, self._saved, self._save_failed)
+        await self.store.migrate()
+        self.sched = Scheduler(limit, cfg.model_limits)
+        self.seq = await self.store.max_seq()
+        if not host.serve:
+            return
+        await self._claim()
+        try:
+            await self._restore()
+        except BaseException:
+            await self._release()
+            raise
+        self.serving = True
+        self._pump()
+        self._commands = asyncio.ensure_future(self._command_loop())
+
+    async def _claim(self) -> None:
+        """Become the one process serving this database."""
+        db = self.host.db
+        key = _db_key(db.path)
+        if key in _SERVING:
+            raise StartupError(f"ksi-queue: another Host of this process already serves the queue in {db.path}")
+        pid = os.getpid()
+        row = await db.fetchone(schema.SELECT_OWNER)
+        if row is not None and row["pid"] != pid and alive(row["pid"], row["process_start"]):
+            raise StartupError(
+                f"ksi-queue: the queue in {db.path} is served by process {row['pid']} (since {iso(row['started_at'])}); "
+                "stop it first: two serving processes would send the same requests twice"
+            )
+        started = time.time()
+        await db.execute(schema.SET_OWNER, (pid, process_start(pid), started))
+        await db.execute(schema.EXPIRE_COMMANDS, (started,))
+        await db.execute(schema.PURGE_COMMANDS, (started - 86400,))
+        self._owner = (pid, started)
+        self._key = key
+        _SERVING[key] = self
+
+    async def _release(self) -> None:
+        """Stop being the serving process of this database."""
+        if self._key is not None and _SERVING.get(self._key) is self:
+            del _SERVING[self._key]
+        self._key = None
+        if self._owner is not None:
+            owner, self._owner = self._owner, None
+            await self.host.db.execute(schema.CLEAR_OWNER, owner)
+
+    async def _restore(self) -> None:
+        """Load every queued or running row, in submission order, as a light entry."""
+        entries = self.entries
+        intern = sys.intern
+        ranks = PRIORITIES
+        restored = []
+        for seq, rid, sid, model, priority, created_at in await self.store.unfinished():
+            e = Entry(seq, rid, None if sid is None else intern(sid), intern(model), ranks.get(priority, 2), created_at,
+                      None, QUEUED)
+            entries[rid] = e
+            restored.append(e)
+        self.sched.restore(restored)
+
+    @ksi_host.hookimpl
+    async def ksi_shutdown(self, host: Any) -> None:
+        if self.store is None:
+            return
+        self.closing = True
+        self.serving = False
+        problems: list[BaseException] = []
+        if self._commands is not None:
+            self._commands.cancel()
+            outcome = (await asyncio.gather(self._commands, return_exceptions=True))[0]
+            if isinstance(outcome, Exception):
+                problems.append(outcome)
+        running = [e.task for e in self.entries.values() if e.state == RUNNING and e.task is not None]
+        for task in running:
+            task.cancel()  # the request stays stored as queued/running and runs at the next start
+        for outcome in await asyncio.gather(*running, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                problems.append(outcome)
+        await self.store.drain()
+        stopped = Cancelled("the host stopped before this request finished; it stays stored and runs when a host "
+                            "serves this database again")
+        for e in self.entries.values():
+            if e.error is None:
+                for t in e.tickets or ():
+                    t.set_exception(stopped)
+        for t in self._unserved_tickets:
+            t.set_exception(stopped)
+        await self._release()
+        await host.db.flush()
+        if problems:
+            raise problems[0]
+
+    # -- accepting --------------------------------------------------------------------
+
+    @ksi_host.hookimpl
+    async def ksi_enqueue(self, host: Any, request: CompletionRequest) -> Ticket:
+        rid = request.request_id
+        e = self.entries.get(rid)
+        if e is not None:
+            return self._attach(e)
+        if self.closing:
+            raise Cancelled(f"the queue is shutting down; request {rid} was not accepted")
+        if not self.serving:
+            return await self._enqueue_unserved(request)
+        now = time.time()
+        params = request_params(self.seq + 1, request, now)  # raises ValidationError for what JSON cannot hold
+        self.seq = seq = self.seq + 1
+        e = Entry(seq, rid, request.session_id, request.model, PRIORITIES[request.priority], now, request)
+        ticket = Ticket(rid)
+        e.tickets = [ticket]
+        self.entries[rid] = e
+        self.sched.add(e)  # its place in the session is fixed now, in submission order
+        try:
+            stored = await self.store.accept(rid, params)
+        except BaseException as exc:
+            self._forget(e)
+            for t in e.tickets[1:]:
+                t.set_exception(exc)
+            raise
+        if stored is not None:
+            if stored.final:  # idempotency: never run again
+                self._forget(e)
+                for t in e.tickets:
+                    t.set_result(stored.result)
+                self._pump()
+                return ticket
+            e.seq = stored.seq  # stored unfinished by a process that did not serve: run it here
+            self.seq = max(self.seq, stored.seq)
+        self.sched.queued(e)
+        if e.cancel_requested:
+            self._cancel_entry(e, "cancelled before it ran")
+        else:
+            self._pump()
+        return ticket
+
+    def _attach(self, e: Entry) -> Ticket:
+        """Another ticket for the run of ``e``."""
+        t = Ticket(e.request_id)
+        if e.error is not None:
+            t.set_exception(e.error)
+        elif e.tickets is None:
+            e.tickets = [t]
+        else:
+            e.tickets.append(t)
+        return t
+
+    def _forget(self, e: Entry) -> None:
+        """Drop ``e`` (still ACCEPTING) from memory."""
+        if self.entries.get(e.request_id) is e:
+            del self.entries[e.request_id]
+        self.sched.done(e)
+
+    async def _enqueue_unserved(self, request: CompletionRequest) -> Ticket:
+        """``serve=False``: store the request for the next serving process; its ticket completes only there."""
+        params = request_params(None, request, time.time())
+        await self._refuse_if_served("submit requests")
+        stored = await self.store.accept(request.request_id, params)
+        if stored is not None and stored.final:
+            return Ticket.done(stored.result)
+        ticket = Ticket(request.request_id)
+        self._unserved_tickets.append(ticket)
+        return ticket
+
+    # -- running -------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start whatever the schedule allows now."""
+        if not self.serving:
+            return
+        started = self.sched.take()
+        if not started:
+            return
+        now = time.time()
+        mark = self.store.mark_running
+        run = self._run
+        for e in started:
+            mark(e.seq, now)
+            e.task = asyncio.ensure_future(run(e))
+
+    async def _run(self, e: Entry) -> None:
+        try:
+            request = e.request
+            if request is None:  # restored: its messages are still in the database
+                request = e.request = await self.store.load(e.seq)
+            result = await self.host.execute(request)
+        except asyncio.CancelledError:
+            if e.state == RUNNING:
+                raise  # shutdown: the request stays stored unfinished
+            return  # ksi_cancel stored the cancelled result
+        except OperationalError as err:  # host.execute turns these into results; keep that promise for it
+            result = CompletionResult.failed(e.request_id, err, model=e.model, session_id=e.session_id)
+        except Exception as exc:
+            if e.state == RUNNING:
+                self._crashed(e, exc)
+            else:  # raised while being cancelled: the cancelled result stands; report, do not lose it
+                asyncio.get_running_loop().call_exception_handler({
+                    "message": f"ksi-queue: cancelled request {e.request_id} raised while stopping", "exception": exc})
+            return
+        if e.state != RUNNING:
+            return
+        self.sched.executed(e)
+        self.store.save_result(e, result)
+        self._pump()
+
+    def _crashed(self, e: Entry, exc: BaseException) -> None:
+        """A programming error ended the run of ``e``: its tickets get the exception;
+        the request stays stored unfinished (it runs again at the next start)."""
+        if e.state == RUNNING:
+            self.sched.executed(e)
+        self.sched.done(e)
+        e.error = exc
+        self._deliver_error(e, exc, "stopped with a programming error")
+        self._pump()
+
+    def _deliver_error(self, e: Entry, exc: BaseException, what: str) -> None:
+        tickets = e.tickets
+        if tickets:
+            for t in tickets:
+                t.set_exception(exc)
+        else:  # nobody waits for this (restored) request: do not lose the error
+            asyncio.get_running_loop().call_exception_handler({
+                "message": f"ksi-queue: request {e.request_id} {what}; it stays stored unfinished and runs again at the next start",
+                "exception": exc,
+            })
+
+    def _saved(self, items: list[tuple[Entry, CompletionResult]]) -> None:
+        """Results are committed: complete tickets, let sessions move on."""
+        entries = self.entries
+        done = self.sched.done
+        for e, result in items:
+            done(e)
+            rid = e.request_id
+            if entries.get(rid) is e:
+                del entries[rid]
+            if e.tickets:
+                for t in e.tickets:
+                    t.set_result(result)
+            e.request = e.task = None
+        self._pump()
+
+    def _save_failed(self, items: list[tuple[Entry, CompletionResult]], exc: BaseException) -> None:
+        for e, _ in items:
+            self.sched.done(e)
+            e.error = exc
+            self._deliver_error(e, exc, "could not be stored")
+        self._pump()
+
+    # -- cancelling ----------------------------------------------------------------------
+
+    def _cancel_entry(self, e: Entry, message: str) -> Ticket:
+        """Store a cancelled result for QUEUED or RUNNING ``e``; the ticket completes once stored."""
+        if e.state == RUNNING:
+            self.sched.executed(e)
+            if e.task is not None:
+                e.task.cancel()
+        else:
+            e.state = STORING  # left in the heaps; skipped when popped
+        if e.error is not None:  # crashed before: the stored row is still unfinished
+            e.error = None
+            e.tickets = None
+        ticket = self._attach(e)
+        result = CompletionResult.failed(e.request_id, Cancelled(message), model=e.model, session_id=e.session_id)
+        self.store.save_result(e, result)
+        self._pump()
+        return ticket
+
+    async def _cancel_local(self, request_id: str) -> bool | None:
+        e = self.entries.get(request_id)
+        if e is None:
+            stored = await self.store.lookup(request_id)
+            if stored is None:
+                return None
+            if stored.final:
+                return False
+            await self.store.cancel_stored([request_id], time.time(), "cancelled before it ran")
+            return True
+        if e.error is not None:
+            e.state = QUEUED
+        if e.state == ACCEPTING:
+            e.cancel_requested = True
+            result = await self._attach(e).result()
+            return result.status == "cancelled"
+        if e.state == QUEUED:
+            await self._cancel_entry(e, "cancelled before it ran").result()
+            return True
+        if e.state == RUNNING:
+            await self._cancel_entry(e, "cancelled while running").result()
+            return True
+        return False  # its final result is being stored
+
+    async def _clear_local(self, session_id: str) -> int:
+        tickets = []
+        for e in self.sched.session_entries(session_id):
+            if e.state == QUEUED:
+                tickets.append(self._cancel_entry(e, f"cancelled: session {session_id} was cleared"))
+            elif e.state == ACCEPTING:
+                e.cancel_requested = True
+                tickets.append(self._attach(e))
+        n = 0
+        problem = None
+        for outcome in await asyncio.gather(*(t.result() for t in tickets), return_exceptions=True):
+            if isinstance(outcome, CompletionResult):
+                n += outcome.status == "cancelled"
+            elif problem is None:
+                problem = outcome
+        if problem is not None:
+            raise problem
+        return n
+
+    @ksi_host.hookimpl
+    async def ksi_cancel(self, host: Any, request_id: str) -> bool | None:
+        if self.serving:
+            return await self._cancel_local(request_id)
+        owner = await self._live_owner()
+        if owner is not None:
+            outcome = await self._send_command("cancel", request_id, owner)
+            return None if outcome is None else bool(outcome)
+        stored = await self.store.lookup(request_id)
+        if stored is None:
+            return None
+        if stored.final:
+            return False
+        await self.store.cancel_stored([request_id], time.time(), "cancelled before it ran")
+        return True
+
+    @ksi_host.hookimpl
+    async def ksi_clear_session(self, host: Any, session_id: str) -> int:
+        if self.serving:
+            return await self._clear_local(session_id)
+        owner = await self._live_owner()
+        if owner is not None:
+            return int(await self._send_command("clear_session", session_id, owner) or 0)
+        rows = await host.db.fetchall(schema.SELECT_SESSION_QUEUED, (session_id,))
+        ids = [r[0] for r in rows]
+        if ids:
+            await self.store.cancel_stored(ids, time.time(), f"cancelled: session {session_id} was cleared")
+        return len(ids)
+
+    # -- other processes ---------------------------------------------------------------------
+
+    async def _live_owner(self) -> Any:
+        """The owner row of a process (or another Host of this one) serving this database, or None."""
+        row = await self.host.db.fetchone(schema.SELECT_OWNER)
+        if row is None:
+            return None
+        if row["pid"] == os.getpid():
+            other = _SERVING.get(_db_key(self.host.db.path))
+            return row if other is not None and other is not self else None
+        return row if alive(row["pid"], row["process_start"]) else None
+
+    async def _refuse_if_served(self, what: str) -> None:
+        owner = await self._live_owner()
+        if owner is not None:
+            raise ServedElsewhere(f"the queue in {self.host.db.path} is served by process {owner['pid']}: {what} through it")
+
+    async def _send_command(self, kind: str, target: str, owner: Any) -> int | None:
+        """Ask the serving process to cancel / clear; wait for its answer."""
+        db = self.host.db
+        command_id = uuid.uuid4().hex
+        await db.execute(schema.INSERT_COMMAND, (command_id, kind, target, time.time()))
+        deadline = time.monotonic() + COMMAND_WAIT_S
+        while True:
+            row = await db.fetchone(schema.SELECT_COMMAND, (command_id,))
+            if row is not None and row["handled_at"] is not None:
+                return row["outcome"]
+            if time.monotonic() > deadline:
+                await db.execute(schema.ANSWER_COMMAND + " AND handled_at IS NULL", (time.time(), None, command_id))
+                raise ServedElsewhere(
+                    f"the process serving the queue (pid {owner['pid']}) did not answer the {kind} command "
+                    f"within {COMMAND_WAIT_S:g} s; nothing was changed"
+                )
+            await asyncio.sleep(COMMAND_POLL_S / 4)
+
+    async def _command_loop(self) -> None:
+        """Serve cancel / clear-session commands written by other processes (``ksi-host cancel``)."""
+        db = self.host.db
+        while True:
+            await asyncio.sleep(COMMAND_POLL_S)
+            for command_id, kind, target in await db.fetchall(schema.SELECT_OPEN_COMMANDS):
+                outcome = None
+                try:
+                    if kind == "cancel":
+                        found = await self._cancel_local(target)
+                        outcome = None if found is None else int(found)
+                    else:
+                        outcome = await self._clear_local(target)
+                except Exception as exc:  # reported, and the channel keeps serving
+                    asyncio.get_running_loop().call_exception_handler({
+                        "message": f"ksi-queue: the {kind} command for {target!r} failed", "exception": exc})
+                await db.execute(schema.ANSWER_COMMAND + " AND handled_at IS NULL", (time.time(), outcome, command_id))
+
+    # -- status -------------------------------------------------------------------------------
+
+    @ksi_host.hookimpl
+    async def ksi_status(self, host: Any) -> dict[str, Any]:
+        per: dict[str | None, list[Any]] = {}
+        if self.serving:
+            for e in self.entries.values():
+                state = e.state
+                if state == DONE:
+                    continue
+                rec = per.get(e.session_id)
+                if rec is None:
+                    rec = per[e.session_id] = [0, 0, None]
+                if state >= RUNNING:
+                    rec[1] += 1
+                else:
+                    rec[0] += 1
+                    if rec[2] is None or e.created_at < rec[2]:
+                        rec[2] = e.created_at
+            served_by = os.getpid()
+        else:
+            for sid, queued, running, oldest in await host.db.fetchall(schema.SELECT_STATUS):
+                per[sid] = [queued or 0, running or 0, oldest]
+            owner = await self._live_owner()
+            served_by = owner["pid"] if owner is not None else None
+        now = time.time()
+
+        def wait(created: float | None) -> float | None:
+            return None if created is None else round(max(0.0, now - created), 3)
+
+        oldest = min((r[2] for r in per.values() if r[2] is not None), default=None)
+        return {"queue": {
+            "queued": sum(r[0] for r in per.values()),
+            "running": sum(r[1] for r in per.values()),
+            "sessions": sum(1 for sid in per if sid is not None),
+            "oldest_wait_s": wait(oldest),
+            "concurrency": self.sched.limit,
+            "in_flight": self.sched.in_flight if self.serving else None,
+            "served_by_pid": served_by,
+            "model_limits": dict(self.sched.model_limits),
+            "by_session": [
+                {"session_id": sid, "queued": r[0], "running": r[1], "oldest_wait_s": wait(r[2])}
+                for sid, r in sorted(per.items(), key=lambda kv: (kv[0] is not None, kv[0] or ""))
+            ],
+        }}

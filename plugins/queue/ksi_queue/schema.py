@@ -1,0 +1,148 @@
+"""The queue's tables and the SQL that touches them.
+
+``ksi_queue_requests`` holds one row per accepted request: the request in
+real columns (its messages and metadata as JSON text in columns of their own),
+its queue status and, once final, its result in real columns. ``seq`` is the
+submission order (restore order). ``ksi_queue_attempts`` holds the attempts
+of final results, one row each. ``ksi_queue_owner`` names the process that
+serves the queue; ``ksi_queue_commands`` carries cancel / clear-session
+requests from other processes (``ksi-host cancel``) to that process.
+"""
+
+from __future__ import annotations
+
+OWNER = "ksi-queue"
+UNFINISHED = ("queued", "running")
+FINAL = ("ok", "error", "cancelled")
+
+MIGRATIONS = [
+    """
+    CREATE TABLE ksi_queue_requests (
+        seq INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL UNIQUE,
+        session_id TEXT,
+        agent_id TEXT,
+        originator_agent_id TEXT,
+        purpose TEXT,
+        model TEXT NOT NULL,
+        priority TEXT NOT NULL,
+        max_tokens INTEGER,
+        temperature REAL,
+        timeout_s REAL,
+        messages_json TEXT NOT NULL,
+        metadata_json TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'ok', 'error', 'cancelled')),
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        result_text TEXT,
+        result_model TEXT,
+        result_provider TEXT,
+        result_session_id TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        total_tokens INTEGER,
+        cost_usd REAL,
+        error_type TEXT,
+        error_message TEXT
+    );
+    CREATE INDEX ksi_queue_requests_unfinished ON ksi_queue_requests(seq) WHERE status IN ('queued', 'running');
+    CREATE TABLE ksi_queue_attempts (
+        request_id TEXT NOT NULL REFERENCES ksi_queue_requests(request_id),
+        number INTEGER NOT NULL,
+        provider TEXT,
+        error_type TEXT,
+        error_message TEXT,
+        delay_s REAL,
+        latency_ms REAL,
+        PRIMARY KEY (request_id, number)
+    ) WITHOUT ROWID;
+    CREATE TABLE ksi_queue_owner (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        process_start TEXT,
+        started_at REAL NOT NULL
+    );
+    CREATE TABLE ksi_queue_commands (
+        command_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('cancel', 'clear_session')),
+        target TEXT NOT NULL,
+        requested_at REAL NOT NULL,
+        handled_at REAL,
+        outcome INTEGER
+    );
+    """,
+]
+
+REQUEST_COLUMNS = (
+    "seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority,"
+    " max_tokens, temperature, timeout_s, messages_json, metadata_json"
+)
+RESULT_COLUMNS = (
+    "status, started_at, finished_at, result_text, result_model, result_provider, result_session_id,"
+    " prompt_tokens, completion_tokens, total_tokens, cost_usd, error_type, error_message"
+)
+
+INSERT_REQUEST = (
+    "INSERT INTO ksi_queue_requests (seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority,"
+    " max_tokens, temperature, timeout_s, messages_json, metadata_json, status, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+)
+MARK_RUNNING = "UPDATE ksi_queue_requests SET status = 'running', started_at = ? WHERE seq = ? AND status = 'queued'"
+STORE_RESULT = (
+    "UPDATE ksi_queue_requests SET status = ?, started_at = ?, finished_at = ?, result_text = ?, result_model = ?,"
+    " result_provider = ?, result_session_id = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost_usd = ?,"
+    " error_type = ?, error_message = ? WHERE seq = ?"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO ksi_queue_attempts (request_id, number, provider, error_type, error_message, delay_s, latency_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# Used when no process serves the queue (``ksi-host cancel`` on a stopped queue).
+CANCEL_STORED = (
+    "UPDATE ksi_queue_requests SET status = 'cancelled', started_at = COALESCE(started_at, ?), finished_at = ?,"
+    " error_type = 'Cancelled', error_message = ?, prompt_tokens = 0, completion_tokens = 0, total_tokens = 0"
+    " WHERE request_id = ? AND status IN ('queued', 'running')"
+)
+
+SELECT_UNFINISHED = (
+    "SELECT seq, request_id, session_id, model, priority, created_at FROM ksi_queue_requests"
+    " WHERE status IN ('queued', 'running') ORDER BY seq"
+)
+SELECT_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM ksi_queue_requests"
+SELECT_STATUS = (
+    "SELECT session_id, SUM(status = 'queued'), SUM(status = 'running'), MIN(CASE WHEN status = 'queued' THEN created_at END)"
+    " FROM ksi_queue_requests WHERE status IN ('queued', 'running') GROUP BY session_id"
+)
+SELECT_SESSION_QUEUED = (
+    "SELECT request_id FROM ksi_queue_requests WHERE status IN ('queued', 'running') AND session_id = ? AND status = 'queued'"
+    " ORDER BY seq"
+)
+
+
+def select_requests_by(column: str, n: int) -> str:
+    """The request columns, the status and the result columns of rows whose ``column`` is one of ``n`` values."""
+    marks = ", ".join("?" * n)
+    return f"SELECT {REQUEST_COLUMNS}, {RESULT_COLUMNS} FROM ksi_queue_requests WHERE {column} IN ({marks})"
+
+
+def select_attempts(n: int) -> str:
+    marks = ", ".join("?" * n)
+    return (
+        "SELECT request_id, number, provider, error_type, error_message, delay_s, latency_ms FROM ksi_queue_attempts"
+        f" WHERE request_id IN ({marks}) ORDER BY request_id, number"
+    )
+
+
+SELECT_OWNER = "SELECT pid, process_start, started_at FROM ksi_queue_owner WHERE id = 1"
+SET_OWNER = "INSERT OR REPLACE INTO ksi_queue_owner (id, pid, process_start, started_at) VALUES (1, ?, ?, ?)"
+CLEAR_OWNER = "DELETE FROM ksi_queue_owner WHERE id = 1 AND pid = ? AND started_at = ?"
+
+INSERT_COMMAND = "INSERT INTO ksi_queue_commands (command_id, kind, target, requested_at) VALUES (?, ?, ?, ?)"
+SELECT_COMMAND = "SELECT handled_at, outcome FROM ksi_queue_commands WHERE command_id = ?"
+SELECT_OPEN_COMMANDS = (
+    "SELECT command_id, kind, target FROM ksi_queue_commands WHERE handled_at IS NULL ORDER BY requested_at, command_id"
+)
+ANSWER_COMMAND = "UPDATE ksi_queue_commands SET handled_at = ?, outcome = ? WHERE command_id = ?"
+EXPIRE_COMMANDS = "UPDATE ksi_queue_commands SET handled_at = ?, outcome = NULL WHERE handled_at IS NULL"
+PURGE_COMMANDS = "DELETE FROM ksi_queue_commands WHERE handled_at IS NOT NULL AND handled_at < ?"

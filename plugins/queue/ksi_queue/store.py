@@ -1,0 +1,330 @@
+"""The queue's rows: conversions and batched reads and writes through ``host.db``.
+
+Reads that every submission needs (is this request id already stored?) and
+loads of restored requests are batched: the ids asked for during one turn of
+the event loop go into one ``SELECT ... IN (...)``. Running marks and final
+results go through one writer that hands ``host.db.write_batch`` everything
+finished meanwhile, ordered by statement so the host's group commit runs each
+kind through one ``executemany`` in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ksi_host.db import Database
+from ksi_host.errors import ValidationError
+from ksi_host.models import Attempt, CompletionRequest, CompletionResult, Usage
+
+from . import schema
+from .scheduler import Entry
+
+CHUNK = 500  # ids per SELECT ... IN (...)
+MARK_DELAY_S = 0.05  # running marks wait at most this long for results to share a commit with
+
+
+class Stored:
+    """A request found in the table: its ``seq``, and its ``result`` if final."""
+
+    __slots__ = ("seq", "status", "result")
+
+    def __init__(self, seq: int, status: str, result: CompletionResult | None) -> None:
+        self.seq = seq
+        self.status = status
+        self.result = result
+
+    @property
+    def final(self) -> bool:
+        return self.result is not None
+
+
+# -- conversions ----------------------------------------------------------------
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _json(value: Any, field: str) -> str:
+    if not value:
+        return "{}" if isinstance(value, dict) else "[]"
+    try:
+        return _encode(value)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(field, f"must be JSON-serialisable to be queued ({e})") from None
+
+
+def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> tuple[Any, ...]:
+    return (
+        seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,
+        r.max_tokens, r.temperature, r.timeout_s, _json(r.messages, "messages"), _json(r.metadata, "metadata"), created_at,
+    )
+
+
+def request_from_row(row: Any) -> CompletionRequest:
+    return CompletionRequest(
+        model=row["model"],
+        messages=json.loads(row["messages_json"]),
+        request_id=row["request_id"],
+        session_id=row["session_id"],
+        agent_id=row["agent_id"],
+        originator_agent_id=row["originator_agent_id"],
+        purpose=row["purpose"],
+        priority=row["priority"],
+        max_tokens=row["max_tokens"],
+        temperature=row["temperature"],
+        timeout_s=row["timeout_s"],
+        metadata=json.loads(row["metadata_json"]),
+    )
+
+
+def result_params(seq: int, r: CompletionResult) -> tuple[Any, ...]:
+    u = r.usage
+    err = r.error or {}
+    return (
+        r.status, r.started_at, r.finished_at, r.text, r.model, r.provider, r.session_id,
+        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd, err.get("type"), err.get("message"), seq,
+    )
+
+
+def attempt_params(request_id: str, a: Attempt) -> tuple[Any, ...]:
+    return (request_id, a.number, a.provider, a.error_type, a.error_message, a.delay_s, a.latency_ms)
+
+
+def result_from_row(row: Any, attempts: Sequence[Attempt] = ()) -> CompletionResult:
+    error = None
+    if row["error_type"] is not None:
+        error = {"type": row["error_type"], "message": row["error_message"]}
+    return CompletionResult(
+        row["request_id"],
+        row["status"],
+        text=row["result_text"],
+        model=row["result_model"],
+        provider=row["result_provider"],
+        session_id=row["result_session_id"],
+        usage=Usage(row["prompt_tokens"] or 0, row["completion_tokens"] or 0, row["total_tokens"] or 0, row["cost_usd"]),
+        attempts=tuple(attempts),
+        error=error,
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def _attempt_from_row(row: Any) -> Attempt:
+    return Attempt(row["number"], row["provider"], row["error_type"], row["error_message"], row["delay_s"], row["latency_ms"])
+
+
+# -- the store ---------------------------------------------------------------------
+
+
+class QueueStore:
+    """Batched access to the queue's tables. ``on_saved(items)`` is called with
+    the ``(entry, result)`` pairs of each committed write; ``on_save_failed(items,
+    exc)`` when their transaction failed."""
+
+    def __init__(
+        self,
+        db: Database,
+        on_saved: Callable[[list[tuple[Entry, CompletionResult]]], None],
+        on_save_failed: Callable[[list[tuple[Entry, CompletionResult]], BaseException], None],
+    ) -> None:
+        self.db = db
+        self.on_saved = on_saved
+        self.on_save_failed = on_save_failed
+        self._asked: dict[str, tuple[asyncio.Future[Stored | None], tuple[Any, ...] | None]] = {}
+        self._ask_task: asyncio.Task[None] | None = None
+        self._loads: dict[int, asyncio.Future[CompletionRequest]] = {}
+        self._load_task: asyncio.Task[None] | None = None
+        self._marks: list[tuple[float, int]] = []
+        self._results: list[tuple[Entry, CompletionResult]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._mark_timer: asyncio.TimerHandle | None = None
+
+    async def migrate(self) -> None:
+        await self.db.migrate(schema.OWNER, schema.MIGRATIONS)
+
+    async def max_seq(self) -> int:
+        row = await self.db.fetchone(schema.SELECT_MAX_SEQ)
+        return int(row[0]) if row else 0
+
+    async def unfinished(self) -> list[Any]:
+        """``(seq, request_id, session_id, model, priority, created_at)`` of every queued or running row, by seq."""
+        return await self.db.fetchall(schema.SELECT_UNFINISHED)
+
+    async def cancel_stored(self, request_ids: Sequence[str], now: float, message: str) -> None:
+        """Cancel unfinished rows directly (only when no process serves the queue)."""
+        await self.db.executemany(schema.CANCEL_STORED, [(now, now, message, rid) for rid in request_ids])
+
+    # -- batched reads ---------------------------------------------------------
+
+    def lookup(self, request_id: str) -> asyncio.Future[Stored | None]:
+        """The stored row of ``request_id`` (with its result if final), or None."""
+        return self._ask(request_id, None)
+
+    def accept(self, request_id: str, params: tuple[Any, ...]) -> asyncio.Future[Stored | None]:
+        """Store a request (``request_params``) unless its id is already stored.
+
+        The future gives None once the new row is committed, or the row found
+        (with its result if final) when the id was stored before. The requests
+        accepted during one turn of the event loop share one ``SELECT`` and one
+        ``executemany`` (one group commit)."""
+        return self._ask(request_id, params)
+
+    def _ask(self, request_id: str, params: tuple[Any, ...] | None) -> asyncio.Future[Stored | None]:
+        asked = self._asked.get(request_id)
+        if asked is not None:  # asked twice in one turn: one answer (storing it if either asked to)
+            if params is not None and asked[1] is None:
+                self._asked[request_id] = (asked[0], params)
+            return asked[0]
+        fut = asyncio.get_running_loop().create_future()
+        self._asked[request_id] = (fut, params)
+        if self._ask_task is None:
+            self._ask_task = asyncio.ensure_future(self._ask_loop())
+        return fut
+
+    async def _ask_loop(self) -> None:
+        try:
+            while self._asked:
+                batch, self._asked = self._asked, {}
+                try:
+                    found = await self._fetch_stored(list(batch))
+                    new = [params for rid, (_, params) in batch.items() if params is not None and rid not in found]
+                    if new:
+                        await self.db.executemany(schema.INSERT_REQUEST, new)
+                except BaseException as exc:  # handed to every waiter, never dropped
+                    for fut, _ in batch.values():
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for rid, (fut, _) in batch.items():
+                    if not fut.done():
+                        fut.set_result(found.get(rid))
+        finally:
+            self._ask_task = None
+
+    async def _fetch_stored(self, ids: list[str]) -> dict[str, Stored]:
+        found: dict[str, Stored] = {}
+        final_rows = []
+        for i in range(0, len(ids), CHUNK):
+            chunk = ids[i:i + CHUNK]
+            for row in await self.db.fetchall(schema.select_requests_by("request_id", len(chunk)), chunk):
+                if row["status"] in schema.FINAL:
+                    final_rows.append(row)
+                else:
+                    found[row["request_id"]] = Stored(row["seq"], row["status"], None)
+        if final_rows:
+            attempts: dict[str, list[Attempt]] = {}
+            final_ids = [row["request_id"] for row in final_rows]
+            for i in range(0, len(final_ids), CHUNK):
+                chunk = final_ids[i:i + CHUNK]
+                for a in await self.db.fetchall(schema.select_attempts(len(chunk)), chunk):
+                    attempts.setdefault(a["request_id"], []).append(_attempt_from_row(a))
+            for row in final_rows:
+                rid = row["request_id"]
+                found[rid] = Stored(row["seq"], row["status"], result_from_row(row, attempts.get(rid, ())))
+        return found
+
+    def load(self, seq: int) -> asyncio.Future[CompletionRequest]:
+        """The stored request of row ``seq`` (a restored entry about to run)."""
+        fut = self._loads.get(seq)
+        if fut is None:
+            fut = self._loads[seq] = asyncio.get_running_loop().create_future()
+            if self._load_task is None:
+                self._load_task = asyncio.ensure_future(self._load_loop())
+        return fut
+
+    async def _load_loop(self) -> None:
+        try:
+            while self._loads:
+                batch, self._loads = self._loads, {}
+                seqs = list(batch)
+                try:
+                    rows = {}
+                    for i in range(0, len(seqs), CHUNK):
+                        chunk = seqs[i:i + CHUNK]
+                        for row in await self.db.fetchall(schema.select_requests_by("seq", len(chunk)), chunk):
+                            rows[row["seq"]] = row
+                except BaseException as exc:  # handed to every waiter, never dropped
+                    for fut in batch.values():
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for seq, fut in batch.items():
+                    if fut.done():
+                        continue
+                    row = rows.get(seq)
+                    if row is None:
+                        fut.set_exception(LookupError(f"ksi-queue: row {seq} of ksi_queue_requests vanished"))
+                        continue
+                    try:
+                        fut.set_result(request_from_row(row))
+                    except Exception as exc:  # a stored request that no longer validates: its run's error
+                        fut.set_exception(exc)
+        finally:
+            self._load_task = None
+
+    # -- the writer -------------------------------------------------------------
+
+    def mark_running(self, seq: int, now: float) -> None:
+        """Record that row ``seq`` started. Not awaited (restore treats running like queued): marks
+        ride along with the next results, or are written on their own after ``MARK_DELAY_S``."""
+        self._marks.append((now, seq))
+        if self._mark_timer is None:
+            self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY_S, self._marks_due)
+
+    def _marks_due(self) -> None:
+        self._mark_timer = None
+        if self._marks and self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_loop())
+
+    def save_result(self, e: Entry, result: CompletionResult) -> None:
+        """Store the final ``result`` of ``e``; ``on_saved`` follows the commit."""
+        self._results.append((e, result))
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        try:
+            while self._results or (self._marks and self._mark_timer is None):
+                marks, self._marks = self._marks, []
+                results, self._results = self._results, []
+                if marks and results:  # a row whose result is here needs no running mark
+                    finished = {e.seq for e, _ in results}
+                    marks = [m for m in marks if m[1] not in finished]
+                statements: list[tuple[str, Any]] = [(schema.MARK_RUNNING, m) for m in marks]
+                statements += [(schema.STORE_RESULT, result_params(e.seq, r)) for e, r in results]
+                statements += [
+                    (schema.INSERT_ATTEMPT, attempt_params(r.request_id, a)) for _, r in results for a in r.attempts
+                ]
+                try:
+                    await self.db.write_batch(statements)
+                except Exception as exc:
+                    if results:
+                        self.on_save_failed(results, exc)
+                    else:  # only running marks were lost: restore treats running like queued anyway
+                        asyncio.get_running_loop().call_exception_handler(
+                            {"message": "ksi-queue: could not store running marks", "exception": exc})
+                    continue
+                if results:
+                    self.on_saved(results)
+        finally:
+            self._writer = None
+
+    async def drain(self) -> None:
+        """Wait for every batched read and write started so far (shutdown)."""
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._marks_due()
+        while True:
+            tasks = [t for t in (self._ask_task, self._load_task, self._writer) if t is not None]
+            if not tasks:
+                return
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    raise outcome
