@@ -141,7 +141,6 @@ class LitellmProvider:
         if mock:
             base["custom_llm_provider"] = "openai"
         self._base = base
-        self.calls = 0  # upstream attempts made (for status and tests)
 
     def __repr__(self) -> str:
         return f"<LitellmProvider {self.name} model={self.deployment.model!r} {self.breaker.state}>"
@@ -174,7 +173,6 @@ class LitellmProvider:
             self._failed(generation, e)
             raise
         kwargs = self._kwargs(request, timeout_s, key)
-        self.calls += 1
         try:
             if timeout_s is None:
                 response = await lit.acompletion(**kwargs)

@@ -215,3 +215,27 @@ async def test_usage_reaches_ksi_record_usage_through_the_host(lit_host: Any, op
     assert [(c.provider, c.outcome, c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens)
             for c in recorder.calls] == [("main", "ok", 6, 4, 10)]
     assert result.usage.total_tokens == 10
+
+
+async def test_own_deadline_when_litellm_does_not_give_up(
+    openai_server: Any, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from ksi_provider_litellm.provider import TIMEOUT_GRACE_S
+
+    lit = await load_litellm()
+    seen: dict[str, Any] = {}
+
+    async def stuck(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(lit, "acompletion", stuck)
+    p = provider(openai_server)
+    t0 = time.monotonic()
+    with pytest.raises(ProviderTimeout):
+        await p.complete(request(), timeout_s=0.2)
+    assert 0.2 + TIMEOUT_GRACE_S - 0.05 <= time.monotonic() - t0 < 0.2 + TIMEOUT_GRACE_S + 0.5
+    assert (seen["timeout"], seen["num_retries"], seen["max_retries"]) == (0.2, 0, 0)
+    assert p.breaker.failures == 1
