@@ -1,0 +1,154 @@
+"""A fake ``claude`` executable that speaks the real CLI's JSON shape.
+
+:func:`install` writes it into a folder as an executable file named
+``claude`` (its shebang is this interpreter). It reads the prompt on stdin
+and answers like ``claude -p --output-format json``. What it does depends on
+the prompt's last line:
+
+=================  ==========================================================
+``!hang``          starts a child process, writes both pids, sleeps 60 s
+``!garbage``       prints text that is not JSON, exits 0
+``!ratelimit``     stderr ``API Error: 429 ...``, exits 1
+``!ratetext``      stderr ``Rate limit exceeded, slow down``, exits 1
+``!overloaded``    stderr ``API Error: 529 {...overloaded_error...}``, exits 1
+``!crash``         stderr ``Error: something broke``, exits 2
+``!maxturns``      JSON ``is_error: true``, ``subtype: error_max_turns``, exits 1
+``!execerror``     JSON ``is_error: true``, ``subtype: error_during_execution``, exits 1
+``!usagelimit``    JSON ``is_error: true``, result ``Claude AI usage limit reached|<in 120 s>``
+``!authfail``      JSON ``is_error: true``, result ``Invalid API key · Please run /login``
+``!toolong``       JSON ``is_error: true``, result ``Prompt is too long``
+``!array``         the older output: a JSON array of messages ending with the result
+``!noresult``      JSON ``type: result`` without ``result``, exits 0
+anything else      success: ``turn <n>: echo: <last line>``
+=================  ==========================================================
+
+Sessions live in ``$FAKE_CLAUDE_DIR/sessions/<id>`` (one prompt per line):
+``--resume ID`` continues one (``No conversation found`` when it does not
+exist); with ``FAKE_CLAUDE_FORK=1`` a resumed call answers under a new id,
+as some CLI versions do. Every call appends a JSON line to
+``$FAKE_CLAUDE_DIR/calls.jsonl``: argv, the prompt, the model, whether
+``ANTHROPIC_API_KEY`` was set (and its SHA-256, never the value), and
+``ANTHROPIC_BASE_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+SCRIPT = r'''
+import hashlib, json, os, subprocess, sys, time, uuid
+from pathlib import Path
+
+state = Path(os.environ["FAKE_CLAUDE_DIR"])
+(state / "sessions").mkdir(parents=True, exist_ok=True)
+argv = sys.argv[1:]
+def opt(name):
+    return argv[argv.index(name) + 1] if name in argv else None
+prompt = sys.stdin.read()
+last = prompt.strip().splitlines()[-1] if prompt.strip() else ""
+key = os.environ.get("ANTHROPIC_API_KEY")
+with open(state / "calls.jsonl", "a") as f:
+    f.write(json.dumps({"argv": argv, "prompt": prompt, "model": opt("--model"), "resume": opt("--resume"),
+                        "system": opt("--append-system-prompt"), "key_set": key is not None,
+                        "key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+                        "base_url": os.environ.get("ANTHROPIC_BASE_URL"), "pid": os.getpid()}) + "\n")
+usage = {"input_tokens": len(prompt.split()), "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+         "output_tokens": 0}
+def result(subtype="success", is_error=False, text=None, code=0, sid=None, **extra):
+    obj = {"type": "result", "subtype": subtype, "is_error": is_error, "duration_ms": 12, "duration_api_ms": 10,
+           "num_turns": 1, "session_id": sid or str(uuid.uuid4()), "total_cost_usd": 0.0123, "usage": usage, **extra}
+    if text is not None:
+        obj["result"] = text
+        usage["output_tokens"] = len(text.split())
+    print(json.dumps(obj))
+    sys.exit(code)
+if last == "!hang":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (state / "hang.pids").write_text(f"{os.getpid()} {child.pid}")
+    time.sleep(60)
+if last == "!garbage":
+    print("Welcome to Claude! <<this is not json>>")
+    sys.exit(0)
+if last == "!ratelimit":
+    print("API Error: 429 {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"Number of requests has exceeded your rate limit\"}}", file=sys.stderr)
+    sys.exit(1)
+if last == "!ratetext":
+    print("Rate limit exceeded, slow down", file=sys.stderr)
+    sys.exit(1)
+if last == "!overloaded":
+    print("API Error: 529 {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}", file=sys.stderr)
+    sys.exit(1)
+if last == "!crash":
+    print("Error: something broke", file=sys.stderr)
+    sys.exit(2)
+if last == "!maxturns":
+    result("error_max_turns", True, code=1, num_turns=3)
+if last == "!execerror":
+    usage["output_tokens"] = 4
+    result("error_during_execution", True, code=1)
+if last == "!usagelimit":
+    result("success", True, f"Claude AI usage limit reached|{int(time.time()) + 120}", code=1)
+if last == "!authfail":
+    result("success", True, "Invalid API key \u00b7 Please run /login", code=1)
+if last == "!toolong":
+    result("success", True, "Prompt is too long", code=1)
+if last == "!noresult":
+    print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "session_id": "x"}))
+    sys.exit(0)
+resume = opt("--resume")
+history = []
+if resume is not None:
+    path = state / "sessions" / resume
+    if not path.exists():
+        print(f"No conversation found with session ID: {resume}", file=sys.stderr)
+        sys.exit(1)
+    history = path.read_text().splitlines()
+    sid = str(uuid.uuid4()) if os.environ.get("FAKE_CLAUDE_FORK") == "1" else resume
+    usage["cache_read_input_tokens"] = 100
+else:
+    sid = str(uuid.uuid4())
+    usage["cache_creation_input_tokens"] = 7
+history.append(last)
+(state / "sessions" / sid).write_text("\n".join(history) + "\n")
+text = f"turn {len(history)}: echo: {last}"
+if last == "!array":
+    usage["output_tokens"] = len(text.split())
+    print(json.dumps([{"type": "system", "subtype": "init", "session_id": sid},
+                      {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}},
+                      {"type": "result", "subtype": "success", "is_error": False, "result": text, "session_id": sid,
+                       "total_cost_usd": 0.0123, "usage": usage}]))
+    sys.exit(0)
+result(text=text, sid=sid)
+'''
+
+
+def install(folder: Path, name: str = "claude") -> Path:
+    """Write the fake CLI into ``folder`` as an executable ``name``; return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!{sys.executable}\n{SCRIPT}")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def calls(state: Path) -> list[dict]:
+    """The calls the fake CLI logged, oldest first."""
+    import json
+
+    log = state / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
