@@ -151,12 +151,11 @@ class Plugin:
         await self.store.drain()
         stopped = Cancelled("the host stopped before this request finished; it stays stored and runs when a host "
                             "serves this database again")
-        for e in self.entries.values():
-            if e.error is None:
-                for t in e.tickets or ():
-                    t.set_exception(stopped)
-        for t in self._unserved_tickets:
-            t.set_exception(stopped)
+        waiting = [t for e in self.entries.values() if e.error is None for t in e.tickets or ()]
+        for t in waiting + self._unserved_tickets:
+            if not t.is_done():
+                t.set_exception(stopped)
+                t.future.exception()  # an expected end, not an error to log if nobody awaits this ticket
         await self._release()
         await host.db.flush()
         if problems:

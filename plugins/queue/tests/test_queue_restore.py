@@ -1,0 +1,103 @@
+"""Restart on the same database: unfinished requests are restored in order; programming errors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ksi_queue import Plugin
+from queue_helpers import GatedProvider, req, rows, settle, status_of
+
+from ksi_host.errors import Cancelled
+from ksi_host.testing import ScriptedProviders
+
+
+async def test_unfinished_requests_run_again_after_a_restart_in_their_order(make_host: Any, ksi_db_path: Any) -> None:
+    gate = GatedProvider()
+    order = [("r0", "A"), ("r1", "B"), ("r2", "A"), ("r3", None), ("r4", "B"), ("r5", "A")]
+    async with make_host(Plugin(), ScriptedProviders(gate), config={"queue": {"concurrency": 1}}) as host:
+        tickets = [await host.submit(req(rid, sid, temperature=0.25, metadata={"k": 1})) for rid, sid in order]
+        gate.release("r0")
+        assert (await tickets[0].result()).ok
+        await gate.wait_calls(2)  # r1 is running when the host stops
+    with pytest.raises(Cancelled, match="host stopped"):
+        await tickets[1].result()
+    assert [status_of(ksi_db_path, rid) for rid, _ in order] == ["ok", "running", "queued", "queued", "queued", "queued"]
+
+    again = GatedProvider(open=True)
+    async with make_host(Plugin(), ScriptedProviders(again), config={"queue": {"concurrency": 1}}) as host:
+        q = (await host.status())["queue"]
+        assert q["queued"] + q["running"] == 5
+        results = await asyncio.gather(*(host.complete(req(rid, sid)) for rid, sid in order))
+    assert again.calls == ["r1", "r2", "r3", "r4", "r5"]  # r0's stored result was not sent again
+    assert [r.status for r in results] == ["ok"] * 6
+    assert rows(ksi_db_path, "SELECT COUNT(*) FROM ksi_queue_requests") == [(6,)]
+
+
+async def test_restored_requests_keep_their_fields_and_priority(make_host: Any) -> None:
+    seen: list[Any] = []
+    async with make_host(Plugin(), serve=False) as host:
+        await host.submit(req("low", priority="low", agent_id="a1", purpose="p", max_tokens=9, temperature=0.5,
+                              timeout_s=30.0, metadata={"x": "y", "n": 2}))
+        await host.submit(req("critical", priority="critical"))
+        await host.submit(req("plain"))
+    gate = GatedProvider(open=True, on_call=seen.append)
+    async with make_host(Plugin(), ScriptedProviders(gate), config={"queue": {"concurrency": 1}}) as host:
+        await asyncio.gather(*(host.complete(req(rid)) for rid in ("low", "critical", "plain")))
+    # restored at once with one free slot: the first runs, then priority decides
+    assert gate.calls == ["low", "critical", "plain"] or gate.calls == ["critical", "plain", "low"]
+    low = next(r for r in seen if r.request_id == "low")
+    assert low == req("low", priority="low", agent_id="a1", purpose="p", max_tokens=9, temperature=0.5,
+                      timeout_s=30.0, metadata={"x": "y", "n": 2})
+
+
+async def test_a_programming_error_reaches_the_waiter_and_leaves_the_request_stored(make_host: Any,
+                                                                                    ksi_db_path: Any) -> None:
+    gate = GatedProvider(open=True)
+    gate.fail["bug"] = ZeroDivisionError("a bug in a provider")
+    async with make_host(Plugin(), ScriptedProviders(gate)) as host:
+        bug = await host.submit(req("bug", "A"))
+        nxt = await host.submit(req("next", "A"))
+        with pytest.raises(ZeroDivisionError, match="a bug in a provider"):
+            await bug.result()
+        assert (await nxt.result()).ok  # the session moves on; the broken request is not lost
+        with pytest.raises(ZeroDivisionError):  # submitting it again in this process: the same error
+            await (await host.submit(req("bug", "A"))).result()
+    assert status_of(ksi_db_path, "bug") in ("queued", "running")
+    fixed = GatedProvider(open=True)
+    async with make_host(Plugin(), ScriptedProviders(fixed)) as host:
+        assert (await host.complete(req("bug", "A"))).ok
+    assert fixed.calls == ["bug"]
+
+
+async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(make_host: Any) -> None:
+    async with make_host(Plugin(), serve=False) as host:
+        await host.submit(req("orphan"))
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    gate = GatedProvider(open=True)
+    gate.fail["orphan"] = KeyError("boom")
+    try:
+        async with make_host(Plugin(), ScriptedProviders(gate)):
+            await gate.wait_calls(1)
+            await settle()
+    finally:
+        loop.set_exception_handler(None)
+    assert len(reported) == 1 and isinstance(reported[0]["exception"], KeyError)
+    assert "orphan" in reported[0]["message"]
+
+
+async def test_a_restored_request_can_be_cancelled_before_it_runs(make_host: Any, ksi_db_path: Any) -> None:
+    async with make_host(Plugin(), serve=False) as host:
+        await host.submit(req("first", "A"))
+        await host.submit(req("second", "A"))
+    gate = GatedProvider()
+    async with make_host(Plugin(), ScriptedProviders(gate)) as host:
+        await gate.wait_calls(1)
+        assert await host.cancel("second") is True
+        gate.release_all()
+        assert (await host.complete(req("first", "A"))).ok
+        assert (await host.complete(req("second", "A"))).status == "cancelled"
+    assert gate.calls == ["first"]
