@@ -13,6 +13,10 @@
     [litellm.circuit]
     failures_to_open = 5
     cooldown_s = 30
+
+    [litellm]
+    priority = 100                    # lower is tried first when another provider plugin serves the model too
+    mock = true                       # serve mock/<anything> offline
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import attrs
 
 from ksi_host.circuit import CircuitConfig
-from ksi_host.deployments import Deployment, check_unique_names
+from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
 
 MOCK_NAME = "mock"
 """The name of the built-in deployment that serves ``mock/<anything>``."""
@@ -62,6 +66,11 @@ def _deployments(inst: Any, a: attrs.Attribute, value: Any) -> None:
         raise
 
 
+def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"priority must be an integer (lower is tried first), got {value!r}")
+
+
 @attrs.define(frozen=True)
 class LitellmConfig:
     """The ``[litellm]`` table.
@@ -69,8 +78,11 @@ class LitellmConfig:
     ``deployments``: tried in the order written. ``circuit``: when a
     deployment's circuit opens. ``mock``: serve ``mock/<anything>`` with the
     built-in offline deployment ``mock`` (litellm's ``mock_response``).
+    ``priority``: this plugin's rank among provider plugins serving the same
+    model (lower first; plugins stating none rank at 100; ties by plugin name).
     """
 
+    priority: int = attrs.field(default=DEFAULT_PRIORITY, validator=_priority)
     mock: bool = True
     circuit: CircuitConfig = attrs.field(factory=CircuitConfig)
     deployments: list[LitellmDeployment] = attrs.field(factory=list, validator=_deployments)

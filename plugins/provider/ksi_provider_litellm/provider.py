@@ -25,7 +25,7 @@ from ksi_host.errormap import (
     malformed_response,
     timeout_error,
 )
-from ksi_host.errors import AuthFailed, BadRequest, OperationalError, ProviderError
+from ksi_host.errors import AuthFailed, OperationalError, ProviderError
 from ksi_host.models import CompletionRequest, ProviderResponse, Usage
 
 from .config import LitellmDeployment
@@ -200,12 +200,8 @@ class LitellmProvider:
     def _failed(self, generation: int, err: OperationalError) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("deployment %s failed: %s: %s", self.name, err.type, err.message)
-        if isinstance(err, BadRequest):  # the request's fault, not the deployment's
-            self.breaker.record_neutral(generation)
-            return
-        opens = self.breaker.opens
-        self.breaker.record_failure(generation, f"{err.type}: {err.message}")
-        if self.breaker.opens != opens:
+        # the shared rule: BadRequest (the request's fault) is neutral, anything else a failure
+        if self.breaker.record_error(generation, err):
             log.warning("circuit of deployment %s opened after %d consecutive failure(s) (last: %s); cool-down %gs",
                         self.name, self.breaker.failures, err.type, self.breaker.cooldown_s)
 

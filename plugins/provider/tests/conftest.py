@@ -34,12 +34,14 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def lit_host(make_host: Callable[..., Host], openai_server: Any, api_key: str) -> Callable[..., Host]:
-    """``lit_host(*extra_plugins, deployments=[...], circuit={...}, **host_kw)``: a Host with the
-    litellm plugin and DirectQueue; deployments default to one ``main`` on the test server."""
+    """``lit_host(*extra_plugins, deployments=[...], circuit={...}, settings={...}, **host_kw)``: a Host
+    with the litellm plugin and DirectQueue; deployments default to one ``main`` on the test server;
+    ``settings`` are more keys of the ``[litellm]`` table."""
 
     def factory(*extra: Any, deployments: list[dict[str, Any]] | None = None, circuit: dict[str, Any] | None = None,
-                config: dict[str, Any] | None = None, **kw: Any) -> Host:
-        table: dict[str, Any] = {"deployments": deployments if deployments is not None else [deployment(openai_server)]}
+                settings: dict[str, Any] | None = None, config: dict[str, Any] | None = None, **kw: Any) -> Host:
+        table: dict[str, Any] = {"deployments": deployments if deployments is not None else [deployment(openai_server)],
+                                 **(settings or {})}
         if circuit is not None:
             table["circuit"] = circuit
         return make_host(Plugin(), DirectQueue(), *extra, config={"litellm": table, **(config or {})}, **kw)

@@ -175,9 +175,12 @@ async def test_hooks_work_when_called_before_startup(openai_server: Any) -> None
         config = {"litellm": LitellmConfig(deployments=[LitellmDeployment(**deployment(openai_server))])}
         clock = FakeClock()
 
+        async def providers(self, model: str | None) -> list[ProviderInfo]:
+            return []
+
     plugin = Plugin()
     assert [i.name for i in plugin.ksi_list_providers(FakeHost(), None)] == ["main", "mock"]
-    assert plugin.ksi_select_provider(FakeHost(), request(), frozenset()).name == "main"
+    assert (await plugin.ksi_select_provider(FakeHost(), request(), frozenset())).name == "main"
 
 
 async def test_circuits_survive_a_restart_and_show_in_a_read_only_status(lit_host: Any, openai_server: Any) -> None:
@@ -194,3 +197,38 @@ async def test_circuits_survive_a_restart_and_show_in_a_read_only_status(lit_hos
     assert "ProviderUnavailable" in circuits["a"]["last_error"]
     assert [(i.name, i.state) for i in infos] == [("a", "open"), ("b", "closed")]
     assert openai_server.hits == 1
+
+
+@pytest.mark.parametrize(("priority", "winner"), [(50, "main"), (200, "other")])
+async def test_priority_between_provider_plugins(lit_host: Any, openai_server: Any, priority: int, winner: str) -> None:
+    from ksi_host.testing import FakeProvider, ScriptedProviders
+
+    other = ScriptedProviders(FakeProvider("other", model="gpt-test"))  # reports no priority: ranks at 100
+    async with lit_host(other, FailOver(), settings={"priority": priority}) as host:
+        result = await host.complete(request())
+        infos = await host.providers("gpt-test")
+    assert result.ok and result.provider == winner
+    assert [i.detail.get("priority") for i in infos if i.plugin == "litellm"] == [priority]
+
+
+async def test_outranked_plugin_still_serves_when_the_better_one_is_excluded(lit_host: Any, openai_server: Any) -> None:
+    from ksi_host import RateLimited
+    from ksi_host.testing import FakeProvider, ScriptedProviders
+
+    other = ScriptedProviders(FakeProvider("other", model="gpt-test", script=[RateLimited("busy")]))
+    policy = FailOver()
+    async with lit_host(other, policy, settings={"priority": 200}) as host:
+        result = await host.complete(request())
+    assert result.ok, result.error
+    assert [(a.provider, a.error_type) for a in result.attempts] == [("other", "RateLimited"), ("main", None)]
+
+
+async def test_priority_key_is_validated(make_host: Any) -> None:
+    from ksi_host import ConfigError
+    from ksi_host.testing import DirectQueue
+
+    with pytest.raises(ConfigError, match="priority"):
+        async with make_host(Plugin(), DirectQueue(), config={"litellm": {"priority": "high"}}):
+            pass
+    async with make_host(Plugin(), DirectQueue(), config={"litellm": {"priority": 7}}) as host:
+        assert host.config["litellm"].priority == 7
