@@ -1,10 +1,12 @@
 """The queue's tables and the SQL that touches them.
 
-``ksi_queue_requests`` holds one row per accepted request: the request in
-real columns (its messages and metadata as JSON text in columns of their own),
-its queue status and, once final, its result in real columns. ``seq`` is the
-submission order (restore order). ``ksi_queue_attempts`` holds the attempts
-of final results, one row each. ``ksi_queue_owner`` names the process that
+``ksi_queue_requests`` holds one row per accepted request: the request's
+fields in real columns, its queue status and, once final, its result in real
+columns. ``seq`` is the submission order (restore order). The messages and
+metadata (JSON text, each in a column of its own) live in
+``ksi_queue_payloads``, written once and never rewritten when the status
+changes. ``ksi_queue_attempts`` holds the attempts of final results, one row
+each. ``ksi_queue_owner`` names the process that
 serves the queue; ``ksi_queue_commands`` carries cancel / clear-session
 requests from other processes (``ksi-host cancel``) to that process.
 """
@@ -29,8 +31,6 @@ MIGRATIONS = [
         max_tokens INTEGER,
         temperature REAL,
         timeout_s REAL,
-        messages_json TEXT NOT NULL,
-        metadata_json TEXT NOT NULL,
         status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'ok', 'error', 'cancelled')),
         created_at REAL NOT NULL,
         started_at REAL,
@@ -47,6 +47,11 @@ MIGRATIONS = [
         error_message TEXT
     );
     CREATE INDEX ksi_queue_requests_unfinished ON ksi_queue_requests(seq) WHERE status IN ('queued', 'running');
+    CREATE TABLE ksi_queue_payloads (
+        seq INTEGER PRIMARY KEY REFERENCES ksi_queue_requests(seq),
+        messages_json TEXT NOT NULL,
+        metadata_json TEXT NOT NULL
+    );
     CREATE TABLE ksi_queue_attempts (
         request_id TEXT NOT NULL REFERENCES ksi_queue_requests(request_id),
         number INTEGER NOT NULL,
@@ -75,8 +80,8 @@ MIGRATIONS = [
 ]
 
 REQUEST_COLUMNS = (
-    "seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority,"
-    " max_tokens, temperature, timeout_s, messages_json, metadata_json"
+    "r.seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,"
+    " r.max_tokens, r.temperature, r.timeout_s"
 )
 RESULT_COLUMNS = (
     "status, started_at, finished_at, result_text, result_model, result_provider, result_session_id,"
@@ -85,8 +90,13 @@ RESULT_COLUMNS = (
 
 INSERT_REQUEST = (
     "INSERT INTO ksi_queue_requests (seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority,"
-    " max_tokens, temperature, timeout_s, messages_json, metadata_json, status, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+    " max_tokens, temperature, timeout_s, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+)
+INSERT_PAYLOAD = "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json) VALUES (?, ?, ?)"
+# For rows numbered by SQLite (a process that does not serve): the payload finds its row by request id.
+INSERT_PAYLOAD_BY_ID = (
+    "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"
+    " VALUES ((SELECT seq FROM ksi_queue_requests WHERE request_id = ?), ?, ?)"
 )
 MARK_RUNNING = "UPDATE ksi_queue_requests SET status = 'running', started_at = ? WHERE seq = ? AND status = 'queued'"
 STORE_RESULT = (
@@ -120,10 +130,19 @@ SELECT_SESSION_QUEUED = (
 )
 
 
-def select_requests_by(column: str, n: int) -> str:
-    """The request columns, the status and the result columns of rows whose ``column`` is one of ``n`` values."""
+def select_results(n: int) -> str:
+    """Status and result columns of the rows whose request id is one of ``n`` values."""
     marks = ", ".join("?" * n)
-    return f"SELECT {REQUEST_COLUMNS}, {RESULT_COLUMNS} FROM ksi_queue_requests WHERE {column} IN ({marks})"
+    return f"SELECT seq, request_id, {RESULT_COLUMNS} FROM ksi_queue_requests WHERE request_id IN ({marks})"
+
+
+def select_requests(n: int) -> str:
+    """The requests (fields and payload) of the rows whose seq is one of ``n`` values."""
+    marks = ", ".join("?" * n)
+    return (
+        f"SELECT {REQUEST_COLUMNS}, p.messages_json, p.metadata_json FROM ksi_queue_requests r"
+        f" JOIN ksi_queue_payloads p ON p.seq = r.seq WHERE r.seq IN ({marks})"
+    )
 
 
 def select_attempts(n: int) -> str:

@@ -56,11 +56,14 @@ def _json(value: Any, field: str) -> str:
         raise ValidationError(field, f"must be JSON-serialisable to be queued ({e})") from None
 
 
-def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> tuple[Any, ...]:
-    return (
-        seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,
-        r.max_tokens, r.temperature, r.timeout_s, _json(r.messages, "messages"), _json(r.metadata, "metadata"), created_at,
-    )
+def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The ``ksi_queue_requests`` row and the ``ksi_queue_payloads`` row of ``r``.
+
+    With ``seq`` None SQLite numbers the row and the payload finds it by request id."""
+    row = (seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,
+           r.max_tokens, r.temperature, r.timeout_s, created_at)
+    payload = (r.request_id if seq is None else seq, _json(r.messages, "messages"), _json(r.metadata, "metadata"))
+    return row, payload
 
 
 def request_from_row(row: Any) -> CompletionRequest:
@@ -133,7 +136,7 @@ class QueueStore:
         self.db = db
         self.on_saved = on_saved
         self.on_save_failed = on_save_failed
-        self._asked: dict[str, tuple[asyncio.Future[Stored | None], tuple[Any, ...] | None]] = {}
+        self._asked: dict[str, tuple[asyncio.Future[Stored | None], Any]] = {}
         self._ask_task: asyncio.Task[None] | None = None
         self._loads: dict[int, asyncio.Future[CompletionRequest]] = {}
         self._load_task: asyncio.Task[None] | None = None
@@ -163,7 +166,7 @@ class QueueStore:
         """The stored row of ``request_id`` (with its result if final), or None."""
         return self._ask(request_id, None)
 
-    def accept(self, request_id: str, params: tuple[Any, ...]) -> asyncio.Future[Stored | None]:
+    def accept(self, request_id: str, params: tuple[tuple[Any, ...], tuple[Any, ...]]) -> asyncio.Future[Stored | None]:
         """Store a request (``request_params``) unless its id is already stored.
 
         The future gives None once the new row is committed, or the row found
@@ -172,7 +175,7 @@ class QueueStore:
         ``executemany`` (one group commit)."""
         return self._ask(request_id, params)
 
-    def _ask(self, request_id: str, params: tuple[Any, ...] | None) -> asyncio.Future[Stored | None]:
+    def _ask(self, request_id: str, params: Any) -> asyncio.Future[Stored | None]:
         asked = self._asked.get(request_id)
         if asked is not None:  # asked twice in one turn: one answer (storing it if either asked to)
             if params is not None and asked[1] is None:
@@ -191,8 +194,11 @@ class QueueStore:
                 try:
                     found = await self._fetch_stored(list(batch))
                     new = [params for rid, (_, params) in batch.items() if params is not None and rid not in found]
-                    if new:
-                        await self.db.executemany(schema.INSERT_REQUEST, new)
+                    if new:  # rows first, then their payloads: two executemany runs in one transaction
+                        statements = [(schema.INSERT_REQUEST, row) for row, _ in new]
+                        statements += [(schema.INSERT_PAYLOAD if row[0] is not None else schema.INSERT_PAYLOAD_BY_ID, payload)
+                                       for row, payload in new]
+                        await self.db.write_batch(statements)
                 except BaseException as exc:  # handed to every waiter, never dropped
                     for fut, _ in batch.values():
                         if not fut.done():
@@ -211,7 +217,7 @@ class QueueStore:
         final_rows = []
         for i in range(0, len(ids), CHUNK):
             chunk = ids[i:i + CHUNK]
-            for row in await self.db.fetchall(schema.select_requests_by("request_id", len(chunk)), chunk):
+            for row in await self.db.fetchall(schema.select_results(len(chunk)), chunk):
                 if row["status"] in schema.FINAL:
                     final_rows.append(row)
                 else:
@@ -246,7 +252,7 @@ class QueueStore:
                     rows = {}
                     for i in range(0, len(seqs), CHUNK):
                         chunk = seqs[i:i + CHUNK]
-                        for row in await self.db.fetchall(schema.select_requests_by("seq", len(chunk)), chunk):
+                        for row in await self.db.fetchall(schema.select_requests(len(chunk)), chunk):
                             rows[row["seq"]] = row
                 except BaseException as exc:  # handed to every waiter, never dropped
                     for fut in batch.values():

@@ -22,10 +22,11 @@ async def test_submit_runs_the_request_and_stores_its_result_in_columns(make_hos
         result = await ticket.result()
     assert result.ok and result.text == "ok" and result.provider == "p1" and result.session_id == "s1"
     stored = rows(ksi_db_path, "SELECT status, result_text, result_provider, result_session_id, prompt_tokens, completion_tokens,"
-                  " total_tokens, cost_usd, error_type, agent_id, purpose, max_tokens, temperature, messages_json, finished_at"
-                  " FROM ksi_queue_requests WHERE request_id = 'r1'")
-    assert stored == [("ok", "ok", "p1", "s1", 10, 5, 15, None, None, "a1", "test", 7, 0.5,
-                       '[{"role":"user","content":"hi"}]', result.finished_at)]
+                  " total_tokens, cost_usd, error_type, agent_id, purpose, max_tokens, temperature, finished_at,"
+                  " messages_json, metadata_json FROM ksi_queue_requests JOIN ksi_queue_payloads USING (seq)"
+                  " WHERE request_id = 'r1'")
+    assert stored == [("ok", "ok", "p1", "s1", 10, 5, 15, None, None, "a1", "test", 7, 0.5, result.finished_at,
+                       '[{"role":"user","content":"hi"}]', "{}")]
     assert rows(ksi_db_path, "SELECT request_id, number, provider, error_type FROM ksi_queue_attempts") == [("r1", 1, "p1", None)]
 
 
