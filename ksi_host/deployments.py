@@ -203,6 +203,31 @@ class DeploymentPool(Generic[M]):
             circuit_open=True,
         )
 
+    async def select_ranked(self, host: Any, model: str, exclude: Container[str] = (), *, plugin: str, priority: int,
+                            others: bool = True) -> M | None:
+        """:meth:`select`, taking part in the config-driven order between provider plugins.
+
+        For a ``tryfirst`` ``ksi_select_provider``: None (the host asks the
+        next plugin) when no deployment of this pool serves ``model`` outside
+        ``exclude``, or when :func:`outranking` finds a better-ranked plugin's
+        usable deployment, or when this pool's are all behind open circuits
+        while another plugin has a usable one. Otherwise :meth:`select`'s
+        answer (or its fast ProviderUnavailable). ``others=False`` (no other
+        plugin lists providers) skips the look-up through ``host.providers``.
+        """
+        serving = self.serving(model)
+        if not serving or all(m.deployment.name in exclude for m in serving):
+            return None
+        infos = await host.providers(model) if others else ()
+        if outranking(infos, plugin=plugin, priority=priority, exclude=exclude) is not None:
+            return None
+        try:
+            return self.select(model, exclude)
+        except ProviderUnavailable:
+            if any(i.plugin != plugin and i.available and i.name not in exclude for i in infos):
+                return None  # ours are all open: another plugin can serve now
+            raise
+
     def infos(self, model: str | None, plugin: str) -> list[ProviderInfo]:
         """ProviderInfo for the deployments serving ``model`` (all if None), in try order."""
         members = self.members if model is None else self.serving(model)
