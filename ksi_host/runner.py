@@ -85,6 +85,12 @@ class BatchRunner:
             served = self._served[model] = bool(await self.host.providers(model))
         return served
 
+    async def _tick(self) -> None:
+        """Keep the bar moving (rate, ETA) while nothing finishes."""
+        while True:
+            await asyncio.sleep(self.progress.interval)
+            self.progress.update()
+
     async def _one(self, lineno: int, request: CompletionRequest) -> None:
         try:
             ticket = await self.host.submit(request)
@@ -105,6 +111,7 @@ class BatchRunner:
             if not task.cancelled() and task.exception() is not None:
                 crashed.append(task.exception())
 
+        ticker = asyncio.ensure_future(self._tick()) if self.progress.enabled else None
         try:
             for lineno, item in parsed:
                 if crashed:
@@ -128,5 +135,7 @@ class BatchRunner:
         finally:
             for task in list(pending):
                 task.cancel()
+            if ticker is not None:
+                ticker.cancel()
             self.progress.close()
         return self.stats
