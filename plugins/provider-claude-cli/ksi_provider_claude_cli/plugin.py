@@ -1,18 +1,22 @@
 """The ``claude_cli`` plugin: the ``claude`` command line as a provider, with session continuity.
 
 Hooks: ``ksi_config_spec`` (the ``[claude_cli]`` table), ``ksi_startup``
-(creates the ``claude_cli_sessions`` table; one
+(creates the ``claude_cli_sessions`` table, restores the circuits kept in
+``claude_cli_circuits``; one
 :class:`~ksi_provider_claude_cli.provider.ClaudeCliProvider` and circuit per
-deployment), ``ksi_select_provider``, ``ksi_list_providers`` and
+deployment), ``ksi_shutdown`` (writes pending circuit changes),
+``ksi_select_provider``, ``ksi_list_providers`` and
 ``ksi_status`` (``{"claude_cli": {"executable": ..., "found": ..., "circuits": [...]}}``).
 
 Selection follows the rules every provider plugin shares
 (:class:`ksi_host.deployments.DeploymentPool`): deployments serving the model in
 the order written, then the built-in ``claude-cli`` (``claude-cli/*``);
 excluded and open-circuit ones skipped. Between provider plugins
-(:func:`ksi_host.deployments.outranking`): the hook is ``tryfirst`` and answers
-None while a better-ranked plugin (lower ``priority``, then name) has an
-available deployment for the model that is not excluded.
+(:meth:`ksi_host.deployments.DeploymentPool.select_ranked`): the hook is
+``tryfirst`` and answers None while a better-ranked plugin (lower
+``priority``, then name) has an available deployment for the model that is
+not excluded, or while its own are all behind open circuits and another
+plugin's is usable.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 from ksi_host import hookimpl
 from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployments import DeploymentPool, outranking
+from ksi_host.deployments import DeploymentPool
 from ksi_host.models import CompletionRequest, ProviderInfo
 
 from .config import ClaudeCliConfig, builtin_deployment
@@ -30,6 +34,8 @@ from .provider import ClaudeCliProvider
 from .sessions import SessionStore
 
 TABLE = "claude_cli"
+CIRCUITS_TABLE = "claude_cli_circuits"
+"""Where the circuits are kept in the host database (``ksi-host status`` in another process sees them; a restart keeps them)."""
 
 
 class Pool(DeploymentPool[ClaudeCliProvider]):
@@ -71,9 +77,15 @@ class Plugin:
         self.sessions = SessionStore(host.db)
         await self.sessions.migrate()
         self.pool = build_pool(host.config[TABLE], self.sessions, clock=host.clock)
+        await self.pool.attach(host.db, CIRCUITS_TABLE)
         hooks = getattr(host, "hooks", None)
         if hooks is not None:  # with no other provider plugin, selection skips the cross-plugin look-up
             self._others = any(getattr(fn, "__self__", None) is not self for _, fn, _ in hooks.impls("ksi_list_providers"))
+
+    @hookimpl
+    async def ksi_shutdown(self) -> None:
+        if self.pool is not None:
+            await self.pool.detach()
 
     def _pool(self, host: Any) -> Pool:
         if self.pool is None:  # hooks called before start-up (read-only use): no session store
@@ -84,13 +96,8 @@ class Plugin:
     async def ksi_select_provider(self, host: Any, request: CompletionRequest,
                                   exclude: frozenset[str]) -> ClaudeCliProvider | None:
         pool = self.pool or self._pool(host)
-        model = request.model
-        serving = pool.serving(model)
-        if not serving or all(m.name in exclude for m in serving):
-            return None
-        if self._others and outranking(await host.providers(model), plugin=TABLE, priority=pool.priority, exclude=exclude):
-            return None  # a better-ranked provider plugin serves this model: let the host ask it
-        return pool.select(model, exclude)
+        return await pool.select_ranked(host, request.model, exclude, plugin=TABLE, priority=pool.priority,
+                                        others=self._others)
 
     @hookimpl
     def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:

@@ -190,3 +190,14 @@ def test_secrets_never_reach_messages() -> None:
     e = cli.exit_error("dep", 1, "echo TOPSECRETVALUE", "", secrets=("TOPSECRETVALUE",))
     assert "TOPSECRETVALUE" not in e.message
     assert "signal 9" in cli.exit_error("dep", -9, "", "").message
+
+
+async def test_circuits_are_kept_in_the_database(cc_host: Any, fake_cli: Any, ksi_db_path: Any) -> None:
+    import sqlite3
+
+    async with cc_host(table={"circuit": {"failures_to_open": 1, "cooldown_s": 600}}) as host:
+        assert (await host.complete({**REQ, "prompt": "!crash"})).error["type"] == "ProviderUnavailable"
+    rows = sqlite3.connect(ksi_db_path).execute("SELECT name, state FROM claude_cli_circuits").fetchall()
+    assert rows == [("claude-cli", "open")]
+    async with cc_host(table={"circuit": {"failures_to_open": 1, "cooldown_s": 600}}) as host:
+        assert [p.state for p in await host.providers(MODEL)] == ["open"]

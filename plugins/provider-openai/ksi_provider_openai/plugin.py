@@ -13,10 +13,15 @@ a call wins; None when none serves the model or all that do are excluded;
 a fast, retryable ProviderUnavailable when the only ones left have open
 circuits.
 
-Between provider plugins (:func:`ksi_host.deployments.outranking`): the hook is
-``tryfirst``; when another provider plugin with a better rank (lower
-``priority``, then plugin name) has an available deployment for the model
-that is not excluded, this plugin answers None and the host asks the next.
+Between provider plugins (:meth:`ksi_host.deployments.DeploymentPool.select_ranked`):
+the hook is ``tryfirst``; when another provider plugin with a better rank
+(lower ``priority``, then plugin name) has an available deployment for the
+model that is not excluded, or when this plugin's deployments are all behind
+open circuits and another plugin's is usable, this plugin answers None and the
+host asks the next.
+
+Circuits are kept in the host database (table ``openai_circuits``), as every
+provider plugin does (:meth:`ksi_host.deployments.DeploymentPool.attach`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from ksi_host import hookimpl
 from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployments import DeploymentPool, outranking
+from ksi_host.deployments import DeploymentPool
 from ksi_host.models import CompletionRequest, ProviderInfo
 
 from .client import HttpClient
@@ -33,6 +38,8 @@ from .config import OpenAIConfig
 from .provider import OpenAIProvider
 
 TABLE = "openai"
+CIRCUITS_TABLE = "openai_circuits"
+"""Where the circuits are kept in the host database (``ksi-host status`` in another process sees them; a restart keeps them)."""
 
 
 class Pool(DeploymentPool[OpenAIProvider]):
@@ -66,14 +73,16 @@ class Plugin:
         return TABLE, OpenAIConfig
 
     @hookimpl
-    def ksi_startup(self, host: Any) -> None:
-        self._pool(host)
+    async def ksi_startup(self, host: Any) -> None:
+        await self._pool(host).attach(host.db, CIRCUITS_TABLE)
         hooks = getattr(host, "hooks", None)
         if hooks is not None:  # with no other provider plugin, selection skips the cross-plugin look-up
             self._others = any(getattr(fn, "__self__", None) is not self for _, fn, _ in hooks.impls("ksi_list_providers"))
 
     @hookimpl
     async def ksi_shutdown(self) -> None:
+        if self.pool is not None:
+            await self.pool.detach()
         if self.client is not None:
             await self.client.close()
 
@@ -87,13 +96,8 @@ class Plugin:
     @hookimpl(tryfirst=True)
     async def ksi_select_provider(self, host: Any, request: CompletionRequest, exclude: frozenset[str]) -> OpenAIProvider | None:
         pool = self.pool or self._pool(host)
-        model = request.model
-        serving = pool.serving(model)
-        if not serving or all(m.name in exclude for m in serving):
-            return None
-        if self._others and outranking(await host.providers(model), plugin=TABLE, priority=pool.priority, exclude=exclude):
-            return None  # a better-ranked provider plugin serves this model: let the host ask it
-        return pool.select(model, exclude)
+        return await pool.select_ranked(host, request.model, exclude, plugin=TABLE, priority=pool.priority,
+                                        others=self._others)
 
     @hookimpl
     def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:

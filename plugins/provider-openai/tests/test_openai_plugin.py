@@ -190,3 +190,26 @@ async def test_a_priority_in_the_other_plugins_info_is_honoured(oa_host: Any, op
         assert (await host.complete(REQ)).provider == "zz-1"
     async with oa_host(Ranked(FakeProvider("zz-1", "gpt-*")), table={"priority": 5}) as host:
         assert (await host.complete(REQ)).provider == "main"  # tie at 5: "openai" < "zz"
+
+
+async def test_preferred_plugin_with_open_circuits_yields_to_the_other(oa_host: Any, openai_server: Any) -> None:
+    other, fake = other_plugin()
+    async with oa_host(other, table={"priority": 1, "circuit": {"failures_to_open": 1, "cooldown_s": 60}},
+                       clock=FakeClock()) as host:
+        openai_server.script("503")
+        assert (await host.complete(REQ)).error["type"] == "ProviderUnavailable"  # no failover policy: final
+        r = await host.complete(REQ)  # "main" is open: the other plugin serves at once, no failed attempt
+        assert r.ok and [a.provider for a in r.attempts] == ["fake-1"]
+        assert openai_server.hits == 1
+
+
+async def test_circuits_survive_a_restart(oa_host: Any, openai_server: Any, ksi_db_path: Any) -> None:
+    table = {"circuit": {"failures_to_open": 1, "cooldown_s": 600}}
+    async with oa_host(table=table) as host:
+        openai_server.script("500")
+        assert (await host.complete(REQ)).error["type"] == "ProviderUnavailable"
+    async with oa_host(table=table) as host:  # same database, a new host
+        (info,) = await host.providers("gpt-test")
+        assert info.state == "open" and "500" in info.detail["last_error"]
+        r = await host.complete(REQ)
+        assert "open circuit" in r.error["message"] and openai_server.hits == 1
