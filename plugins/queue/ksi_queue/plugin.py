@@ -38,8 +38,9 @@ class ServedElsewhere(OperationalError):
     """Another process serves this queue; the operation must go through it."""
 
 
-def _db_key(path: str) -> str:
-    return path if path == ":memory:" else os.path.realpath(path)
+def _db_key(path: str) -> str | None:
+    """What identifies a database file across Hosts of this process (None: a private in-memory database)."""
+    return None if path == ":memory:" or path.startswith("file::memory:") else os.path.realpath(path)
 
 
 class Plugin:
@@ -91,7 +92,7 @@ class Plugin:
         """Become the one process serving this database."""
         db = self.host.db
         key = _db_key(db.path)
-        if key in _SERVING:
+        if key is not None and key in _SERVING:
             raise StartupError(f"ksi-queue: another Host of this process already serves the queue in {db.path}")
         pid = os.getpid()
         row = await db.fetchone(schema.SELECT_OWNER)
@@ -106,7 +107,8 @@ class Plugin:
         await db.execute(schema.PURGE_COMMANDS, (started - 86400,))
         self._owner = (pid, started)
         self._key = key
-        _SERVING[key] = self
+        if key is not None:
+            _SERVING[key] = self
 
     async def _release(self) -> None:
         """Stop being the serving process of this database."""
@@ -244,9 +246,10 @@ class Plugin:
         now = time.time()
         mark = self.store.mark_running
         run = self._run
+        spawn = asyncio.get_running_loop().create_task
         for e in started:
             mark(e.seq, now)
-            e.task = asyncio.ensure_future(run(e))
+            e.task = spawn(run(e))
 
     async def _run(self, e: Entry) -> None:
         try:
@@ -254,10 +257,17 @@ class Plugin:
             if request is None:  # restored: its messages are still in the database
                 request = e.request = await self.store.load(e.seq)
             result = await self.host.execute(request)
-        except asyncio.CancelledError:
-            if e.state == RUNNING:
+        except asyncio.CancelledError as exc:
+            if e.state != RUNNING:
+                return  # ksi_cancel stored the cancelled result
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
                 raise  # shutdown: the request stays stored unfinished
-            return  # ksi_cancel stored the cancelled result
+            # raised by a plugin or provider although nobody cancelled this run: a programming error
+            error = RuntimeError(f"request {e.request_id}: host.execute raised CancelledError without being cancelled")
+            error.__cause__ = exc
+            self._crashed(e, error)
+            return
         except OperationalError as err:  # host.execute turns these into results; keep that promise for it
             result = CompletionResult.failed(e.request_id, err, model=e.model, session_id=e.session_id)
         except Exception as exc:
@@ -415,7 +425,8 @@ class Plugin:
         if row is None:
             return None
         if row["pid"] == os.getpid():
-            other = _SERVING.get(_db_key(self.host.db.path))
+            key = _db_key(self.host.db.path)
+            other = _SERVING.get(key) if key is not None else None
             return row if other is not None and other is not self else None
         return row if alive(row["pid"], row["process_start"]) else None
 

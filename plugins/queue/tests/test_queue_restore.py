@@ -101,3 +101,23 @@ async def test_a_restored_request_can_be_cancelled_before_it_runs(make_host: Any
         assert (await host.complete(req("first", "A"))).ok
         assert (await host.complete(req("second", "A"))).status == "cancelled"
     assert gate.calls == ["first"]
+
+
+async def test_a_cancelled_error_nobody_asked_for_is_a_programming_error(make_host: Any) -> None:
+    gate = GatedProvider(open=True)
+    gate.fail["odd"] = asyncio.CancelledError()
+    async with make_host(Plugin(), ScriptedProviders(gate)) as host:
+        odd = await host.submit(req("odd", "A"))
+        nxt = await host.submit(req("next", "A"))
+        with pytest.raises(RuntimeError, match="CancelledError without being cancelled"):
+            await odd.result()
+        assert (await nxt.result()).ok
+        assert (await host.status())["queue"]["in_flight"] == 0  # no slot leaked
+
+
+async def test_in_memory_databases_are_private_to_each_host(make_host: Any) -> None:
+    from ksi_host.testing import FakeProvider
+
+    async with make_host(Plugin(), ScriptedProviders(FakeProvider("p")), db_path=":memory:") as a:
+        async with make_host(Plugin(), ScriptedProviders(FakeProvider("p")), db_path=":memory:") as b:
+            assert (await a.complete(req("x"))).ok and (await b.complete(req("x"))).ok
