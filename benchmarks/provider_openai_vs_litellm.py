@@ -9,11 +9,12 @@ the real queue, retry and tokens plugins and one provider plugin:
 * ``both``: both installed and both serving the model, ``[openai] priority = 1``:
   the openai plugin answers, after its cross-plugin look-up (``host.providers``)
 
-Each case runs in its own process (fresh interpreter, fresh database) after a
-warm-up of 100 requests that is not counted (litellm's import and first call).
-Prints a table and the ratio openai / litellm; the target is >= 3x.
+Each run is its own process (fresh interpreter, fresh database) after a
+warm-up of 100 requests that is not counted (litellm's import and first call);
+the cases are run in interleaved rounds and their medians compared. Prints a
+table and the ratio openai / litellm; the target is >= 3x.
 
-    python benchmarks/provider_openai_vs_litellm.py [-n 2000] [-c 16] [--cases litellm,openai,both]
+    python benchmarks/provider_openai_vs_litellm.py [-n 1000] [-c 16] [--rounds 3] [--cases litellm,openai,both]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,10 +78,11 @@ async def run_case(case: str, url: str, n: int, concurrency: int, warmup: int) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", type=int, default=2000, help="requests per case (default 2000)")
+    ap.add_argument("-n", type=int, default=1000, help="requests per case and round (default 1000)")
     ap.add_argument("-c", "--concurrency", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--cases", default="litellm,openai,both")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each case, interleaved (default 3); medians are compared")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case against --url, print JSON
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -92,28 +95,36 @@ def main() -> int:
     try:
         assert server.stdout is not None
         url = json.loads(server.stdout.readline())["url"]
-        rows = []
-        for case in args.cases.split(","):
-            p = subprocess.run([sys.executable, __file__, "--one", case, "--url", url, "-n", str(args.n),
-                                "-c", str(args.concurrency), "--warmup", str(args.warmup)],
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                print(p.stderr, file=sys.stderr)
-                return 1
-            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        cases = args.cases.split(",")
+        runs: dict[str, list[dict]] = {case: [] for case in cases}
+        for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every case alike
+            for case in cases:
+                p = subprocess.run([sys.executable, __file__, "--one", case, "--url", url, "-n", str(args.n),
+                                    "-c", str(args.concurrency), "--warmup", str(args.warmup)],
+                                   capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(p.stderr, file=sys.stderr)
+                    return 1
+                runs[case].append(json.loads(p.stdout.strip().splitlines()[-1]))
     finally:
         server.terminate()
         server.wait()
-    print(f"{args.n} requests per case, concurrency {args.concurrency}, local server in its own process, zero delay")
-    print(f"{'case':<8} {'ok':>6} {'elapsed_s':>10} {'req/s':>8} {'ms/req':>7}  providers")
-    for r in rows:
-        print(f"{r['case']:<8} {r['ok']:>6} {r['elapsed_s']:>10} {r['rps']:>8} {r['ms_per_req']:>7}  "
-              f"{','.join(r['providers'])}{'  errors: ' + ','.join(r['errors']) if r['errors'] else ''}")
-    by = {r["case"]: r for r in rows}
-    if "litellm" in by:
+    print(f"{args.n} requests per case and round, {args.rounds} round(s), concurrency {args.concurrency}, "
+          "local server in its own process, zero delay")
+    print(f"{'case':<8} {'ok':>6} {'median req/s':>13} {'min':>7} {'max':>7} {'ms/req':>7}  providers")
+    median: dict[str, float] = {}
+    for case, rs in runs.items():
+        rps = sorted(r["rps"] for r in rs)
+        median[case] = statistics.median(rps)
+        errors = sorted({e for r in rs for e in r["errors"]})
+        providers = sorted({p for r in rs for p in r["providers"]})
+        print(f"{case:<8} {min(r['ok'] for r in rs):>6} {median[case]:>13.1f} {rps[0]:>7.1f} {rps[-1]:>7.1f} "
+              f"{1000 * args.concurrency / median[case]:>7.2f}  {','.join(providers)}"
+              f"{'  errors: ' + ','.join(errors) if errors else ''}")
+    if "litellm" in median:
         for case in ("openai", "both"):
-            if case in by:
-                print(f"throughput {case} / litellm: {by[case]['rps'] / by['litellm']['rps']:.2f}x")
+            if case in median:
+                print(f"throughput {case} / litellm (medians): {median[case] / median['litellm']:.2f}x")
     return 0
 
 
