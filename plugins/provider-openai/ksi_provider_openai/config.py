@@ -31,9 +31,11 @@ import attrs
 
 from ksi_host.circuit import CircuitConfig
 from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
+from ksi_host.errormap import redact
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
-_RESERVED_HEADERS = frozenset({"authorization", "content-type", "content-length", "host"})
+_RESERVED_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "content-type",
+                               "content-length", "host"})
 
 
 def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
@@ -57,6 +59,8 @@ def _headers(inst: Any, a: attrs.Attribute, value: Any) -> None:
             raise ValueError("headers must be a table of header name = string value")
         if k.lower() in _RESERVED_HEADERS:
             raise ValueError(f"headers may not set {k!r} (the key comes from api_key_env, never from the file)")
+        if redact(v) != v:
+            raise ValueError(f"headers.{k} looks like it holds a secret; secrets never go in the config file")
 
 
 @attrs.define(frozen=True)

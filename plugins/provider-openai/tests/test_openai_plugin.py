@@ -105,6 +105,8 @@ async def test_list_providers_and_status_show_priority_and_no_secret(oa_host: An
         ({"api_base": "localhost:8000/v1"}, "api_base must start with http"),
         ({"api_key_env": "sk-live-abcdef0123456789"}, "name of the environment variable"),
         ({"headers": {"Authorization": "Bearer x"}}, "may not set 'Authorization'"),
+        ({"headers": {"X-Api-Key": "abc"}}, "may not set 'X-Api-Key'"),
+        ({"headers": {"X-Token": "sk-live-abcdef0123456789"}}, "headers.X-Token looks like it holds a secret"),
         ({"input_cost_per_mtok": -1}, "input_cost_per_mtok"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"surprise": 1}, "openai.deployments[0].surprise: unknown key"),
