@@ -65,8 +65,10 @@ timeout_s = 10
     assert sorted(r["request_id"] for r in final) == [f"r{i:03d}" for i in range(60)]  # exactly one result each
     assert all(r["status"] == "ok" for r in final)
     # answers stored by the first run were not sent again; at most the 4 in flight at the interrupt were
-    resent = stats(server["url"])["hits"] - hits_after_first - (60 - len(first))
-    assert 0 <= resent <= 4
+    # (a request answered and stored just as the interrupt came may be missing from the first results
+    # file, yet the rerun takes it from the database without a call: so count all upstream calls)
+    assert hits_after_first >= len(first)
+    assert 60 <= stats(server["url"])["hits"] <= 60 + 4
     # each session kept its order across the interruption
     by_session = {}
     for r in sorted(final, key=lambda r: r["started_at"]):
