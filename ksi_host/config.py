@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from .errors import ConfigError
+from .hookspecs import TABLE_HINTS
 
 HOST_TABLE = "host"
 
@@ -143,6 +144,11 @@ def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
     """
     specs = {HOST_TABLE: HostConfig, **specs}
     unknown = sorted(set(raw) - set(specs))
+    if unknown and unknown[0] in TABLE_HINTS:
+        dist = TABLE_HINTS[unknown[0]]
+        raise ConfigError(
+            f"config table [{unknown[0]}] belongs to {dist}, which is not loaded: pip install {dist} (or remove the table)"
+        )
     if unknown:
         raise ConfigError(
             f"config table [{unknown[0]}]: unknown table, no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"

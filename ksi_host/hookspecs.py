@@ -47,6 +47,16 @@ INSTALL_HINTS: dict[str, str] = {
     "ksi_clear_session": "ksi-queue",
 }
 
+#: Which distribution declares a config table, for a table left behind by an uninstalled plugin.
+TABLE_HINTS: dict[str, str] = {
+    "queue": "ksi-queue",
+    "litellm": "ksi-provider-litellm",
+    "retry": "ksi-retry",
+    "tokens": "ksi-tokens",
+    "openai": "ksi-provider-openai",
+    "claude_cli": "ksi-provider-claude-cli",
+}
+
 
 @hookspec
 def ksi_config_spec():

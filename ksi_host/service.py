@@ -185,7 +185,11 @@ class Host:
         """Every plugin's status sections, merged."""
         merged: dict[str, Any] = {}
         for section in await self.hooks.call("ksi_status", host=self):
-            merged.update(section)
+            for key, value in section.items():  # lists of one name (e.g. circuits) are joined
+                if isinstance(value, list) and isinstance(merged.get(key), list):
+                    merged[key] = merged[key] + value
+                else:
+                    merged[key] = value
         return merged
 
     async def usage_report(self, by: str = "model", since: float | None = None) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ def test_nested_tables_and_lists():
     ({"queue": {"deployments": [{"name": "a", "timeout_s": "x"}]}}, "config key queue.deployments[0].timeout_s: expected a number"),
     ({"queue": {"concurrency": 0}}, "config table queue: concurrency must be > 0"),
     ({"queue": {"deployments": [{"timeout_s": 3}]}}, "config key queue.deployments[0].name: is required"),
+    ({"openai": {}}, "config table [openai] belongs to ksi-provider-openai, which is not loaded: pip install ksi-provider-openai"),
     ({"qeue": {}}, "config table [qeue]: unknown table"),
     ({"queue": {"label": 3}}, "config key queue.label: expected a string"),
 ])

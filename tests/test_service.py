@@ -234,8 +234,13 @@ async def test_status_merges_sections_and_providers_flatten(make_host):
         async def ksi_status(self):
             return {"two": [2]}
 
-    async with make_host(S1(), S2(), ScriptedProviders(FakeProvider("a"), FakeProvider("b", model="x*"))) as host:
-        assert await host.status() == {"one": 1, "two": [2]}
+    class S3:
+        @hookimpl
+        def ksi_status(self):
+            return {"two": [3]}
+
+    async with make_host(S1(), S2(), S3(), ScriptedProviders(FakeProvider("a"), FakeProvider("b", model="x*"))) as host:
+        assert await host.status() == {"one": 1, "two": [3, 2]}
         assert [p.name for p in await host.providers("xyz")] == ["a", "b"]
         assert [p.name for p in await host.providers("m")] == ["a"]
 

@@ -183,7 +183,7 @@ def test_install_run_and_uninstall_in_a_fresh_venv(venv: Venv, server: str, tmp_
     ran = venv.run(venv.ksi_host, "run", requests, "--out", tmp_path / "c.jsonl", "--config", config(1, 2),
                    "--db", tmp_path / "c.db", env=env)
     assert ran.returncode == 2, ran.stderr
-    assert "[openai]" in ran.stderr and "no loaded plugin declares it" in ran.stderr
+    assert "[openai] belongs to ksi-provider-openai, which is not loaded: pip install ksi-provider-openai" in ran.stderr
 
     # with the last provider plugin gone too, ksi-host run says which plugin to install
     gone = venv.run(venv.python, "-m", "pip", "uninstall", "-y", "ksi-provider-claude-cli")
