@@ -14,7 +14,7 @@ that does is excluded (the host then raises NoProviderError). When the only
 deployments left have open circuits, selection fails fast with a retryable
 ProviderUnavailable whose ``retry_after`` is the shortest remaining cool-down.
 
-Between provider plugins (:func:`ksi_host.deployments.outranking`): the hook is
+Between provider plugins (:meth:`ksi_host.deployments.DeploymentPool.select_ranked`): the hook is
 ``tryfirst``; when another provider plugin with a better rank (lower
 ``priority``, then plugin name) has an available deployment for the model
 that is not excluded, this plugin answers None and the host asks the next.
@@ -31,7 +31,7 @@ from typing import Any
 
 from ksi_host import hookimpl
 from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployments import DeploymentPool, outranking
+from ksi_host.deployments import DeploymentPool
 from ksi_host.models import CompletionRequest, ProviderInfo
 
 from .config import MOCK_NAME, MOCK_PATTERN, LitellmConfig, LitellmDeployment
@@ -86,14 +86,8 @@ class Plugin:
     async def ksi_select_provider(self, host: Any, request: CompletionRequest,
                                   exclude: frozenset[str]) -> LitellmProvider | None:
         pool = self.pool or self._pool(host)
-        model = request.model
-        if self._others:
-            serving = pool.serving(model)
-            if not serving or all(m.name in exclude for m in serving):
-                return None
-            if outranking(await host.providers(model), plugin=TABLE, priority=pool.priority, exclude=exclude):
-                return None  # a better-ranked provider plugin serves this model: let the host ask it
-        return pool.select(model, exclude)
+        return await pool.select_ranked(host, request.model, exclude, plugin=TABLE, priority=pool.priority,
+                                        others=self._others)
 
     @hookimpl
     def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:
