@@ -203,7 +203,7 @@ class QueueStore:
                     for fut, _ in batch.values():
                         if not fut.done():
                             fut.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError):
+                    if not isinstance(exc, Exception):  # cancelled, interrupted: stop here too
                         raise
                     continue
                 for rid, (fut, _) in batch.items():
@@ -258,7 +258,7 @@ class QueueStore:
                     for fut in batch.values():
                         if not fut.done():
                             fut.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError):
+                    if not isinstance(exc, Exception):  # cancelled, interrupted: stop here too
                         raise
                     continue
                 for seq, fut in batch.items():
