@@ -159,36 +159,19 @@ class Database:
                                 item[2].set_exception(e)
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        """One transaction for the whole batch; runs of the same SQL go through executemany."""
-        conn = self.conn
-        singles: list[Statement] = []
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statements, many, _ in batch:
-                if many:
-                    await self._run_singles(singles)
-                    await conn.executemany(*statements[0])
-                    continue
-                for st in statements:
-                    if singles and singles[0][0] != st[0]:
-                        await self._run_singles(singles)
-                    singles.append(st)
-            await self._run_singles(singles)
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
+        """One transaction for the whole batch, run in one hop on the connection's thread."""
+        await self._on_thread(_commit_sync, [(statements, many) for statements, many, _ in batch])
         self.commits += 1
         for _, _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _run_singles(self, singles: list[Statement]) -> None:
-        if len(singles) == 1:
-            await self.conn.execute(*singles[0])
-        elif singles:
-            await self.conn.executemany(singles[0][0], [p for _, p in singles])
-        singles.clear()
+    async def _on_thread(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(sqlite3_connection, *args)`` on the connection's thread: one round trip,
+        however many statements ``fn`` runs. (aiosqlite has no public call for this; its
+        ``_execute`` queues a function for its thread, and ``_conn`` is its sqlite3 connection.)"""
+        conn = self.conn
+        return await conn._execute(lambda: fn(conn._conn, *args))
 
     # -- reads ----------------------------------------------------------------
 
@@ -203,3 +186,34 @@ class Database:
     async def pragma(self, name: str) -> Any:
         row = await self.fetchone(f"PRAGMA {name}")
         return row[0] if row else None
+
+
+def _commit_sync(conn: sqlite3.Connection, work: list[tuple[list[Statement], bool]]) -> None:
+    """``BEGIN IMMEDIATE``, every statement, ``COMMIT`` (``ROLLBACK`` and re-raise on error).
+
+    Consecutive statements with the same SQL go through one ``executemany``."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sql: str | None = None
+        params: list[Any] = []
+        for statements, many in work:
+            if many:
+                if params:
+                    conn.executemany(sql, params)
+                    sql, params = None, []
+                conn.executemany(*statements[0])
+                continue
+            for st_sql, st_params in statements:
+                if st_sql != sql:
+                    if params:
+                        conn.executemany(sql, params)
+                    sql, params = st_sql, []
+                params.append(st_params)
+        if len(params) == 1:
+            conn.execute(sql, params[0])
+        elif params:
+            conn.executemany(sql, params)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
