@@ -146,8 +146,15 @@ def ksi_select_provider(host, request, exclude):
     own) and raises OperationalErrors for failures. A provider plugin keeps its
     own circuit state from what its providers' calls return or raise.
 
-    firstresult: provider plugins are asked in order; the config decides which
-    one is asked first (``tryfirst``/``trylast`` or their own ``priority`` key).
+    Raise a retryable OperationalError (``ProviderUnavailable`` with
+    ``retry_after``) when deployments serve the model but all are behind open
+    circuits: the failure policy then waits instead of giving up.
+
+    firstresult: provider plugins are asked in hook order. When several serve
+    one model, the config decides which is tried first: the shared helper
+    :meth:`ksi_host.deployments.DeploymentPool.select_ranked` (with the hookimpl
+    marked ``tryfirst``) answers None while a plugin with a lower ``priority``
+    key has a usable deployment, so the host asks the next plugin.
     Reference implementation: ``ksi-provider-litellm``.
     """
 
