@@ -20,9 +20,10 @@ from ``rates`` (``{"429": 0.25, "500": 0.2, "hang": 0.03}``, seeded with
 
 Every completion request is logged in ``arrivals`` (an :class:`Arrival` with
 the time, model, fault, the ``Authorization`` header as sent — test-only data
-so a test can check a key arrived —, ``user``/``metadata`` from the body and
-an ``X-Session-Id`` header if sent); ``hits`` counts them and ``counts`` counts
-them by fault.
+so a test can check a key arrived —, ``user``/``metadata`` from the body, an
+``X-Session-Id`` header if sent, when the answer was sent and the usage an OK
+answer reported); ``hits`` counts them, ``counts`` counts them by fault and
+``usage()`` sums the usage of every OK answer sent.
 
 Use it in-process::
 
@@ -107,6 +108,8 @@ class Arrival:
     user: str | None
     metadata: Any
     body: dict[str, Any] | None = field(repr=False, default=None)
+    answered_at: float | None = None  # time.time() when the answer was sent (None: none sent, e.g. a hang cut short)
+    usage: dict[str, int] | None = None  # the usage an OK answer reported
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,6 +229,16 @@ class OpenAIServer:
 
     def stats(self) -> dict[str, Any]:
         return {"hits": self.hits, "counts": dict(self.counts)}
+
+    def usage(self) -> dict[str, int]:
+        """The usage summed over every OK answer sent (``calls``: how many OK answers)."""
+        usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for a in self.arrivals:
+            if a.usage is not None:
+                usage["calls"] += 1
+                for k, v in a.usage.items():
+                    usage[k] += v
+        return usage
 
     def _choose(self, model: str | None) -> str:
         if model is not None and model in self.faults_by_model:
@@ -404,10 +417,11 @@ class OpenAIServer:
             return True
         model = body.get("model") if isinstance(body.get("model"), str) else None
         fault = self._choose(model)
-        self.arrivals.append(Arrival(
+        arrival = Arrival(
             time.time(), path, model, fault, headers.get("authorization"), headers.get("x-session-id"),
             body.get("user"), body.get("metadata"), body if self.keep_bodies else None,
-        ))
+        )
+        self.arrivals.append(arrival)
         self.counts[fault] += 1
         if fault == "disconnect":
             return False
@@ -418,6 +432,7 @@ class OpenAIServer:
         if fault == "malformed":
             await self._send(writer, 200, None, raw=b'{"id": "chatcmpl-malformed", "object": "chat.completion", "choices": [',
                              close=close)
+            arrival.answered_at = time.time()
             return True
         if fault in _ERRORS:
             status, typ, message, code = _ERRORS[fault]
@@ -427,11 +442,14 @@ class OpenAIServer:
             extra = {"Retry-After": str(self.retry_after)} if fault == "429" and self.retry_after is not None else None
             await self._send(writer, status, {"error": {"message": message, "type": typ, "param": None, "code": code}},
                              extra=extra, close=close)
+            arrival.answered_at = time.time()
             return True
         messages = body.get("messages")
         text = self.reply if self.reply is not None else f"echo: {_last_user_text(messages)}"
         prompt_tokens = sum(_words(m.get("content")) + 3 for m in messages if isinstance(m, dict)) if isinstance(messages, list) else 0
         completion_tokens = max(1, len(text.split()))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
         self._next_id += 1
         await self._send(writer, 200, {
             "id": f"chatcmpl-test-{self._next_id}",
@@ -441,9 +459,10 @@ class OpenAIServer:
             "system_fingerprint": "fp_ksi_test",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": usage,
         }, extra={"x-request-id": f"req-{self._next_id}"}, close=close)
+        arrival.answered_at = time.time()
+        arrival.usage = usage
         return True
 
     async def _control(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter, close: bool) -> bool:
