@@ -46,15 +46,8 @@ class HookCaller:
 
     async def call(self, hook: str, /, **kwargs: Any) -> list[Any]:
         """Call every hookimpl of ``hook``; return their non-None answers."""
-        return await self._run(hook, kwargs, False)
-
-    async def first(self, hook: str, /, **kwargs: Any) -> Any:
-        """Call hookimpls of ``hook`` until one answers something other than None."""
-        return await self._run(hook, kwargs, True)
-
-    async def _run(self, hook: str, kwargs: dict[str, Any], first: bool) -> Any:
         results = []
-        for plugin, fn, argnames in self.impls(hook):
+        for plugin, fn, argnames in self._impls.get(hook) or self.impls(hook):
             try:
                 r = fn(*[kwargs[a] for a in argnames])
                 if r is not None and hasattr(r, "__await__"):
@@ -65,7 +58,23 @@ class HookCaller:
                 _note(e, plugin, hook)
                 raise
             if r is not None:
-                if first:
-                    return r
                 results.append(r)
-        return None if first else results
+        return results
+
+    async def first(self, hook: str, /, **kwargs: Any) -> Any:
+        """Call hookimpls of ``hook`` until one answers something other than None."""
+        # The loop is written out here rather than shared with call(): one coroutine
+        # less per hook call on the per-request path.
+        for plugin, fn, argnames in self._impls.get(hook) or self.impls(hook):
+            try:
+                r = fn(*[kwargs[a] for a in argnames])
+                if r is not None and hasattr(r, "__await__"):
+                    r = await r
+            except KsiError:
+                raise
+            except Exception as e:
+                _note(e, plugin, hook)
+                raise
+            if r is not None:
+                return r
+        return None

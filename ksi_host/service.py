@@ -38,6 +38,8 @@ from .models import (
 from .plugins import PluginInfo, instantiate, load_plugins
 
 log = logging.getLogger("ksi_host")
+_NO_EXCLUDE: frozenset[str] = frozenset()
+_NO_USAGE = Usage()
 
 
 class Host:
@@ -149,10 +151,12 @@ class Host:
 
     # -- the public API ------------------------------------------------------------
 
-    async def _need(self, hook: str, **kwargs: Any) -> Any:
+    def _need(self, hook: str, **kwargs: Any) -> Awaitable[Any]:
+        """``hooks.first(hook, ...)`` to await; MissingPluginError if no plugin implements ``hook``.
+        (Not a coroutine itself: one level less on the per-request path.)"""
         if not self.hooks.implemented(hook):
             raise MissingPluginError(hook, hookspecs.INSTALL_HINTS.get(hook))
-        return await self.hooks.first(hook, host=self, **kwargs)
+        return self.hooks.first(hook, host=self, **kwargs)
 
     @staticmethod
     def _request(request: CompletionRequest | Mapping[str, Any]) -> CompletionRequest:
@@ -208,7 +212,7 @@ class Host:
         deadline = started + request.timeout_s if request.timeout_s else None
         history: list[Attempt] = []
         excluded: set[str] = set()
-        total = Usage()
+        total: Usage | None = None
         number = 0
         while True:
             number += 1
@@ -216,7 +220,8 @@ class Host:
             t0 = self.clock()
             response = None
             try:
-                provider = await self._need("ksi_select_provider", request=request, exclude=frozenset(excluded))
+                provider = await self._need("ksi_select_provider", request=request,
+                                            exclude=frozenset(excluded) if excluded else _NO_EXCLUDE)
                 if provider is None:
                     raise await self._no_provider(request, excluded)
                 name = provider.name
@@ -239,7 +244,7 @@ class Host:
             latency_ms = (self.clock() - t0) * 1000
             usage = response.usage if response is not None else getattr(error, "usage", None)
             if usage is not None and name is not None:
-                total = total + usage
+                total = usage if total is None else total + usage
                 call = UpstreamCall(
                     request.request_id, number, name, request.model, usage, latency_ms, "ok" if error is None else error.type
                 )
@@ -248,7 +253,7 @@ class Host:
                 history.append(Attempt(number, name, latency_ms=latency_ms))
                 return CompletionResult(
                     request.request_id, "ok", text=response.text, model=request.model, provider=name,
-                    session_id=response.session_id or request.session_id, usage=total, attempts=tuple(history),
+                    session_id=response.session_id or request.session_id, usage=total or _NO_USAGE, attempts=tuple(history),
                     started_at=started_wall, finished_at=time.time(),
                 )
             decision = await self._decide(request, error, number, name, started, deadline, history, excluded)
@@ -258,7 +263,7 @@ class Host:
                 final = decision.error or error
                 return CompletionResult.failed(
                     request.request_id, final, model=request.model, provider=name, session_id=request.session_id,
-                    usage=total, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
+                    usage=total or _NO_USAGE, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
                 )
             if decision.switch_provider and name is not None:
                 excluded.add(name)
