@@ -7,8 +7,8 @@ raises :class:`~ksi_host.errors.ValidationError` naming the field and why.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,7 +44,7 @@ def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
         if not isinstance(m, dict):
             _fail(f"messages[{i}]", "must be an object with 'role' and 'content'")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             _fail(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
         content = m.get("content")
         if not isinstance(content, (str, list)):
@@ -52,7 +52,7 @@ def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
 
 
 def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value not in PRIORITIES:
+    if not isinstance(value, str) or value not in PRIORITIES:
         _fail("priority", f"must be one of {', '.join(PRIORITIES)}; got {value!r}")
 
 
@@ -86,7 +86,19 @@ def _metadata(inst: Any, a: attrs.Attribute, value: Any) -> None:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """A new request id: 32 hex digits of a version-7 UUID (RFC 9562).
+
+    Random like a uuid4 (74 random bits), but its first 48 bits are the time in
+    milliseconds, so ids made later sort later. SQLite indexes keyed by request
+    id (the queue's, the ledger's) then grow at their end instead of touching a
+    random page per insert, which roughly halves the cost of each durable write.
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | (rand >> 64 & 0xFFF) << 64 | 0b10 << 62 | rand & _LOW62
+    return f"{value:032x}"
+
+
+_LOW62 = (1 << 62) - 1
 
 
 @attrs.frozen(slots=True)
