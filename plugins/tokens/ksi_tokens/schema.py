@@ -40,17 +40,21 @@ MIGRATIONS: list[str] = [
     CREATE INDEX token_usage_purpose ON {TABLE} (purpose, created_at);
     CREATE INDEX token_usage_provider ON {TABLE} (provider, created_at);
     """,
+    # v2: only created_at stays indexed. Every report is one pass over the rows in
+    # its time range; SQLite used the per-column indexes only to make `since`
+    # reports slower (it walked a grouping index instead of the time range), and
+    # nothing looks calls up by request. Each insert updated all seven.
+    """
+    DROP INDEX IF EXISTS token_usage_request;
+    DROP INDEX IF EXISTS token_usage_model;
+    DROP INDEX IF EXISTS token_usage_agent;
+    DROP INDEX IF EXISTS token_usage_session;
+    DROP INDEX IF EXISTS token_usage_purpose;
+    DROP INDEX IF EXISTS token_usage_provider;
+    """,
 ]
 
-INDEXES = (
-    "token_usage_created_at",
-    "token_usage_request",
-    "token_usage_model",
-    "token_usage_agent",
-    "token_usage_session",
-    "token_usage_purpose",
-    "token_usage_provider",
-)
+INDEXES = ("token_usage_created_at",)
 
 # One constant string: the host's group commit turns concurrent inserts with
 # the same SQL into a single executemany inside one transaction.
