@@ -27,14 +27,62 @@ def _fail(field: str, reason: str) -> None:
     raise ValidationError(field, reason)
 
 
+MAX_INT = 2**63 - 1
+"""The largest integer a request field may hold (SQLite's INTEGER is 64-bit)."""
+
+
+def _bad_text(value: str) -> str | None:
+    """Why ``value`` cannot be stored or sent as UTF-8 (a lone surrogate, which JSON's
+    ``\\ud800`` escapes can carry), or None when it can."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode text: it holds the lone surrogate {value[e.start]!r} at index {e.start}"
+    return None
+
+
+def _text_ok(value: Any) -> bool:
+    """Is every string under ``value`` (keys included) valid Unicode? The fast check, no paths built."""
+    if isinstance(value, str):
+        return value.isascii() or _bad_text(value) is None
+    if isinstance(value, dict):
+        return all((not isinstance(k, str) or _text_ok(k)) and _text_ok(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_text_ok(v) for v in value)
+    return True
+
+
+def _check_text(field: str, value: Any) -> None:
+    """Raise ValidationError naming the first string (key or value) under ``value`` that is not valid Unicode."""
+    if _text_ok(value):
+        return
+    if isinstance(value, str):
+        reason = _bad_text(value)
+        if reason is not None:
+            _fail(field, reason)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and _bad_text(k) is not None:
+                _fail(field, f"has a key that {_bad_text(k)}")
+            _check_text(f"{field}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_text(f"{field}[{i}]", v)
+
+
 def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         _fail(a.name, "must be a non-empty string or null")
+    if value is not None:
+        _check_text(a.name, value)
 
 
 def _req_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(a.name, "is required and must be a non-empty string")
+    _check_text(a.name, value)
 
 
 def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
@@ -49,6 +97,7 @@ def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
         content = m.get("content")
         if not isinstance(content, (str, list)):
             _fail(f"messages[{i}].content", "must be a string (or a list of content parts)")
+        _check_text(f"messages[{i}]", m)
 
 
 def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
@@ -57,8 +106,8 @@ def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
 
 
 def _pos_int(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and (type(value) is not int or value <= 0):
-        _fail(a.name, f"must be a positive integer or null, got {value!r}")
+    if value is not None and (type(value) is not int or not 0 < value <= MAX_INT):
+        _fail(a.name, f"must be a positive integer (at most {MAX_INT}) or null, got {value!r}")
 
 
 def _temperature(inst: Any, a: attrs.Attribute, value: Any) -> None:
@@ -83,6 +132,7 @@ def _metadata(inst: Any, a: attrs.Attribute, value: Any) -> None:
             _fail("metadata", f"keys must be strings, got {k!r}")
         if v is not None and not isinstance(v, (str, int, float, bool)):
             _fail(f"metadata.{k}", "values must be strings, numbers, booleans or null")
+    _check_text("metadata", value)
 
 
 def new_request_id() -> str:
@@ -140,6 +190,7 @@ class CompletionRequest:
                 raise ValidationError("prompt", "give either 'prompt' or 'messages', not both")
             if not isinstance(prompt, str) or not prompt:
                 raise ValidationError("prompt", "must be a non-empty string")
+            _check_text("prompt", prompt)
             data["messages"] = [{"role": "user", "content": prompt}]
         unknown = sorted(set(data) - _REQUEST_FIELDS)
         if unknown:
