@@ -147,14 +147,15 @@ class Database:
             async with self._lock:
                 try:
                     await self._commit(batch)
-                except sqlite3.Error as e:
+                except Exception as e:  # sqlite3.Error, or a value sqlite3 cannot bind (UnicodeEncodeError,
+                    # OverflowError, ...): the writer gets it; nobody may wait forever for a flusher that died
                     if len(batch) == 1:
                         batch[0][2].set_exception(e)
                         continue
                     for item in batch:  # find the failing writer; the others commit alone
                         try:
                             await self._commit([item])
-                        except sqlite3.Error as e:
+                        except Exception as e:
                             if not item[2].done():
                                 item[2].set_exception(e)
 
