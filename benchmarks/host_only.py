@@ -193,7 +193,7 @@ def main() -> int:
     for mode, rs in runs.items():
         rps = common.median([r["rps"] for r in rs])
         durable = all(r["stored_ok"] == r["n"] and r["ledger_rows"] == r["n"] for r in rs)
-        rows.append([mode, sum(r["ok"] for r in rs), rps, min(r["rps"] for r in rs), max(r["rps"] for r in rs),
+        rows.append([mode, f"{sum(r['ok'] for r in rs):,}/{sum(r['n'] for r in rs):,}", rps, min(r["rps"] for r in rs), max(r["rps"] for r in rs),
                      common.median([r["cpu_us"] for r in rs]), common.median([r["loop_us"] for r in rs]),
                      common.median([r["sqlite_us"] for r in rs]), common.median([r["n"] / r["cpu_s"] for r in rs]),
                      common.median([r["n"] / r["commits"] for r in rs]), "yes" if durable else "NO"])
