@@ -48,13 +48,21 @@ def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
         return _rejected(request_id, ValidationError("request", str(e), line=lineno), data)
 
 
+def _text(value: Any) -> str | None:
+    """``value`` if it is text that can be written out (UTF-8: no lone surrogate), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
 def _rejected(request_id: str, error: ValidationError, data: Any = None) -> CompletionResult:
     d = data if isinstance(data, dict) else {}
-    return CompletionResult.failed(
-        request_id, error,
-        model=d.get("model") if isinstance(d.get("model"), str) else None,
-        session_id=d.get("session_id") if isinstance(d.get("session_id"), str) else None,
-    )
+    # the rejected line's own model and session, when they can be written to the results file
+    return CompletionResult.failed(request_id, error, model=_text(d.get("model")), session_id=_text(d.get("session_id")))
 
 
 def read_lines(stream: IO[str]) -> list[tuple[int, str]]:
