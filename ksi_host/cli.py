@@ -106,17 +106,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from .errors import MissingPluginError
     from .hookspecs import INSTALL_HINTS
-    from .runner import REQUIRED_HOOKS, BatchRunner, read_lines
+    from .runner import REQUIRED_HOOKS, BatchRunner, open_requests, read_lines
 
-    if args.requests == "-":
-        lines = read_lines(sys.stdin)
-    else:
-        try:
-            with open(args.requests, encoding="utf-8") as f:
-                lines = read_lines(f)
-        except OSError as e:
-            _err(f"cannot read {args.requests}: {e.strerror}")
-            return EXIT_USAGE
+    try:
+        with open_requests(args.requests) as f:
+            lines = read_lines(f)
+    except OSError as e:
+        _err(f"cannot read {args.requests}: {e.strerror}")
+        return EXIT_USAGE
     if args.concurrency is not None and args.concurrency < 1:
         _err("--concurrency must be at least 1")
         return EXIT_USAGE

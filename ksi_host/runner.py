@@ -24,9 +24,25 @@ from .service import Host
 REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
 
 
+INPUT_ENCODING = "utf-8-sig"
+"""How request files are read: UTF-8, a byte-order mark at the start skipped."""
+INPUT_ERRORS = "surrogateescape"
+"""Bytes that are not UTF-8 become lone surrogates: that line is rejected, naming the field; the others run."""
+
+
+def open_requests(path: str) -> IO[str]:
+    """A request file opened for :func:`read_lines` (``-``: stdin), decoded as above."""
+    if path == "-":
+        import io
+        import sys
+
+        return io.TextIOWrapper(sys.stdin.buffer, encoding=INPUT_ENCODING, errors=INPUT_ERRORS)
+    return open(path, encoding=INPUT_ENCODING, errors=INPUT_ERRORS)  # noqa: SIM115
+
+
 def line_request_id(lineno: int, text: str) -> str:
     """The request id given to a line that has none: stable across reruns of the same file."""
-    return f"line{lineno}-{hashlib.sha256(text.strip().encode()).hexdigest()[:16]}"
+    return f"line{lineno}-{hashlib.sha256(text.strip().encode('utf-8', INPUT_ERRORS)).hexdigest()[:16]}"
 
 
 def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
