@@ -1,7 +1,8 @@
 """``ksi-host run``: a JSONL batch of requests through a Host.
 
 Each input line is one JSON request. Lines that fail validation become
-``error`` results naming the line and the field; the others are submitted in
+``error`` results naming the line and the field (a ``request_id`` that an
+earlier line of the file has too included); the others are submitted in
 input order (so each session keeps the order of its lines). A request without
 ``request_id`` gets one derived from its line number and text, so running
 the same file again on the same database resumes instead of resending.
@@ -136,10 +137,17 @@ class BatchRunner:
                 crashed.append(task.exception())
 
         ticker = asyncio.ensure_future(self._tick()) if self.progress.enabled else None
+        first_line: dict[str, int] = {}  # request id -> the line that has it
         try:
             for lineno, item in parsed:
                 if crashed:
                     break
+                if isinstance(item, CompletionRequest) and first_line.setdefault(item.request_id, lineno) != lineno:
+                    # the queue would answer it with the other line's result: this line would be lost unseen
+                    item = _rejected(item.request_id, ValidationError(
+                        "request_id", f"{item.request_id!r} is the request id of line {first_line[item.request_id]} too "
+                        "(request ids must be unique within a file)", line=lineno),
+                        {"model": item.model, "session_id": item.session_id})
                 if isinstance(item, CompletionRequest) and not await self._served_model(item.model):
                     known = sorted({p.model for p in await self.host.providers(None)})
                     item = _rejected(item.request_id, ValidationError(
