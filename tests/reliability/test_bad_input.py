@@ -252,8 +252,8 @@ async def test_the_db_helper_hands_an_unbindable_value_to_its_writer() -> None:
 
 # -- the CLI, real plugins ----------------------------------------------------------------
 
-MIXED = [  # (line, what it is)
-    ('{"request_id": "g1", "model": "mock/m", "prompt": "first", "session_id": "a"}', "ok"),
+MIXED = [  # (line, what it is: "ok", or the field its error names; None: a blank line, skipped)
+    ('{"request_id": "g1", "model": "mock/m", "prompt": "first", "session_id": "a"}', "ok"),  # after a BOM
     ("{not json", "json"),
     ("[1, 2]", "request"),
     ('{"model": "mock/m", "prompt": "no id here", "session_id": "b"}', "ok"),
@@ -265,37 +265,45 @@ MIXED = [  # (line, what it is)
     ('{"model": "mock/m", "prompt": "big", "max_tokens": 1180591620717411303424}', "max_tokens"),
     ('{"model": "mock/m", "prompt": "x", "colour": "red"}', "colour"),
     ('{"model": "mock/m", "prompt": "h\\u00e9llo \\ud83d\\ude00 caf\u00e9", "session_id": "a"}', "ok"),
+    ('{"model": "mock/m", "prompt": "latin-1 caf\udce9"}', "prompt"),  # the byte 0xe9: not UTF-8
     ("", None),
     ('{"request_id": 5, "model": "mock/m", "prompt": "x"}', "request_id"),
     ('{"request_id": "g2", "model": "mock/m", "prompt": "second", "session_id": "a", "temperature": 0.5}', "ok"),
+    ('{"request_id": "g1", "model": "mock/m", "prompt": "another request, same id"}', "request_id"),
     ("null", "request"),
     ('{"request_id": "g3", "model": "mock/m", "prompt": "last line, no newline at its end"}', "ok"),
 ]
 
 
 def test_cli_mixed_file(tmp_path: Path) -> None:
+    """A file of known-nasty lines (a BOM, bytes that are not UTF-8, a repeated id...) through ksi-host run."""
+    import sys
+
     from rel import env, ksi, results
 
     path = tmp_path / "mixed.jsonl"
-    path.write_text("\n".join(line for line, _ in MIXED), encoding="utf-8")  # no newline after the last line
+    text = "\ufeff" + "\n".join(line for line, _ in MIXED)  # a byte-order mark first; no newline after the last line
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
     out, db = tmp_path / "out.jsonl", tmp_path / "ksi.db"
-    import sys
-
     ran = ksi([sys.executable, "-m", "ksi_host.cli", "run", str(path), "--out", str(out), "--db", str(db)], environ=env())
     assert ran.returncode == 1, ran.stderr  # some requests failed; nothing crashed
     assert "Traceback" not in ran.stderr
     got = results(out)
     expected = [(n, line, what) for n, (line, what) in enumerate(MIXED, 1) if what is not None]
     assert len(got) == len(expected)
-    by_id = {r["request_id"]: r for r in got}
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for r in got:
+        by_id.setdefault(r["request_id"], []).append(r)
     for n, line, what in expected:
-        data = json.loads(line) if what not in ("json",) else None
+        data = json.loads(line) if what != "json" else None
         rid = data.get("request_id") if isinstance(data, dict) and isinstance(data.get("request_id"), str) else None
-        r = by_id[rid or line_request_id(n, line)]
+        mine = [r for r in by_id[rid or line_request_id(n, line)]
+                if (r["status"] == "ok") == (what == "ok") and (what == "ok" or r["error"]["message"].startswith(f"line {n}: "))]
+        assert len(mine) == 1, (n, line, by_id[rid or line_request_id(n, line)])
+        r = mine[0]
         if what == "ok":
-            assert r["status"] == "ok" and r["text"] == f"mock response to: {data['prompt']}", r
+            assert r["text"] == f"mock response to: {data['prompt']}", r
         else:
-            assert r["status"] == "error", r
             assert r["error"]["type"] == "ValidationError"
-            assert r["error"]["message"].startswith(f"line {n}: {what}"), (what, r["error"])
-    assert "Done: 16 of 16 requests" in ran.stderr and "5 ok" in ran.stderr
+            assert r["error"]["message"].startswith(f"line {n}: {what}: "), (what, r["error"])
+    assert "Done: 18 of 18 requests" in ran.stderr and "5 ok, 13 failed" in ran.stderr
