@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable
 from typing import IO, Any
 
-from .errors import ValidationError
+from .errors import OperationalError, ValidationError
 from .models import CompletionRequest, CompletionResult
 from .progress import BatchStats, ProgressBar
 from .service import Host
@@ -118,7 +118,14 @@ class BatchRunner:
 
     async def _one(self, lineno: int, request: CompletionRequest) -> None:
         try:
-            ticket = await self.host.submit(request)
+            try:
+                ticket = await self.host.submit(request)
+            except OperationalError as e:  # the queue refused this request (ksi_enqueue may): its error result
+                if isinstance(e, ValidationError) and e.line is None:
+                    e = e.at_line(lineno)
+                self.write(CompletionResult.failed(request.request_id, e, model=request.model,
+                                                   session_id=request.session_id), rejected=True)
+                return
             self.stats.submitted += 1
             result = await ticket.result()
         finally:
