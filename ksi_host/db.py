@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiosqlite
+if TYPE_CHECKING:  # imported when a database opens: `ksi-host --help` and `ksi-host plugins` never need them
+    import sqlite3
+
+    import aiosqlite
 
 DEFAULT_DB_ENV = "KSI_HOST_DB"
 DEFAULT_DB_PATH = "ksi-host.db"
@@ -66,6 +68,10 @@ class Database:
     async def open(self) -> Database:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        import sqlite3
+
+        import aiosqlite
+
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
         await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
