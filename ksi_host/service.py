@@ -177,7 +177,9 @@ class Host:
 
     async def complete(self, request: CompletionRequest | Mapping[str, Any]) -> CompletionResult:
         """Submit a request and wait for its final result."""
-        return await (await self.submit(request)).result()
+        # The ticket is this call's own, so its future is awaited directly: cancelling
+        # this call cancels only that future (Ticket.result shields it for shared use).
+        return await (await self.submit(request)).future
 
     async def cancel(self, request_id: str) -> bool:
         return bool(await self._need("ksi_cancel", request_id=request_id))
