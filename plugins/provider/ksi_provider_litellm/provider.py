@@ -39,10 +39,27 @@ _litellm: Any = None
 _import: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]] | None = None
 
 
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router")
+
+
 def _import_litellm() -> Any:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
+    # litellm gives its loggers a handler of its own that writes every record below WARNING to stdout,
+    # where `ksi-host run` writes its results (--out -, the default): with -v its debug lines got into
+    # the results. Its import logs through that handler (kept to warnings here); then the handler goes,
+    # and its records reach the application's handlers like any library's (ksi-host -v: stderr).
+    loggers = [logging.getLogger(name) for name in LITELLM_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        import litellm
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+            for handler in list(logger.handlers):
+                if type(handler).__module__.startswith("litellm"):
+                    logger.removeHandler(handler)
     litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
     return litellm
 
