@@ -12,6 +12,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -64,11 +65,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def pin_to_one_core() -> int | None:
-    """Pin this process (all its threads, including SQLite's) to one CPU; return it (None if unsupported)."""
+def _idle_ticks() -> dict[int, int]:
+    ticks = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                ticks[int(name[3:])] = int(values[3]) + int(values[4])  # idle + iowait
+    return ticks
+
+
+def pin_to_one_core(sample_s: float = 0.5) -> int | None:
+    """Pin this process (all its threads, including SQLite's) to one CPU; return it (None if unsupported).
+
+    The CPU chosen is the one that was idle longest over the last ``sample_s`` seconds
+    (the machine may be shared: this keeps the measurement off the busiest core)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
-    cpu = min(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    try:
+        before = _idle_ticks()
+        time.sleep(sample_s)
+        after = _idle_ticks()
+        cpu = max(allowed, key=lambda c: (after.get(c, 0) - before.get(c, 0), -c))
+    except OSError:
+        pass
     os.sched_setaffinity(0, {cpu})
     return cpu
 
