@@ -1,7 +1,7 @@
 """1. Crash: SIGKILL ``ksi-host run`` mid-batch, rerun on the same database.
 
-600 requests over 30 sessions, concurrency 12, against the local server. The
-first run is killed with SIGKILL once the server has answered 200 calls; the
+500 requests over 25 sessions, concurrency 12, against the local server. The
+first run is killed with SIGKILL once the server has answered 150 calls; the
 second run, same command and database, completes the batch. Checked:
 
 * every request has exactly one result, and it is ok;
@@ -43,7 +43,7 @@ from rel import (
     write_requests,
 )
 
-N, SESSIONS, CONCURRENCY, KILL_AFTER = 600, 30, 12, 200
+N, SESSIONS, CONCURRENCY, KILL_AFTER = 500, 25, 12, 150
 
 
 def test_sigkill_mid_batch_then_rerun(tmp_path: Path, server) -> None:

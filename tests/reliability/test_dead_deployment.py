@@ -53,10 +53,11 @@ def test_dead_first_deployment_is_left_alone_but_for_one_trial_per_cooldown(tmp_
     assert len(burst) <= FAILURES_TO_OPEN + CONCURRENCY, [round(a.t - dead[0].t, 3) for a in dead]
     gaps = [b.t - a.t for a, b in zip(burst[-1:] + trials, trials, strict=False)]
     assert all(g >= COOLDOWN_S * 0.98 for g in gaps), [round(g, 3) for g in gaps]
-    # trials kept coming while the batch ran (not given up on), one per cool-down
+    # trials kept coming while the batch ran, one per cool-down (not given up on, not much later)
     run_end = max(a.t for a in server.arrivals)
-    assert len(trials) >= int((run_end - opened_at) / (COOLDOWN_S + 0.5)) - 1 >= 2, (
-        len(trials), round(run_end - opened_at, 2))
+    assert len(trials) >= 2, (len(trials), round(run_end - opened_at, 2))
+    assert all(g <= COOLDOWN_S + 1.5 for g in gaps), [round(g, 3) for g in gaps]
+    assert run_end - trials[-1].t <= COOLDOWN_S + 1.5
     # every failed call to the dead deployment was failed over to the live one, not waited out
     for r in final:
         assert all(a["provider"] == "dead" and a["error_type"] == "ProviderUnavailable" and not a["delay_s"]

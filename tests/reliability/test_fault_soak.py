@@ -1,6 +1,8 @@
 """2. Fault soak: 25% 429 (with Retry-After), 20% 500, 3% hangs past the timeout.
 
-300 requests over 24 sessions, one ``ksi-host run``. Checked:
+240 requests over 24 sessions, one ``ksi-host run``; attempts time out after
+2 s (a hang lasts 4 s; an answer takes milliseconds, so none is late even on
+a loaded machine). Checked:
 
 * every request ends ok (the retry plugin absorbs every fault; the circuit
   opens now and then, for 0.3 s, and selection waits for it);
@@ -36,14 +38,14 @@ from rel import (
     write_requests,
 )
 
-N, SESSIONS = 300, 24
+N, SESSIONS = 240, 24
 
 
 def test_fault_soak_all_ok_in_order_and_ledger_equals_server(tmp_path: Path, server) -> None:
     server.set_faults(rates={"429": 0.25, "500": 0.2, "hang": 0.03}, seed=1)
     reqs = session_requests(N, SESSIONS, "soak-model")
     requests = write_requests(tmp_path / "requests.jsonl", reqs)
-    config = write_config(tmp_path / "ksi.toml", deployment("local", "soak-model", server.url, timeout_s=1.0),
+    config = write_config(tmp_path / "ksi.toml", deployment("local", "soak-model", server.url, timeout_s=2.0),
                           queue={"concurrency": SESSIONS})
     out, db = tmp_path / "results.jsonl", tmp_path / "ksi.db"
     environ = env()
