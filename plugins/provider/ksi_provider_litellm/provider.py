@@ -61,7 +61,25 @@ def _import_litellm() -> Any:
                 if type(handler).__module__.startswith("litellm"):
                     logger.removeHandler(handler)
     litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
+    _warm_up(litellm)
     return litellm
+
+
+def _warm_up(litellm: Any) -> None:
+    """Run litellm's first-call set-up now, in the import's worker thread.
+
+    litellm's first completion in a process imports more modules and builds
+    pydantic schemas (~0.5 s of CPU, seconds on a loaded machine), on the event
+    loop and inside the first attempt's timeout: first calls timed out *after*
+    the upstream had answered them, so they were sent twice (and billed twice,
+    recorded once). One offline ``mock_response`` completion here does that work
+    where the import promises to (off the loop, outside every timeout).
+    """
+    try:
+        litellm.completion(model="openai/ksi-warm-up", messages=[{"role": "user", "content": "warm-up"}],
+                           mock_response="warm-up", num_retries=0)
+    except Exception as e:  # the first real call just stays slower; say so
+        log.warning("litellm warm-up failed (the first call will be slower): %s: %s", type(e).__name__, e)
 
 
 async def load_litellm() -> Any:
