@@ -13,7 +13,8 @@ a loaded machine). Checked:
   what the server reported: one row per OK answer, with its tokens; errors
   reported no usage and have no rows (a hang's late answer, sent after the
   client's timeout closed the connection, reaches nobody and is not counted);
-* the results' attempts match the server's log call for call.
+* the results' attempts match the server's log call for call, and the call
+  after a 429 came no sooner than its Retry-After (0.1 s).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def test_fault_soak_all_ok_in_order_and_ledger_equals_server(tmp_path: Path, ser
         assert [a["error_type"] for a in made] == [kinds[a.fault] for a in seen], (r["attempts"], seen)
         assert seen[-1].fault == "ok"
         assert all("open circuit" in a["error_message"] for a in r["attempts"] if a["provider"] is None)
+        for before, after in zip(seen, seen[1:], strict=False):  # a 429's Retry-After (0.1 s) is honoured
+            if before.fault == "429":
+                assert after.t - before.answered_at >= 0.1 - 0.005, (r["request_id"], after.t - before.answered_at)
 
     # the ledger equals what the server reported
     answered = answered_usage(server.arrivals)
