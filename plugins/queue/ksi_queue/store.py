@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from . import schema
 from .scheduler import Entry
 
 CHUNK = 500  # ids per SELECT ... IN (...)
-MARK_DELAY_S = 0.05  # running marks wait at most this long for results to share a commit with
+MARK_DELAY_S = 0.05  # a request still running this long after it started gets its running mark written
 
 
 class Stored:
@@ -140,7 +141,8 @@ class QueueStore:
         self._ask_task: asyncio.Task[None] | None = None
         self._loads: dict[int, asyncio.Future[CompletionRequest]] = {}
         self._load_task: asyncio.Task[None] | None = None
-        self._marks: list[tuple[float, int]] = []
+        self._marks: dict[int, float] = {}  # seq -> when it started, in start order
+        self._draining = False
         self._results: list[tuple[Entry, CompletionResult]] = []
         self._writer: asyncio.Task[None] | None = None
         self._mark_timer: asyncio.TimerHandle | None = None
@@ -278,9 +280,10 @@ class QueueStore:
     # -- the writer -------------------------------------------------------------
 
     def mark_running(self, seq: int, now: float) -> None:
-        """Record that row ``seq`` started. Not awaited (restore treats running like queued): marks
-        ride along with the next results, or are written on their own after ``MARK_DELAY_S``."""
-        self._marks.append((now, seq))
+        """Record that row ``seq`` started. Not awaited (restore treats running like queued). A request
+        still running ``MARK_DELAY_S`` after it started gets its mark with the next results, or on its
+        own; one whose result is stored sooner never needs one (most of them: a mark is a write)."""
+        self._marks[seq] = now
         if self._mark_timer is None:
             self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY_S, self._marks_due)
 
@@ -289,20 +292,43 @@ class QueueStore:
         if self._marks and self._writer is None:
             self._writer = asyncio.ensure_future(self._write_loop())
 
+    def _due_marks(self) -> list[tuple[float, int]]:
+        """Take the marks of the requests that started ``MARK_DELAY_S`` ago or earlier (every mark when
+        draining); arm the timer for the next one."""
+        marks = self._marks
+        if not marks:
+            return []
+        if self._draining:
+            due = [(t, seq) for seq, t in marks.items()]
+            marks.clear()
+            return due
+        limit = time.time() - MARK_DELAY_S + 0.001
+        due = []
+        for seq, t in marks.items():
+            if t > limit:
+                break
+            due.append((t, seq))
+        for _, seq in due:
+            del marks[seq]
+        if marks and self._mark_timer is None:
+            wait = next(iter(marks.values())) - limit
+            self._mark_timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._marks_due)
+        return due
+
     def save_result(self, e: Entry, result: CompletionResult) -> None:
         """Store the final ``result`` of ``e``; ``on_saved`` follows the commit."""
+        self._marks.pop(e.seq, None)  # a final row needs no running mark
         self._results.append((e, result))
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_loop())
 
     async def _write_loop(self) -> None:
         try:
-            while self._results or (self._marks and self._mark_timer is None):
-                marks, self._marks = self._marks, []
+            while True:
                 results, self._results = self._results, []
-                if marks and results:  # a row whose result is here needs no running mark
-                    finished = {e.seq for e, _ in results}
-                    marks = [m for m in marks if m[1] not in finished]
+                marks = self._due_marks()
+                if not results and not marks:
+                    break
                 statements: list[tuple[str, Any]] = [(schema.MARK_RUNNING, m) for m in marks]
                 statements += [(schema.STORE_RESULT, result_params(e.seq, r)) for e, r in results]
                 statements += [
@@ -323,10 +349,11 @@ class QueueStore:
             self._writer = None
 
     async def drain(self) -> None:
-        """Wait for every batched read and write started so far (shutdown)."""
+        """Wait for every batched read and write started so far (shutdown); write every running mark."""
+        self._draining = True
         if self._mark_timer is not None:
             self._mark_timer.cancel()
-            self._marks_due()
+        self._marks_due()
         while True:
             tasks = [t for t in (self._ask_task, self._load_task, self._writer) if t is not None]
             if not tasks:
