@@ -18,6 +18,7 @@ All methods are synchronous and cheap: call them from the event loop thread.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -166,6 +167,22 @@ class CircuitBreaker:
         opens = self.opens
         self.record_failure(generation, f"{type(error).__name__}: {getattr(error, 'message', None) or error}")
         return self.opens != opens
+
+    def record_attempt_error(self, generation: int | None, error: Any, *, name: str, log: logging.Logger) -> bool:
+        """:meth:`record_error` for a provider's failed attempt, logged as every provider plugin logs it.
+
+        ``error`` is the :class:`~ksi_host.errors.OperationalError` the attempt
+        raises; ``name`` the deployment's; ``log`` the plugin's logger. Logs the
+        failure at debug level, and a warning when it opened the circuit.
+        Returns True then.
+        """
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("deployment %s failed: %s: %s", name, error.type, error.message)
+        opened = self.record_error(generation, error)
+        if opened:
+            log.warning("circuit of deployment %s opened after %d consecutive failure(s) (last: %s); cool-down %gs",
+                        name, self.failures, error.type, self.cooldown_s)
+        return opened
 
     def record_neutral(self, generation: int | None = None) -> None:
         """A call ended in a way that says nothing about the deployment's health

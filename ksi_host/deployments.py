@@ -120,6 +120,10 @@ def check_unique_names(deployments: Iterable[Deployment], reserved: Container[st
         seen.add(d.name)
 
 
+DEFAULT_PRIORITY = 100
+"""The priority of a provider plugin that states none (``ProviderInfo.detail["priority"]`` absent)."""
+
+
 class Member(Protocol):
     """What a :class:`DeploymentPool` holds: a provider plugin's runtime object for one deployment."""
 
@@ -136,12 +140,16 @@ class DeploymentPool(Generic[M]):
     ``members`` are the plugin's own objects (often its Provider objects),
     each with ``.deployment`` and ``.breaker``. ``lease_s(member)`` is how long
     a half-open trial call may take before another one is allowed (default:
-    the deployment's timeout plus one second).
+    the deployment's timeout plus one second). ``priority`` is the plugin's
+    rank among provider plugins serving the same model (lower is tried first;
+    see :func:`outranking`): :meth:`describe` reports it with each deployment.
     """
 
-    def __init__(self, members: Iterable[M], *, lease_s: Callable[[M], float | None] | None = None,
+    def __init__(self, members: Iterable[M], *, priority: int = DEFAULT_PRIORITY,
+                 lease_s: Callable[[M], float | None] | None = None,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.members: tuple[M, ...] = tuple(members)
+        self.priority = priority
         check_unique_names(m.deployment for m in self.members)
         self._by_name = {m.deployment.name: m for m in self.members}
         self._serving: dict[str, tuple[M, ...]] = {}
@@ -203,8 +211,8 @@ class DeploymentPool(Generic[M]):
             circuit_open=True,
         )
 
-    async def select_ranked(self, host: Any, model: str, exclude: Container[str] = (), *, plugin: str, priority: int,
-                            others: bool = True) -> M | None:
+    async def select_ranked(self, host: Any, model: str, exclude: Container[str] = (), *, plugin: str,
+                            priority: int | None = None, others: bool = True) -> M | None:
         """:meth:`select`, taking part in the config-driven order between provider plugins.
 
         For a ``tryfirst`` ``ksi_select_provider``: None (the host asks the
@@ -214,7 +222,10 @@ class DeploymentPool(Generic[M]):
         while another plugin has a usable one. Otherwise :meth:`select`'s
         answer (or its fast ProviderUnavailable). ``others=False`` (no other
         plugin lists providers) skips the look-up through ``host.providers``.
+        ``priority`` defaults to the pool's own.
         """
+        if priority is None:
+            priority = self.priority
         serving = self.serving(model)
         if not serving or all(m.deployment.name in exclude for m in serving):
             return None
@@ -237,7 +248,7 @@ class DeploymentPool(Generic[M]):
         ]
 
     def describe(self, m: M) -> dict[str, Any]:
-        """One deployment's public facts and circuit state (no secrets: only the key's variable name)."""
+        """One deployment's public facts, circuit state and the pool's ``priority`` (no secrets: only the key's variable name)."""
         b = m.breaker
         left = b.cooldown_left()
         facts = attrs.asdict(m.deployment)  # only names and settings: a deployment never holds a key
@@ -251,6 +262,7 @@ class DeploymentPool(Generic[M]):
             "opens_until": iso(self._wall_clock() + left) if left > 0 else None,
             "opens": b.opens,
             "last_error": b.last_error,
+            "priority": self.priority,
         }
 
     # -- persistence ------------------------------------------------------------------
@@ -337,10 +349,6 @@ class DeploymentPool(Generic[M]):
 def ordered(deployments: Sequence[Deployment], model: str) -> list[Deployment]:
     """The deployments serving ``model``, in the order given (no circuits involved)."""
     return [d for d in deployments if d.matches(model)]
-
-
-DEFAULT_PRIORITY = 100
-"""The priority of a provider plugin that states none (``ProviderInfo.detail["priority"]`` absent)."""
 
 
 def outranking(infos: Iterable[ProviderInfo], *, plugin: str, priority: int, exclude: Container[str] = ()) -> ProviderInfo | None:

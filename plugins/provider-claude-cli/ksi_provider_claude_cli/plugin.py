@@ -27,7 +27,7 @@ from typing import Any
 from ksi_host import hookimpl
 from ksi_host.circuit import CircuitBreaker
 from ksi_host.deployments import DeploymentPool
-from ksi_host.models import CompletionRequest, ProviderInfo
+from ksi_host.provider_plugin import ProviderPlugin
 
 from .config import ClaudeCliConfig, builtin_deployment
 from .provider import ClaudeCliProvider
@@ -39,15 +39,14 @@ CIRCUITS_TABLE = "claude_cli_circuits"
 
 
 class Pool(DeploymentPool[ClaudeCliProvider]):
-    """The shared DeploymentPool, reporting the plugin's ``priority`` and executable with each deployment."""
+    """The shared DeploymentPool, reporting the executable with each deployment too."""
 
-    def __init__(self, members: Any, *, priority: int, executable: str, **kw: Any) -> None:
+    def __init__(self, members: Any, *, executable: str, **kw: Any) -> None:
         super().__init__(members, **kw)
-        self.priority = priority
         self.executable = executable
 
     def describe(self, m: ClaudeCliProvider) -> dict[str, Any]:
-        return {**super().describe(m), "priority": self.priority, "executable": self.executable}
+        return {**super().describe(m), "executable": self.executable}
 
 
 def build_pool(config: ClaudeCliConfig, sessions: SessionStore | None, *, clock: Any) -> Pool:
@@ -60,52 +59,31 @@ def build_pool(config: ClaudeCliConfig, sessions: SessionStore | None, *, clock:
     )
 
 
-class Plugin:
-    """One instance per Host; holds the deployments, their circuits and the session store."""
+class Plugin(ProviderPlugin):
+    """One instance per Host; holds the deployments, their circuits and the session store (the hooks:
+    :class:`ksi_host.provider_plugin.ProviderPlugin`)."""
+
+    TABLE = TABLE
+    CONFIG = ClaudeCliConfig
+    CIRCUITS_TABLE = CIRCUITS_TABLE
 
     def __init__(self) -> None:
-        self.pool: Pool | None = None
+        super().__init__()
         self.sessions: SessionStore | None = None
-        self._others = True  # do other plugins list providers? (set at start-up)
-
-    @hookimpl
-    def ksi_config_spec(self) -> tuple[str, type]:
-        return TABLE, ClaudeCliConfig
 
     @hookimpl
     async def ksi_startup(self, host: Any) -> None:
+        # the session store exists before the pool is built: its providers remember sessions in it
         self.sessions = SessionStore(host.db)
         await self.sessions.migrate()
-        self.pool = build_pool(host.config[TABLE], self.sessions, clock=host.clock)
-        await self.pool.attach(host.db, CIRCUITS_TABLE)
-        hooks = getattr(host, "hooks", None)
-        if hooks is not None:  # with no other provider plugin, selection skips the cross-plugin look-up
-            self._others = any(getattr(fn, "__self__", None) is not self for _, fn, _ in hooks.impls("ksi_list_providers"))
+        await super().ksi_startup(host)
 
-    @hookimpl
-    async def ksi_shutdown(self) -> None:
-        if self.pool is not None:
-            await self.pool.detach()
+    def build_pool(self, config: ClaudeCliConfig, host: Any) -> Pool:
+        # before start-up (read-only use) there is no session store yet
+        return build_pool(config, self.sessions, clock=host.clock)
 
-    def _pool(self, host: Any) -> Pool:
-        if self.pool is None:  # hooks called before start-up (read-only use): no session store
-            self.pool = build_pool(host.config.get(TABLE) or ClaudeCliConfig(), None, clock=host.clock)
-        return self.pool
-
-    @hookimpl(tryfirst=True)
-    async def ksi_select_provider(self, host: Any, request: CompletionRequest,
-                                  exclude: frozenset[str]) -> ClaudeCliProvider | None:
-        pool = self.pool or self._pool(host)
-        return await pool.select_ranked(host, request.model, exclude, plugin=TABLE, priority=pool.priority,
-                                        others=self._others)
-
-    @hookimpl
-    def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:
-        return self._pool(host).infos(model, TABLE)
-
-    @hookimpl
-    async def ksi_status(self, host: Any) -> dict[str, Any]:
-        pool = self._pool(host)
+    async def status(self, host: Any, pool: DeploymentPool[Any]) -> dict[str, Any]:
+        assert isinstance(pool, Pool)
         return {TABLE: {
             "executable": pool.executable,
             "found": shutil.which(pool.executable),

@@ -143,11 +143,7 @@ class ClaudeCliProvider:
         return stdout, stderr, proc.returncode
 
     def _failed(self, generation: int, err: ProviderError) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("deployment %s failed: %s: %s", self.name, err.type, err.message)
-        if self.breaker.record_error(generation, err):
-            log.warning("circuit of deployment %s opened after %d consecutive failure(s) (last: %s); cool-down %gs",
-                        self.name, self.breaker.failures, err.type, self.breaker.cooldown_s)
+        self.breaker.record_attempt_error(generation, err, name=self.name, log=log)
 
 
 async def _kill(proc: Any) -> None:

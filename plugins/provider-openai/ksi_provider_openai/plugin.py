@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ksi_host import hookimpl
 from ksi_host.circuit import CircuitBreaker
 from ksi_host.deployments import DeploymentPool
-from ksi_host.models import CompletionRequest, ProviderInfo
+from ksi_host.provider_plugin import ProviderPlugin
 
 from .client import HttpClient
 from .config import OpenAIConfig
@@ -43,14 +42,10 @@ CIRCUITS_TABLE = "openai_circuits"
 
 
 class Pool(DeploymentPool[OpenAIProvider]):
-    """The shared DeploymentPool, reporting the plugin's ``priority`` with each deployment."""
-
-    def __init__(self, members: Any, *, priority: int, **kw: Any) -> None:
-        super().__init__(members, **kw)
-        self.priority = priority
+    """The shared DeploymentPool, reporting each deployment's ``url`` too."""
 
     def describe(self, m: OpenAIProvider) -> dict[str, Any]:
-        return {**super().describe(m), "priority": self.priority, "url": m.url}
+        return {**super().describe(m), "url": m.url}
 
 
 def build_pool(config: OpenAIConfig, client: HttpClient, *, clock: Any) -> Pool:
@@ -60,51 +55,27 @@ def build_pool(config: OpenAIConfig, client: HttpClient, *, clock: Any) -> Pool:
     )
 
 
-class Plugin:
-    """One instance per Host; holds the deployments, their circuits and the HTTP client."""
+class Plugin(ProviderPlugin):
+    """One instance per Host; holds the deployments, their circuits and the HTTP client (the hooks:
+    :class:`ksi_host.provider_plugin.ProviderPlugin`)."""
+
+    TABLE = TABLE
+    CONFIG = OpenAIConfig
+    CIRCUITS_TABLE = CIRCUITS_TABLE
 
     def __init__(self) -> None:
-        self.pool: Pool | None = None
+        super().__init__()
         self.client: HttpClient | None = None
-        self._others = True  # do other plugins list providers? (set at start-up)
 
-    @hookimpl
-    def ksi_config_spec(self) -> tuple[str, type]:
-        return TABLE, OpenAIConfig
+    def build_pool(self, config: OpenAIConfig, host: Any) -> Pool:
+        if self.client is None:  # one pooled client for every deployment (opened on the first call)
+            self.client = HttpClient(config.max_connections, trust_env=config.trust_env)
+        return build_pool(config, self.client, clock=host.clock)
 
-    @hookimpl
-    async def ksi_startup(self, host: Any) -> None:
-        await self._pool(host).attach(host.db, CIRCUITS_TABLE)
-        hooks = getattr(host, "hooks", None)
-        if hooks is not None:  # with no other provider plugin, selection skips the cross-plugin look-up
-            self._others = any(getattr(fn, "__self__", None) is not self for _, fn, _ in hooks.impls("ksi_list_providers"))
-
-    @hookimpl
-    async def ksi_shutdown(self) -> None:
-        if self.pool is not None:
-            await self.pool.detach()
+    async def stop(self) -> None:
         if self.client is not None:
             await self.client.close()
 
-    def _pool(self, host: Any) -> Pool:
-        if self.pool is None:  # hooks called before start-up (tests calling hooks directly)
-            config = host.config.get(TABLE) or OpenAIConfig()
-            self.client = HttpClient(config.max_connections, trust_env=config.trust_env)
-            self.pool = build_pool(config, self.client, clock=host.clock)
-        return self.pool
-
-    @hookimpl(tryfirst=True)
-    async def ksi_select_provider(self, host: Any, request: CompletionRequest, exclude: frozenset[str]) -> OpenAIProvider | None:
-        pool = self.pool or self._pool(host)
-        return await pool.select_ranked(host, request.model, exclude, plugin=TABLE, priority=pool.priority,
-                                        others=self._others)
-
-    @hookimpl
-    def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:
-        return self._pool(host).infos(model, TABLE)
-
-    @hookimpl
-    def ksi_status(self, host: Any) -> dict[str, Any]:
-        pool = self._pool(host)
+    async def status(self, host: Any, pool: DeploymentPool[Any]) -> dict[str, Any]:
         return {TABLE: {"priority": pool.priority, "connections_open": bool(self.client and self.client.open),
                         "circuits": pool.status()}}

@@ -233,12 +233,7 @@ class LitellmProvider:
         return result
 
     def _failed(self, generation: int, err: OperationalError) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("deployment %s failed: %s: %s", self.name, err.type, err.message)
-        # the shared rule: BadRequest (the request's fault) is neutral, anything else a failure
-        if self.breaker.record_error(generation, err):
-            log.warning("circuit of deployment %s opened after %d consecutive failure(s) (last: %s); cool-down %gs",
-                        self.name, self.breaker.failures, err.type, self.breaker.cooldown_s)
+        self.breaker.record_attempt_error(generation, err, name=self.name, log=log)
 
     def _response(self, lit: Any, response: Any, request: CompletionRequest) -> ProviderResponse:
         choices = getattr(response, "choices", None)

@@ -1,0 +1,110 @@
+"""The hooks every provider plugin implements the same way: :class:`ProviderPlugin`.
+
+A provider plugin subclasses it, names its config table (``TABLE``), its
+config class (``CONFIG``: an attrs class with ``deployments``, ``circuit`` and
+``priority``) and the table that keeps its circuits (``CIRCUITS_TABLE``), and
+writes :meth:`ProviderPlugin.build_pool` (its deployments as a
+:class:`~ksi_host.deployments.DeploymentPool` of its provider objects)::
+
+    class Plugin(ProviderPlugin):
+        TABLE = "myprov"
+        CONFIG = MyConfig
+        CIRCUITS_TABLE = "myprov_circuits"
+
+        def build_pool(self, config, host):
+            return DeploymentPool([MyProvider(d, CircuitBreaker.from_config(config.circuit, clock=host.clock))
+                                   for d in config.deployments], priority=config.priority)
+
+The hookimpls live here (pluggy finds them on the subclass's instance):
+``ksi_config_spec``; ``ksi_startup`` (builds the pool, keeps its circuits in
+``CIRCUITS_TABLE`` of the host database, then :meth:`start`);
+``ksi_shutdown`` (writes pending circuit changes, then :meth:`stop`);
+``ksi_select_provider`` (``tryfirst``: :meth:`DeploymentPool.select_ranked
+<ksi_host.deployments.DeploymentPool.select_ranked>`); ``ksi_list_providers``;
+``ksi_status`` (:meth:`status`, ``{"circuits": [...]}`` unless overridden).
+
+Override the plain methods (:meth:`start`, :meth:`stop`, :meth:`status`,
+:meth:`build_pool`), not the hookimpls: a method overriding a hookimpl must
+be marked ``@hookimpl`` again or pluggy does not see it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from . import hookimpl
+from .deployments import DeploymentPool
+from .models import CompletionRequest, ProviderInfo
+
+
+class ProviderPlugin:
+    """Base class of a provider plugin's ``Plugin`` (one instance per Host)."""
+
+    TABLE: ClassVar[str]
+    """The config table, also the plugin's name in ProviderInfo and the ranking between plugins."""
+    CONFIG: ClassVar[type]
+    """The attrs class of the config table (its defaults are used before start-up when the table is absent)."""
+    CIRCUITS_TABLE: ClassVar[str]
+    """Where the circuits are kept in the host database (``ksi-host status`` in another process sees them)."""
+
+    def __init__(self) -> None:
+        self.pool: DeploymentPool[Any] | None = None
+        self._others = True  # do other plugins list providers? (set at start-up)
+
+    # -- what a provider plugin writes ------------------------------------------------
+
+    def build_pool(self, config: Any, host: Any) -> DeploymentPool[Any]:
+        """The plugin's deployments, in try order, each with its circuit (``host.clock`` for the breakers)."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_pool(config, host)")
+
+    async def start(self, host: Any) -> None:
+        """Called by ``ksi_startup`` after the pool is built and its circuits attached."""
+
+    async def stop(self) -> None:
+        """Called by ``ksi_shutdown`` after the circuits are written."""
+
+    async def status(self, host: Any, pool: DeploymentPool[Any]) -> dict[str, Any]:
+        """The plugin's ``ksi_status`` sections."""
+        return {"circuits": pool.status()}
+
+    # -- the hooks ----------------------------------------------------------------------
+
+    @hookimpl
+    def ksi_config_spec(self) -> tuple[str, type]:
+        return self.TABLE, self.CONFIG
+
+    @hookimpl
+    async def ksi_startup(self, host: Any) -> None:
+        self.pool = self.build_pool(host.config[self.TABLE], host)
+        await self.pool.attach(host.db, self.CIRCUITS_TABLE)
+        hooks = getattr(host, "hooks", None)
+        if hooks is not None:  # with no other provider plugin, selection skips the cross-plugin look-up
+            self._others = any(getattr(fn, "__self__", None) is not self for _, fn, _ in hooks.impls("ksi_list_providers"))
+        await self.start(host)
+
+    @hookimpl
+    async def ksi_shutdown(self) -> None:
+        if self.pool is not None:
+            await self.pool.detach()
+        await self.stop()
+
+    def _pool(self, host: Any) -> DeploymentPool[Any]:
+        if self.pool is None:  # hooks called before start-up (tests calling hooks directly)
+            self.pool = self.build_pool(host.config.get(self.TABLE) or self.CONFIG(), host)
+        return self.pool
+
+    @hookimpl(tryfirst=True)
+    async def ksi_select_provider(self, host: Any, request: CompletionRequest, exclude: frozenset[str]) -> Any:
+        pool = self.pool or self._pool(host)
+        return await pool.select_ranked(host, request.model, exclude, plugin=self.TABLE, others=self._others)
+
+    @hookimpl
+    def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:
+        return self._pool(host).infos(model, self.TABLE)
+
+    @hookimpl
+    async def ksi_status(self, host: Any) -> dict[str, Any]:
+        return await self.status(host, self._pool(host))
+
+
+__all__ = ["ProviderPlugin"]
