@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import attrs
@@ -9,8 +10,11 @@ import pytest
 
 from ksi_host.circuit import CircuitBreaker
 from ksi_host.config import build_table
-from ksi_host.deployments import Deployment, DeploymentPool, check_unique_names, is_pattern
-from ksi_host.errors import AuthFailed, ConfigError, ProviderUnavailable
+from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, DeploymentPool, check_unique_names, is_pattern
+from ksi_host.errors import AuthFailed, BadRequest, ConfigError, OperationalError, ProviderUnavailable
+from ksi_host.models import CompletionRequest, ProviderResponse, Usage
+from ksi_host.provider_plugin import ProviderPlugin
+from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 
 class Clock:
@@ -171,3 +175,110 @@ async def test_circuits_persist_and_restore(tmp_path: Any) -> None:
         assert r.get("a").breaker.state == "half_open"  # the cool-down ended while nobody ran: trial due
         with pytest.raises(ValueError, match="identifier"):
             await r.attach(db, "bad table")
+
+
+def test_describe_reports_the_pool_priority() -> None:
+    p = pool(("a", "m"))
+    assert p.priority == DEFAULT_PRIORITY and p.describe(p.members[0])["priority"] == DEFAULT_PRIORITY
+    ranked = DeploymentPool(p.members, priority=5)
+    assert ranked.describe(ranked.members[0])["priority"] == 5
+    assert ranked.status()[0]["priority"] == 5
+    assert ranked.infos("m", "x")[0].detail["priority"] == 5
+
+
+# -- ProviderPlugin: the hooks every provider plugin shares ------------------------------
+
+
+@attrs.define
+class TinyConfig:
+    deployments: list[Deployment] = attrs.field(factory=list)
+    priority: int = DEFAULT_PRIORITY
+
+
+class TinyProvider:
+    """A provider object of a tiny provider plugin: one script of answers per deployment."""
+
+    def __init__(self, deployment: Deployment, breaker: CircuitBreaker, answer: BaseException | str) -> None:
+        self.deployment, self.breaker, self.name, self.timeout_s = deployment, breaker, deployment.name, 5.0
+        self.answer = answer
+
+    async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> ProviderResponse:
+        generation = self.breaker.generation
+        if isinstance(self.answer, OperationalError):
+            self.breaker.record_attempt_error(generation, self.answer, name=self.name, log=logging.getLogger("tiny"))
+            raise self.answer
+        self.breaker.record_success(generation)
+        return ProviderResponse(str(self.answer), usage=Usage(1, 1, 2, None))
+
+
+class TinyPlugin(ProviderPlugin):
+    TABLE = "tiny"
+    CONFIG = TinyConfig
+    CIRCUITS_TABLE = "tiny_circuits"
+
+    def __init__(self, answers: dict[str, BaseException | str]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.started = self.stopped = 0
+
+    def build_pool(self, config: TinyConfig, host: Any) -> DeploymentPool[TinyProvider]:
+        return DeploymentPool([TinyProvider(d, CircuitBreaker(1, 60, clock=host.clock), self.answers[d.name])
+                               for d in config.deployments], priority=config.priority)
+
+    async def start(self, host: Any) -> None:
+        self.started += 1
+
+    async def stop(self) -> None:
+        self.stopped += 1
+
+
+async def test_provider_plugin_hooks_are_found_on_a_subclass(make_host: Any) -> None:
+    plugin = TinyPlugin({"down": ProviderUnavailable("gone", provider="down"), "up": "hello"})
+    config = {"tiny": {"deployments": [{"name": "down", "model": "m"}, {"name": "up", "model": "m"}], "priority": 7}}
+    async with make_host(DirectQueue(), plugin, config=config) as host:
+        impls = {name: [getattr(fn, "__self__", None) for _, fn, _ in host.hooks.impls(name)]
+                 for name in ("ksi_config_spec", "ksi_startup", "ksi_shutdown", "ksi_select_provider",
+                              "ksi_list_providers", "ksi_status")}
+        assert all(plugin in found for found in impls.values()), impls
+        assert plugin.started == 1 and plugin.pool is not None
+        assert (await host.complete({"model": "m", "prompt": "hi"})).provider == "down"  # failed, no retry plugin
+        r = await host.complete({"model": "m", "prompt": "hi"})  # down's circuit is open: the next one
+        assert r.ok and r.text == "hello" and r.provider == "up"
+        infos = await host.providers("m")
+        assert [(i.name, i.plugin, i.state, i.detail["priority"]) for i in infos] == [
+            ("down", "tiny", "open", 7), ("up", "tiny", "closed", 7)]
+        status = await host.status()
+        assert [c["name"] for c in status["circuits"]] == ["down", "up"]
+        await plugin.pool.flush()
+        rows = await host.db.fetchall("SELECT name, state FROM tiny_circuits ORDER BY name")
+        assert [tuple(r) for r in rows] == [("down", "open")]
+    assert plugin.stopped == 1
+
+
+async def test_provider_plugin_select_is_tryfirst_and_defers_to_a_better_ranked_plugin(make_host: Any) -> None:
+    first = TinyPlugin({"a": "from a"})
+    class Other(TinyPlugin):
+        TABLE = "other"
+        CIRCUITS_TABLE = "other_circuits"
+    second = Other({"b": "from b"})
+    config = {"tiny": {"deployments": [{"name": "a", "model": "m"}], "priority": 50},
+              "other": {"deployments": [{"name": "b", "model": "m"}], "priority": 10}}
+    # registered last, a plain (not tryfirst) selector would be asked first: the tryfirst hooks are asked before it
+    async with make_host(DirectQueue(), first, second, ScriptedProviders(FakeProvider("fake")), config=config) as host:
+        assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"  # priority 10 before 50
+        assert (await host.complete({"model": "x", "prompt": "hi"})).provider == "fake"  # neither serves x
+
+
+def test_record_attempt_error_logs_debug_and_the_opening(caplog: pytest.LogCaptureFixture) -> None:
+    b = CircuitBreaker(2, 30, clock=Clock())
+    log = logging.getLogger("ksi_host.provider.tiny")
+    with caplog.at_level(logging.DEBUG, logger="ksi_host.provider.tiny"):
+        assert not b.record_attempt_error(b.generation, BadRequest("bad", provider="d"), name="d", log=log)
+        assert not b.record_attempt_error(b.generation, ProviderUnavailable("down", provider="d"), name="d", log=log)
+        assert b.record_attempt_error(b.generation, ProviderUnavailable("down", provider="d"), name="d", log=log)
+    assert b.state == "open" and b.failures == 2
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert debug == ["deployment d failed: BadRequest: bad"] + ["deployment d failed: ProviderUnavailable: down"] * 2
+    assert warnings == ["circuit of deployment d opened after 2 consecutive failure(s) (last: ProviderUnavailable); "
+                        "cool-down 30s"]
