@@ -103,7 +103,7 @@ async def submit_all(host: Any, batch: list[dict[str, Any]], mode: str, window: 
 
 
 async def run_one(n: int, sessions: int, concurrency: int, warmup: int, mode: str, window: int,
-                  profile: str | None) -> dict[str, Any]:
+                  profile: str | None, gc_setting: str = "default") -> dict[str, Any]:
     from ksi_queue.plugin import Plugin as Queue
     from ksi_retry.plugin import Plugin as Retry
     from ksi_tokens.plugin import Plugin as Tokens
@@ -121,6 +121,10 @@ async def run_one(n: int, sessions: int, concurrency: int, warmup: int, mode: st
         config = {"queue": {"concurrency": concurrency}}
         async with ksi_host.Host(config, db_path, plugins=[Queue(), Retry(), Tokens(), InstantPlugin()]) as host:
             await submit_all(host, requests("warm", warmup), mode, window)
+            if gc_setting == "cli":
+                from ksi_host.runner import tune_gc
+
+                tune_gc()  # what ksi-host run does once its host has started
             batch = requests("run", n)
             commits0 = host.db.commits
             profiler = None
@@ -160,27 +164,36 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--no-pin", action="store_true", help="do not pin to one CPU")
     ap.add_argument("--profile", metavar="FILE", help="write a pyinstrument profile of the first round to FILE")
+    ap.add_argument("--gc", default="cli",
+                    help="GC settings, comma-separated to compare them interleaved: cli (gc.freeze() and a first "
+                         "threshold of 50,000 after start-up, as ksi-host run sets them) or default (Python's); "
+                         "default cli")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one round of this mode, JSON out
     args = ap.parse_args()
     if args.one:
         cpu = None if args.no_pin else common.pin_to_one_core()
-        out = asyncio.run(run_one(args.n, args.sessions, args.concurrency, args.warmup, args.one, args.window, args.profile))
+        out = asyncio.run(run_one(args.n, args.sessions, args.concurrency, args.warmup, args.one, args.window, args.profile,
+                                  args.gc))
         out["cpu"] = cpu
         print(json.dumps(out))
         return 0
 
     env = {**os.environ, "KSI_HOST_PLUGINS": "queue,retry,tokens"}
-    modes = args.modes.split(",")
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    gcs = args.gc.split(",")
+    if not set(gcs) <= {"cli", "default"}:
+        ap.error("--gc: cli, default or both")
+    modes = [(m, g) for m in args.modes.split(",") for g in gcs]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {m: [] for m in modes}
     for i in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every mode alike
-        for mode in modes:
+        for mode, gc_setting in modes:
             child = [__file__, "--one", mode, "--n", str(args.n), "--sessions", str(args.sessions), "--concurrency",
-                     str(args.concurrency), "--warmup", str(args.warmup), "--window", str(args.window)]
+                     str(args.concurrency), "--warmup", str(args.warmup), "--window", str(args.window),
+                     "--gc", gc_setting]
             if args.no_pin:
                 child.append("--no-pin")
             if args.profile and i == 0:
                 child += ["--profile", f"{args.profile}.{mode}"]
-            runs[mode].append(common.run_json(child, env))
+            runs[mode, gc_setting].append(common.run_json(child, env))
     pinned = runs[modes[0]][0]["cpu"]
     print(f"host_only: {args.n:,} requests per round over {args.sessions} sessions, queue concurrency {args.concurrency}; "
           f"instant in-process provider; real queue, retry and tokens plugins on a database file; "
@@ -188,9 +201,12 @@ def main() -> int:
           f"load average {common.load_average()}")
     print("  agents: one agent per session awaits its requests one after the other, all agents at once")
     print(f"  batch:  one task per request, at most {args.window:,} in flight (what ksi-host run does)")
+    print("  gc cli: gc.freeze() and a first GC threshold of 50,000 once the host started, as ksi-host run sets them "
+          "(ksi_host.runner.tune_gc); gc default: Python's settings")
     rows = []
     verdicts = []
-    for mode, rs in runs.items():
+    for (mode, gc_setting), rs in runs.items():
+        mode = f"{mode} (gc {gc_setting})"
         rps = common.median([r["rps"] for r in rs])
         durable = all(r["stored_ok"] == r["n"] and r["ledger_rows"] == r["n"] for r in rs)
         rows.append([mode, f"{sum(r['ok'] for r in rs):,}/{sum(r['n'] for r in rs):,}", rps, min(r["rps"] for r in rs), max(r["rps"] for r in rs),

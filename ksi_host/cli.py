@@ -106,7 +106,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from .errors import MissingPluginError
     from .hookspecs import INSTALL_HINTS
-    from .runner import REQUIRED_HOOKS, BatchRunner, open_requests, read_lines
+    from .runner import REQUIRED_HOOKS, BatchRunner, open_requests, read_lines, tune_gc
 
     try:
         with open_requests(args.requests) as f:
@@ -125,6 +125,7 @@ async def _run(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
         out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
         runner = BatchRunner(host, out, sys.stderr)
+        tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.runner)
         task = asyncio.ensure_future(runner.run(lines))
         loop = asyncio.get_running_loop()
         interrupted = False
