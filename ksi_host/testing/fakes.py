@@ -6,6 +6,11 @@
 * :class:`ScriptedProviders` implements ``ksi_select_provider`` and
   ``ksi_list_providers`` with :class:`FakeProvider` deployments whose answers
   are scripted: a string (the text), a ProviderResponse, or an exception to raise.
+* :class:`FakeClock` is a monotonic clock the test moves by hand
+  (``Host(clock=...)``, or a provider plugin's circuit breakers).
+* :class:`FailOver` implements ``ksi_handle_failure`` as the smallest failure
+  policy that exercises fail-over: retryable errors and AuthFailed move to
+  another deployment at once, anything else gives up.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from typing import Any
 
+from ..errors import OperationalError
 from ..hookspecs import hookimpl
-from ..models import CompletionRequest, ProviderInfo, ProviderResponse, Ticket, Usage
+from ..models import AttemptContext, CompletionRequest, FailureDecision, ProviderInfo, ProviderResponse, Ticket, Usage
 
 
 class DirectQueue:
@@ -87,3 +93,34 @@ class ScriptedProviders:
     def ksi_list_providers(self, model: str | None) -> list[ProviderInfo]:
         return [ProviderInfo(p.name, p.model, "fake") for p in self.providers
                 if model is None or fnmatchcase(model, p.model)]
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand: ``clock()`` is ``clock.t``; ``clock.advance(s)``."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+class FailOver:
+    """A tiny failure policy: retryable errors and AuthFailed move to another deployment at once; the rest give up.
+
+    At most ``max_attempts`` attempts; ``seen`` lists ``(provider, error type)`` of every failure handled.
+    """
+
+    def __init__(self, max_attempts: int = 5) -> None:
+        self.max_attempts = max_attempts
+        self.seen: list[tuple[str | None, str]] = []
+
+    @hookimpl
+    def ksi_handle_failure(self, error: OperationalError, attempt: AttemptContext) -> FailureDecision:
+        self.seen.append((attempt.provider, error.type))
+        if attempt.number < self.max_attempts and (error.retryable or error.type == "AuthFailed"):
+            return FailureDecision.retry(0.0, switch_provider=attempt.provider is not None)
+        return FailureDecision.give_up(error)

@@ -22,6 +22,7 @@ from ksi_host import (
 )
 from ksi_host.models import AttemptContext, CompletionRequest, Usage
 from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
+from ksi_host.testing.fakes import FakeClock
 
 MODEL = "claude-cli/sonnet"
 REQ = {"model": MODEL, "prompt": "hi"}
@@ -35,14 +36,6 @@ class FailOver:
         if attempt.number < 4 and error.retryable:
             return FailureDecision.retry(0.0, switch_provider=attempt.provider is not None)
         return FailureDecision.give_up(error)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 async def test_circuit_opens_after_failures_and_bad_requests_do_not_count(cc_host: Any, fake_cli: Any) -> None:

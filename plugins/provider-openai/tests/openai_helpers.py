@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ksi_host import FailureDecision, OperationalError, hookimpl
-from ksi_host.models import AttemptContext, CompletionRequest
+from ksi_host.models import CompletionRequest
+from ksi_host.testing.fakes import FailOver, FakeClock
+
+__all__ = ["KEY_ENV", "SECRET_KEY", "FailOver", "FakeClock", "deployment", "request"]
 
 KEY_ENV = "KSI_TEST_OPENAI_KEY"
 SECRET_KEY = "sk-ksi-test-SECRET-0123456789abcdef"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 def deployment(server: Any, name: str = "main", model: str = "gpt-test", **kw: Any) -> dict[str, Any]:
@@ -33,18 +22,3 @@ def deployment(server: Any, name: str = "main", model: str = "gpt-test", **kw: A
 
 def request(model: str = "gpt-test", text: str = "hello there", **kw: Any) -> CompletionRequest:
     return CompletionRequest(model=model, messages=[{"role": "user", "content": text}], **kw)
-
-
-class FailOver:
-    """A tiny failure policy: retryable errors and AuthFailed move to another deployment at once; the rest give up."""
-
-    def __init__(self, max_attempts: int = 5) -> None:
-        self.max_attempts = max_attempts
-        self.seen: list[tuple[str | None, str]] = []
-
-    @hookimpl
-    def ksi_handle_failure(self, error: OperationalError, attempt: AttemptContext) -> FailureDecision:
-        self.seen.append((attempt.provider, error.type))
-        if attempt.number < self.max_attempts and (error.retryable or error.type == "AuthFailed"):
-            return FailureDecision.retry(0.0, switch_provider=attempt.provider is not None)
-        return FailureDecision.give_up(error)
