@@ -73,6 +73,8 @@ def _check_text(field: str, value: Any) -> None:
 
 
 def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if value is None or (type(value) is str and value and value.isascii()):
+        return  # the common cases, decided without the checks below
     if value is not None and (not isinstance(value, str) or not value):
         _fail(a.name, "must be a non-empty string or null")
     if value is not None:
@@ -80,6 +82,8 @@ def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
 
 
 def _req_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if type(value) is str and value.isascii() and value.strip():
+        return  # the common case: no Unicode to check
     if not isinstance(value, str) or not value.strip():
         _fail(a.name, "is required and must be a non-empty string")
     _check_text(a.name, value)
@@ -97,6 +101,8 @@ def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
         content = m.get("content")
         if not isinstance(content, (str, list)):
             _fail(f"messages[{i}].content", "must be a string (or a list of content parts)")
+        if len(m) == 2 and type(content) is str and content.isascii():
+            continue  # only role (one of ROLES) and ASCII content: no Unicode to check
         _check_text(f"messages[{i}]", m)
 
 
@@ -125,6 +131,8 @@ def _pos_num(inst: Any, a: attrs.Attribute, value: Any) -> None:
 
 
 def _metadata(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if type(value) is dict and not value:
+        return
     if not isinstance(value, dict):
         _fail("metadata", "must be an object")
     for k, v in value.items():
