@@ -65,15 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def _err(message: str) -> None:
     print(f"ksi-host: {message}", file=sys.stderr)
 
 
 def _host(args: argparse.Namespace, *, serve: bool, concurrency: int | None = None) -> Any:
-    from .config import load_config
+    from .config import LOG_LEVELS, load_config
     from .service import Host
 
     config = load_config(args.config or os.environ.get("KSI_HOST_CONFIG"))
+    level = str(config.get("host", {}).get("log_level", "")).upper()
+    if not args.verbose and level in LOG_LEVELS and level != "WARNING":
+        _log_to_stderr(level)  # [host] log_level; the Host validates a bad value
     if concurrency is not None:
         config.setdefault("host", {})["concurrency"] = concurrency
     return Host(config, args.db, serve=serve)
@@ -231,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if args.verbose:
-        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        _log_to_stderr("DEBUG" if args.verbose > 1 else "INFO")
     from .errors import MissingPluginError, OperationalError, StartupError
 
     try:

@@ -29,11 +29,21 @@ class HostConfig:
 
     ``concurrency``: overrides the queue's concurrency limit when set
     (``ksi-host run --concurrency N`` sets it too).
-    ``log_level``: the level of the ``ksi_host`` loggers (``WARNING`` by default).
+    ``log_level``: the level of the ``ksi_host`` loggers (``WARNING`` by default);
+    ``ksi-host`` also logs every library's records at that level to stderr
+    (``-v``/``-vv`` override it with INFO/DEBUG).
     """
 
     concurrency: int | None = None
-    log_level: str = "WARNING"
+    log_level: str = attrs.field(default="WARNING", validator=lambda i, a, v: _check_level(v))
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_level(value: str) -> None:
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:

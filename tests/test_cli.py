@@ -156,3 +156,16 @@ def test_status_lists_providers(tmp_path, fake_site):
     p = run_cli(["status", "--json", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["providers"] == [{"name": "echo-main", "model": "echo*", "plugin": "fake", "state": "closed"}]
+
+
+def test_host_log_level_logs_to_stderr_and_is_validated(tmp_path, fake_site):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[host]\nlog_level = "DEBUG"\n')
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    p = run_cli(["run", str(f), "--config", str(cfg), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 0, p.stderr
+    assert " DEBUG " in p.stderr  # e.g. asyncio's or ksi_host's debug records
+    assert json.loads(p.stdout)["status"] == "ok"  # results stay alone on stdout
+    cfg.write_text('[host]\nlog_level = "LOUD"\n')
+    p = run_cli(["run", str(f), "--config", str(cfg), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 2 and "log_level must be one of" in p.stderr
