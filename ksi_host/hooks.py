@@ -8,6 +8,7 @@ awaitable before deciding whether it counts.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import pluggy
@@ -44,8 +45,16 @@ class HookCaller:
     def implemented(self, hook: str) -> bool:
         return bool(self.impls(hook))
 
-    async def call(self, hook: str, /, **kwargs: Any) -> list[Any]:
-        """Call every hookimpl of ``hook``; return their non-None answers."""
+    def call(self, hook: str, /, **kwargs: Any) -> Awaitable[list[Any]]:
+        """``await hooks.call(hook, **kwargs)``: every hookimpl of ``hook``; their non-None answers."""
+        return self._run(False, hook, kwargs)
+
+    def first(self, hook: str, /, **kwargs: Any) -> Awaitable[Any]:
+        """``await hooks.first(hook, **kwargs)``: hookimpls until one answers something other than None."""
+        return self._run(True, hook, kwargs)
+
+    # call() and first() hand back _run's coroutine: one loop, no extra coroutine per hook call.
+    async def _run(self, stop_at_first: bool, hook: str, kwargs: dict[str, Any]) -> Any:
         results = []
         for plugin, fn, argnames in self._impls.get(hook) or self.impls(hook):
             try:
@@ -58,23 +67,7 @@ class HookCaller:
                 _note(e, plugin, hook)
                 raise
             if r is not None:
+                if stop_at_first:
+                    return r
                 results.append(r)
-        return results
-
-    async def first(self, hook: str, /, **kwargs: Any) -> Any:
-        """Call hookimpls of ``hook`` until one answers something other than None."""
-        # The loop is written out here rather than shared with call(): one coroutine
-        # less per hook call on the per-request path.
-        for plugin, fn, argnames in self._impls.get(hook) or self.impls(hook):
-            try:
-                r = fn(*[kwargs[a] for a in argnames])
-                if r is not None and hasattr(r, "__await__"):
-                    r = await r
-            except KsiError:
-                raise
-            except Exception as e:
-                _note(e, plugin, hook)
-                raise
-            if r is not None:
-                return r
-        return None
+        return None if stop_at_first else results
