@@ -74,8 +74,8 @@ def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         return _rejected(request_id, ValidationError("json", f"not valid JSON ({e.msg} at column {e.colno})", line=lineno))
-    if isinstance(data, dict) and isinstance(data.get("request_id"), str) and data["request_id"]:
-        request_id = data["request_id"]
+    if isinstance(data, dict) and _text(data.get("request_id")):
+        request_id = data["request_id"]  # (an id that cannot be written out keeps the line's own)
     elif isinstance(data, dict) and data.get("request_id") is None:
         data["request_id"] = request_id
     try:
