@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -109,12 +109,15 @@ class Deployment:
         return key
 
 
-def check_unique_names(deployments: Iterable[Deployment], reserved: Container[str] = ()) -> None:
-    """Raise ValueError naming the first duplicated (or reserved) deployment name."""
+def check_unique_names(deployments: Iterable[Deployment], reserved: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError naming the first duplicated (or reserved) deployment name.
+
+    ``reserved`` maps each reserved name to why it is reserved (appended to the message).
+    """
     seen: set[str] = set()
     for i, d in enumerate(deployments):
-        if d.name in reserved:
-            raise ValueError(f"deployments[{i}].name {d.name!r} is reserved")
+        if reserved and d.name in reserved:
+            raise ValueError(f"deployments[{i}].name {d.name!r} is reserved {reserved[d.name]}".rstrip())
         if d.name in seen:
             raise ValueError(f"deployments[{i}].name {d.name!r} is used by two deployments (names must be unique)")
         seen.add(d.name)

@@ -83,8 +83,8 @@ def test_unique_names() -> None:
     check_unique_names([Deployment("a", "m"), Deployment("b", "m")])
     with pytest.raises(ValueError, match=r"deployments\[1\].name 'a'"):
         check_unique_names([Deployment("a", "m"), Deployment("a", "n")])
-    with pytest.raises(ValueError, match="reserved"):
-        check_unique_names([Deployment("mock", "m")], reserved={"mock"})
+    with pytest.raises(ValueError, match="deployments\\[0\\].name 'mock' is reserved for the built-in"):
+        check_unique_names([Deployment("mock", "m")], reserved={"mock": "for the built-in"})
     with pytest.raises(ValueError):
         pool(("a", "m"), ("a", "m"))
 

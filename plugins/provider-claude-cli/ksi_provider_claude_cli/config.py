@@ -82,13 +82,8 @@ def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
 
 
 def _deployments(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    reserved = (BUILTIN_NAME,) if inst.builtin else ()
-    try:
-        check_unique_names(value, reserved)
-    except ValueError as e:
-        if "reserved" in str(e):
-            raise ValueError(f"{e} for the built-in deployment serving {BUILTIN_PATTERN} (set builtin = false to use it)") from None
-        raise
+    why = f"for the built-in deployment serving {BUILTIN_PATTERN} (set builtin = false to use it)"
+    check_unique_names(value, {BUILTIN_NAME: why} if inst.builtin else None)
 
 
 @attrs.define(frozen=True)

@@ -57,13 +57,8 @@ class LitellmDeployment(Deployment):
 
 
 def _deployments(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    reserved = (MOCK_NAME,) if inst.mock else ()
-    try:
-        check_unique_names(value, reserved)
-    except ValueError as e:
-        if "reserved" in str(e):
-            raise ValueError(f"{e} for the built-in deployment serving {MOCK_PATTERN} (set mock = false to use it)") from None
-        raise
+    why = f"for the built-in deployment serving {MOCK_PATTERN} (set mock = false to use it)"
+    check_unique_names(value, {MOCK_NAME: why} if inst.mock else None)
 
 
 def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
