@@ -99,21 +99,22 @@ class Database:
 
         ``migrations[i]`` is the SQL script that takes the schema from version
         ``i`` to ``i + 1``; scripts already applied (recorded in
-        ``ksi_schema_versions``) are skipped. Never edit a released migration:
-        append a new one. Returns the version now in force.
+        ``ksi_schema_versions``) are skipped. Each script runs in its own
+        transaction with foreign keys off, so a script may rebuild a table that
+        others reference (SQLite's way of changing a constraint: create the new
+        table, copy the rows, drop the old one, rename the new one); before it
+        commits, ``PRAGMA foreign_key_check`` must find nothing, or the script
+        is rolled back and RuntimeError names it. Never edit a released
+        migration: append a new one. Returns the version now in force.
         """
         async with self._lock:
             rows = await self.conn.execute_fetchall("SELECT version FROM ksi_schema_versions WHERE owner = ?", (owner,))
             current = rows[0][0] if rows else 0
             if current > len(migrations):
                 raise RuntimeError(f"{owner}: database schema version {current} is newer than this code knows ({len(migrations)})")
-            for version in range(current + 1, len(migrations) + 1):
-                script = migrations[version - 1].strip().rstrip(";")
-                await self.conn.executescript(
-                    f"BEGIN;\n{script};\n"
-                    f"INSERT INTO ksi_schema_versions(owner, version, applied_at) VALUES ('{owner.replace(chr(39), '')}', {version}, {time.time()})"
-                    f" ON CONFLICT(owner) DO UPDATE SET version = excluded.version, applied_at = excluded.applied_at;\nCOMMIT;"
-                )
+            todo = [(v, migrations[v - 1].strip().rstrip(";")) for v in range(current + 1, len(migrations) + 1)]
+            if todo:
+                await self._on_thread(_migrate_sync, owner, todo)
             return len(migrations)
 
     async def schema_version(self, owner: str) -> int:
@@ -224,3 +225,27 @@ def _commit_sync(conn: sqlite3.Connection, work: list[tuple[list[Statement], boo
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _migrate_sync(conn: sqlite3.Connection, owner: str, scripts: list[tuple[int, str]]) -> None:
+    """Run each ``(version, script)`` in its own transaction, foreign keys off (see :meth:`Database.migrate`)."""
+    conn.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set before BEGIN
+    try:
+        for version, script in scripts:
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE;\n{script};\n")  # leaves the transaction open
+                conn.execute(
+                    "INSERT INTO ksi_schema_versions(owner, version, applied_at) VALUES (?, ?, ?) ON CONFLICT(owner)"
+                    " DO UPDATE SET version = excluded.version, applied_at = excluded.applied_at", (owner, version, time.time()))
+                dangling = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if dangling:
+                    table, rowid, parent, _ = dangling[0]
+                    raise RuntimeError(f"{owner}: migration {version} leaves {len(dangling)} row(s) whose foreign key points "
+                                       f"nowhere (first: {table} row {rowid} -> {parent}); rolled back")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")

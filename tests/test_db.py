@@ -82,3 +82,36 @@ async def test_write_batch_is_atomic(tmp_path):
             db.execute("INSERT INTO p(id) VALUES (3)"), return_exceptions=True)
         assert isinstance(results[0], sqlite3.IntegrityError) and results[1] is None
         assert [r[0] for r in await db.fetchall("SELECT id FROM p ORDER BY id")] == [1, 3]
+
+
+PARENT_CHILD = ("CREATE TABLE p (id INTEGER PRIMARY KEY, kind TEXT CHECK (kind IN ('a', 'b', 'c')));"
+                " CREATE TABLE c (id INTEGER PRIMARY KEY, p INTEGER NOT NULL REFERENCES p(id))")
+
+
+async def test_a_migration_may_rebuild_a_table_others_reference(tmp_path):
+    rebuild = ("CREATE TABLE p_new (id INTEGER PRIMARY KEY, kind TEXT CHECK (kind = 'a' OR kind = 'b' OR kind = 'c'));"
+               " INSERT INTO p_new (id, kind) SELECT id, kind FROM p; DROP TABLE p; ALTER TABLE p_new RENAME TO p")
+    async with Database(tmp_path / "a.db") as db:
+        await db.migrate("t", [PARENT_CHILD])
+        await db.write_batch([("INSERT INTO p(id, kind) VALUES (1, 'a')", ()), ("INSERT INTO c(id, p) VALUES (1, 1)", ())])
+        assert await db.migrate("t", [PARENT_CHILD, rebuild]) == 2
+        assert "kind = 'a' OR" in (await db.fetchone("SELECT sql FROM sqlite_master WHERE name = 'p'"))[0]
+        assert [tuple(r) for r in await db.fetchall("SELECT c.id, p.kind FROM c JOIN p ON p.id = c.p")] == [(1, "a")]
+        assert await db.pragma("foreign_keys") == 1  # back on after the migration
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.execute("INSERT INTO c(id, p) VALUES (2, 99)")
+
+
+async def test_a_migration_that_breaks_a_foreign_key_or_fails_is_rolled_back(tmp_path):
+    async with Database(tmp_path / "a.db") as db:
+        await db.migrate("t", [PARENT_CHILD])
+        await db.write_batch([("INSERT INTO p(id, kind) VALUES (1, 'a')", ()), ("INSERT INTO c(id, p) VALUES (1, 1)", ())])
+        with pytest.raises(RuntimeError, match=r"t: migration 2 leaves 1 row\(s\) whose foreign key points nowhere"):
+            await db.migrate("t", [PARENT_CHILD, "DELETE FROM p"])
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            await db.migrate("t", [PARENT_CHILD, "CREATE TABLE x (id INTEGER); INSERT INTO nowhere VALUES (1)"])
+        assert await db.schema_version("t") == 1
+        assert (await db.fetchone("SELECT COUNT(*) FROM p"))[0] == 1
+        assert await db.fetchone("SELECT name FROM sqlite_master WHERE name = 'x'") is None
+        assert not db.conn.in_transaction and await db.pragma("foreign_keys") == 1
+        await db.execute("INSERT INTO p(id, kind) VALUES (2, 'b')")  # the connection still writes

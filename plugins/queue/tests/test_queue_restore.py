@@ -121,3 +121,42 @@ async def test_in_memory_databases_are_private_to_each_host(make_host: Any) -> N
     async with make_host(Plugin(), ScriptedProviders(FakeProvider("p")), db_path=":memory:") as a:
         async with make_host(Plugin(), ScriptedProviders(FakeProvider("p")), db_path=":memory:") as b:
             assert (await a.complete(req("x"))).ok and (await b.complete(req("x"))).ok
+
+
+async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ksi_db_path: Any) -> None:
+    """Migration 2 rebuilds ksi_queue_requests (its status CHECK): stored requests, payloads and
+    attempts survive; queued ones run after it; final ones answer from the table."""
+    import sqlite3
+
+    from ksi_queue import schema
+
+    from ksi_host import Database
+
+    async with Database(ksi_db_path) as db:  # a database a version-1 ksi-queue left behind
+        await db.migrate(schema.OWNER, schema.MIGRATIONS[:1])
+        now = 1_700_000_000.0
+        await db.write_batch([
+            (schema.INSERT_REQUEST, (1, "done", "A", None, None, None, "m", "normal", None, None, None, now)),
+            (schema.INSERT_REQUEST, (2, "waiting", "A", "ag", None, "p", "m", "high", 7, 0.5, None, now)),
+            (schema.INSERT_PAYLOAD, (1, '[{"role":"user","content":"one"}]', "{}")),
+            (schema.INSERT_PAYLOAD, (2, '[{"role":"user","content":"two"}]', '{"k":1}')),
+            (schema.STORE_RESULT, ("ok", now, now + 1, "stored answer", "m", "p1", "A", 1, 2, 3, None, None, None, 1)),
+            (schema.INSERT_ATTEMPT, ("done", 1, "p1", None, None, None, 12.5)),
+        ])
+    gate = GatedProvider(open=True)
+    async with make_host(Plugin(), ScriptedProviders(gate)) as host:
+        done, waiting = await asyncio.gather(host.complete(req("done", "A")), host.complete(req("waiting", "A")))
+    assert gate.calls == ["waiting"]  # the final one is not sent again
+    assert (done.text, done.usage.total_tokens, [(a.provider, a.latency_ms) for a in done.attempts]) == (
+        "stored answer", 3, [("p1", 12.5)])
+    assert waiting.ok
+    con = sqlite3.connect(ksi_db_path)
+    assert con.execute("SELECT version FROM ksi_schema_versions WHERE owner = ?", (schema.OWNER,)).fetchone() == (2,)
+    table_sql = con.execute("SELECT sql FROM sqlite_master WHERE name = 'ksi_queue_requests'").fetchone()[0]
+    assert "status = 'queued' OR" in table_sql and " IN (" not in table_sql
+    assert con.execute("SELECT name FROM sqlite_master WHERE name = 'ksi_queue_requests_unfinished'").fetchone()
+    assert con.execute("SELECT agent_id, purpose, priority, max_tokens FROM ksi_queue_requests WHERE seq = 2"
+                       ).fetchone() == ("ag", "p", "high", 7)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # the rule itself is unchanged
+        con.execute("UPDATE ksi_queue_requests SET status = 'lost' WHERE seq = 1")
+    con.close()
