@@ -4,6 +4,7 @@ import sqlite3
 import pytest
 
 from ksi_host import Database
+from ksi_host.db import WAL_AUTOCHECKPOINT_PAGES
 
 
 async def test_pragmas(tmp_path):
@@ -12,6 +13,7 @@ async def test_pragmas(tmp_path):
         assert await db.pragma("foreign_keys") == 1
         assert await db.pragma("synchronous") == 1  # NORMAL
         assert await db.pragma("busy_timeout") >= 1000
+        assert await db.pragma("wal_autocheckpoint") == WAL_AUTOCHECKPOINT_PAGES > 1000
 
 
 async def test_migrations_are_recorded_per_owner_and_run_once(tmp_path):
