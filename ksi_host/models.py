@@ -8,6 +8,7 @@ raises :class:`~ksi_host.errors.ValidationError` naming the field and why.
 from __future__ import annotations
 
 import os
+import random
 import time
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -72,24 +73,20 @@ def _check_text(field: str, value: Any) -> None:
             _check_text(f"{field}[{i}]", v)
 
 
-def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is None or (type(value) is str and value and value.isascii()):
-        return  # the common cases, decided without the checks below
+def _opt_str(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value):
-        _fail(a.name, "must be a non-empty string or null")
+        _fail(name, "must be a non-empty string or null")
     if value is not None:
-        _check_text(a.name, value)
+        _check_text(name, value)
 
 
-def _req_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if type(value) is str and value.isascii() and value.strip():
-        return  # the common case: no Unicode to check
+def _req_str(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
-        _fail(a.name, "is required and must be a non-empty string")
-    _check_text(a.name, value)
+        _fail(name, "is required and must be a non-empty string")
+    _check_text(name, value)
 
 
-def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
+def _messages(value: Any) -> None:
     if not isinstance(value, (list, tuple)) or not value:
         _fail("messages", "must be a non-empty list of {role, content} objects (or give 'prompt')")
     for i, m in enumerate(value):
@@ -106,33 +103,31 @@ def _messages(inst: Any, a: attrs.Attribute, value: Any) -> None:
         _check_text(f"messages[{i}]", m)
 
 
-def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
+def _priority(value: Any) -> None:
     if not isinstance(value, str) or value not in PRIORITIES:
         _fail("priority", f"must be one of {', '.join(PRIORITIES)}; got {value!r}")
 
 
-def _pos_int(inst: Any, a: attrs.Attribute, value: Any) -> None:
+def _pos_int(name: str, value: Any) -> None:
     if value is not None and (type(value) is not int or not 0 < value <= MAX_INT):
-        _fail(a.name, f"must be a positive integer (at most {MAX_INT}) or null, got {value!r}")
+        _fail(name, f"must be a positive integer (at most {MAX_INT}) or null, got {value!r}")
 
 
-def _temperature(inst: Any, a: attrs.Attribute, value: Any) -> None:
+def _temperature(value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
         _fail("temperature", f"must be a number from 0 to 2 or null, got {value!r}")
 
 
-def _pos_num(inst: Any, a: attrs.Attribute, value: Any) -> None:
+def _pos_num(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        _fail(a.name, f"must be a positive number of seconds or null, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_INT:
+        _fail(name, f"must be a positive number of seconds (at most {MAX_INT}) or null, got {value!r}")
 
 
-def _metadata(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if type(value) is dict and not value:
-        return
+def _metadata(value: Any) -> None:
     if not isinstance(value, dict):
         _fail("metadata", "must be an object")
     for k, v in value.items():
@@ -143,6 +138,36 @@ def _metadata(inst: Any, a: attrs.Attribute, value: Any) -> None:
     _check_text("metadata", value)
 
 
+def _validate_request(r: CompletionRequest) -> None:
+    """Every field check of a request, in field order, in one call (attrs runs it after ``__init__``).
+
+    The common case (ASCII strings, plain values, empty metadata) is decided inline; any other
+    value goes to its field's check, which raises ValidationError naming the field and why."""
+    v = r.model
+    if not (type(v) is str and v.isascii() and v.strip()):
+        _req_str("model", v)
+    _messages(r.messages)
+    v = r.request_id
+    if not (type(v) is str and v.isascii() and v.strip()):
+        _req_str("request_id", v)
+    for name, v in (("session_id", r.session_id), ("agent_id", r.agent_id),
+                    ("originator_agent_id", r.originator_agent_id), ("purpose", r.purpose)):
+        if v is not None and not (type(v) is str and v and v.isascii()):
+            _opt_str(name, v)
+    v = r.priority
+    if not (type(v) is str and v in PRIORITIES):
+        _priority(v)
+    if r.max_tokens is not None:
+        _pos_int("max_tokens", r.max_tokens)
+    if r.temperature is not None:
+        _temperature(r.temperature)
+    if r.timeout_s is not None:
+        _pos_num("timeout_s", r.timeout_s)
+    v = r.metadata
+    if not (type(v) is dict and not v):
+        _metadata(v)
+
+
 def new_request_id() -> str:
     """A new request id: 32 hex digits of a version-7 UUID (RFC 9562).
 
@@ -150,12 +175,18 @@ def new_request_id() -> str:
     milliseconds, so ids made later sort later. SQLite indexes keyed by request
     id (the queue's, the ledger's) then grow at their end instead of touching a
     random page per insert, which roughly halves the cost of each durable write.
+    The random bits come from a generator seeded from ``os.urandom`` (and seeded
+    again in a forked child): ids must be unique, not secret, and a system call
+    per id cost more than the rest of this function.
     """
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | (rand >> 64 & 0xFFF) << 64 | 0b10 << 62 | rand & _LOW62
+    rand = _id_bits(74)
+    value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | rand & _LOW62
     return f"{value:032x}"
 
 
+_id_random = random.Random()  # seeded from os.urandom
+_id_bits = _id_random.getrandbits
+os.register_at_fork(after_in_child=_id_random.seed)  # a child must not repeat its parent's ids
 _LOW62 = (1 << 62) - 1
 
 
@@ -163,20 +194,21 @@ _LOW62 = (1 << 62) - 1
 class CompletionRequest:
     """One completion to run. Only ``model`` and ``messages`` are required."""
 
-    model: str = attrs.field(validator=_req_str)
-    messages: tuple[dict[str, Any], ...] = attrs.field(
-        converter=lambda v: tuple(v) if isinstance(v, list) else v, validator=_messages
-    )
-    request_id: str = attrs.field(factory=new_request_id, validator=_req_str)
-    session_id: str | None = attrs.field(default=None, validator=_opt_str)
-    agent_id: str | None = attrs.field(default=None, validator=_opt_str)
-    originator_agent_id: str | None = attrs.field(default=None, validator=_opt_str)
-    purpose: str | None = attrs.field(default=None, validator=_opt_str)
-    priority: str = attrs.field(default="normal", validator=_priority)
-    max_tokens: int | None = attrs.field(default=None, validator=_pos_int)
-    temperature: float | None = attrs.field(default=None, validator=_temperature)
-    timeout_s: float | None = attrs.field(default=None, validator=_pos_num)
-    metadata: dict[str, Any] = attrs.field(factory=dict, validator=_metadata)
+    model: str
+    messages: tuple[dict[str, Any], ...] = attrs.field(converter=lambda v: tuple(v) if isinstance(v, list) else v)
+    request_id: str = attrs.field(factory=new_request_id)
+    session_id: str | None = None
+    agent_id: str | None = None
+    originator_agent_id: str | None = None
+    purpose: str | None = None
+    priority: str = "normal"
+    max_tokens: int | None = None
+    temperature: float | None = None
+    timeout_s: float | None = None
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        _validate_request(self)  # every field, in one call: see _validate_request
 
     @property
     def priority_rank(self) -> int:
@@ -191,27 +223,27 @@ class CompletionRequest:
         """
         if not isinstance(data, dict):
             raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
-        data = dict(data)
-        prompt = data.pop("prompt", None)
-        if prompt is not None:
-            if "messages" in data:
-                raise ValidationError("prompt", "give either 'prompt' or 'messages', not both")
-            if not isinstance(prompt, str) or not prompt:
-                raise ValidationError("prompt", "must be a non-empty string")
-            _check_text("prompt", prompt)
-            data["messages"] = [{"role": "user", "content": prompt}]
-        unknown = sorted(set(data) - _REQUEST_FIELDS)
-        if unknown:
-            raise ValidationError(unknown[0], f"unknown field (known: {', '.join(sorted(_REQUEST_FIELDS | {'prompt'}))})")
+        if not _REQUEST_KEYS.issuperset(data):
+            unknown = sorted(k for k in data if k not in _REQUEST_KEYS)  # (a key may be any hashable)
+            raise ValidationError(str(unknown[0]) if unknown else "request",
+                                  f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
+        if "prompt" in data:
+            data = dict(data)  # the caller's dict is left as it was
+            prompt = data.pop("prompt")
+            if prompt is not None:
+                if "messages" in data:
+                    raise ValidationError("prompt", "give either 'prompt' or 'messages', not both")
+                if not isinstance(prompt, str) or not prompt:
+                    raise ValidationError("prompt", "must be a non-empty string")
+                if not prompt.isascii():
+                    _check_text("prompt", prompt)
+                data["messages"] = [{"role": "user", "content": prompt}]
         for name in ("model", "messages"):
             if data.get(name) is None:
                 raise ValidationError(name, "is required" + (" (or give 'prompt')" if name == "messages" else ""))
-        if data.get("request_id") is None:
-            data.pop("request_id", None)
-        if data.get("metadata") is None:
-            data.pop("metadata", None)
-        if data.get("priority") is None:
-            data.pop("priority", None)
+        if ("request_id" in data and data["request_id"] is None or "metadata" in data and data["metadata"] is None
+                or "priority" in data and data["priority"] is None):
+            data = {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}  # null: the default
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,6 +253,8 @@ class CompletionRequest:
 
 
 _REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest))
+_REQUEST_KEYS = _REQUEST_FIELDS | {"prompt"}
+_DEFAULTED = frozenset({"request_id", "metadata", "priority"})  # a null here means "the default"
 
 
 @attrs.frozen(slots=True)

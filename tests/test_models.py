@@ -60,3 +60,30 @@ def test_result_round_trips_through_json_form():
 def test_usage_adds_and_keeps_unknown_cost_unknown():
     assert Usage(1, 1, 2) + Usage(2, 2, 4) == Usage(3, 3, 6, None)
     assert (Usage(1, 1, 2, 0.1) + Usage(1, 1, 2)).cost_usd == pytest.approx(0.1)
+
+
+def test_request_ids_are_uuid7_time_ordered_unique_and_differ_in_a_forked_child():
+    import os
+    import uuid
+
+    from ksi_host.models import new_request_id
+
+    ids = [new_request_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    u = uuid.UUID(ids[0])
+    assert u.version == 7 and u.variant == uuid.RFC_4122
+    assert [i[:12] for i in ids] == sorted(i[:12] for i in ids)  # the millisecond prefix never goes back
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's generator is seeded again: it must not repeat the parent's next ids
+        os.write(write, " ".join(new_request_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = {i[12:] for i in os.read(read, 1 << 16).decode().split()}
+    assert len(child) == 50 and not child & {new_request_id()[12:] for _ in range(50)}
+
+
+def test_a_timeout_sqlite_cannot_hold_is_refused_naming_the_field():
+    with pytest.raises(ValidationError, match=r"timeout_s: must be a positive number of seconds \(at most"):
+        CompletionRequest.from_dict({"model": "m", "prompt": "hi", "timeout_s": 2**63})
+    assert CompletionRequest.from_dict({"model": "m", "prompt": "hi", "timeout_s": 2**63 - 1}).timeout_s == 2**63 - 1
