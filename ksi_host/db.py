@@ -9,7 +9,7 @@ with two fsyncs) every ``WAL_AUTOCHECKPOINT_PAGES`` pages instead of SQLite's
 are copied once per checkpoint, and the fsyncs are ten times rarer.
 
 Writes are group-committed: :meth:`Database.execute` queues the statement and
-returns once the transaction holding it is committed. Statements queued while
+returns a future that completes once the transaction holding it is committed. Statements queued while
 a commit is in progress go into the next one, so many concurrent writers
 share one commit. Each plugin keeps its own tables and migrates them with
 :meth:`Database.migrate`, which records versions in ``ksi_schema_versions``.
@@ -140,17 +140,21 @@ class Database:
             self._flusher = asyncio.ensure_future(self._flush_loop())
         return fut
 
-    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
-        """Run one write statement; return once it is committed."""
-        await self._queue([(sql, params)], False)
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> asyncio.Future[None]:
+        """Queue one write statement; ``await`` the answer to know it is committed.
 
-    async def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
-        """Run one write statement for each parameter set; return once committed."""
-        await self._queue([(sql, list(seq))], True)
+        Not a coroutine: the statement is queued at the call (awaited or not),
+        and the future it returns completes once its transaction is committed
+        (or holds the statement's error). A hookimpl may return it as is."""
+        return self._queue([(sql, params)], False)
 
-    async def write_batch(self, statements: Sequence[Statement]) -> None:
-        """Run several write statements atomically (all or none); return once committed."""
-        await self._queue(list(statements), False)
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> asyncio.Future[None]:
+        """Queue one write statement for each parameter set; the future completes once committed."""
+        return self._queue([(sql, list(seq))], True)
+
+    def write_batch(self, statements: Sequence[Statement]) -> asyncio.Future[None]:
+        """Queue several write statements to commit atomically (all or none); the future completes once committed."""
+        return self._queue(list(statements), False)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import ksi_host
@@ -18,10 +19,11 @@ class Plugin:
         await host.db.migrate(schema.OWNER, schema.MIGRATIONS)
 
     @ksi_host.hookimpl
-    async def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> None:
-        # One group-committed statement: returns once the row's transaction is
-        # committed, so the row is durable before the request's result is final.
-        await host.db.execute(schema.INSERT, schema.row(request, call))
+    def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> Awaitable[None]:
+        # One group-committed statement. The host awaits the future this returns: it completes
+        # once the row's transaction is committed, so the row is durable before the request's
+        # result is final. (Returned, not awaited here: no coroutine of our own per call.)
+        return host.db.execute(schema.INSERT, schema.row(request, call))
 
     @ksi_host.hookimpl
     async def ksi_usage_report(self, host: Any, by: str, since: float | None) -> list[dict[str, Any]]:
