@@ -9,7 +9,9 @@ through an entry point in the group ``ksi_host``::
 
 Rules that hold for every hook:
 
-* A hookimpl may be ``def`` or ``async def``; the host awaits what comes back.
+* A hookimpl may be ``def`` or ``async def``; the host awaits what comes back
+  (so a plain ``def`` may also return an awaitable, such as the future of a
+  ``host.db.execute``, and its answer is what that awaitable gives).
   Hookimpls may accept any subset of a hook's parameters, by name.
 * ``firstresult`` hooks stop at the first hookimpl that returns something other
   than None (hookimpls run newest-registered first; ``tryfirst``/``trylast``
