@@ -77,7 +77,8 @@ async def submit_all(host: Any, batch: list[dict[str, Any]], mode: str, window: 
 
     ``agents``: one agent per session, each awaiting its requests one after the other
     (``await host.complete(r)`` in a loop), all agents at once. ``batch``: as ``ksi-host run``
-    does, one task per request and at most ``window`` in flight."""
+    does (``ksi_host.runner.submit_all``): in order, at most ``window`` unfinished, results
+    through callbacks."""
     if mode == "agents":
         by_session: dict[Any, list[dict[str, Any]]] = {}
         for r in batch:
@@ -87,19 +88,15 @@ async def submit_all(host: Any, batch: list[dict[str, Any]], mode: str, window: 
             return [await host.complete(r) for r in share]
 
         return [r for share in await asyncio.gather(*map(agent, by_session.values())) for r in share]
-    slots = asyncio.Semaphore(window)
+    from ksi_host.runner import submit_all as submit_windowed
 
-    async def one(r: dict[str, Any]) -> Any:
-        try:
-            return await host.complete(r)
-        finally:
-            slots.release()
+    results: list[Any] = [None] * len(batch)
 
-    tasks = []
-    for r in batch:
-        await slots.acquire()
-        tasks.append(asyncio.ensure_future(one(r)))
-    return await asyncio.gather(*tasks)
+    def refused(i: int, request: Any, error: Exception) -> None:
+        raise AssertionError(f"request {i} refused: {error}")
+
+    await submit_windowed(host, enumerate(batch), window=window, on_result=results.__setitem__, on_refused=refused)
+    return results
 
 
 async def run_one(n: int, sessions: int, concurrency: int, warmup: int, mode: str, window: int,
@@ -200,7 +197,7 @@ def main() -> int:
           f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; {args.rounds} round(s) per mode; "
           f"load average {common.load_average()}")
     print("  agents: one agent per session awaits its requests one after the other, all agents at once")
-    print(f"  batch:  one task per request, at most {args.window:,} in flight (what ksi-host run does)")
+    print(f"  batch:  ksi_host.runner.submit_all, at most {args.window:,} unfinished (what ksi-host run does)")
     print("  gc cli: gc.freeze() and a first GC threshold of 50,000 once the host started, as ksi-host run sets them "
           "(ksi_host.runner.tune_gc); gc default: Python's settings")
     rows = []

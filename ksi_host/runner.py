@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterable
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import IO, Any, TypeVar
 
 from .errors import OperationalError, ValidationError
 from .models import CompletionRequest, CompletionResult
@@ -23,6 +24,94 @@ from .service import Host
 
 #: Hooks a batch cannot run without (checked before anything runs).
 REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
+
+SUBMITTERS = 64
+"""How many requests :func:`submit_all` has being accepted at once (each acceptance waits for its group commit)."""
+
+K = TypeVar("K")
+
+
+async def submit_all(
+    host: Host,
+    items: Iterable[tuple[K, CompletionRequest | Mapping[str, Any]]],
+    *,
+    window: int,
+    on_result: Callable[[K, CompletionResult], None],
+    on_refused: Callable[[K, Any, OperationalError], None],
+    on_submitted: Callable[[K], None] | None = None,
+    submitters: int = SUBMITTERS,
+) -> None:
+    """Submit each ``(key, request)`` of ``items`` to ``host`` in their order, at most ``window``
+    unfinished at once; return once every result is in.
+
+    ``on_result(key, result)`` is called as each request finishes, ``on_refused(key, request,
+    error)`` when ``host.submit`` raised an OperationalError (the queue refused it), and
+    ``on_submitted(key)`` once a request is accepted. No task per request: ``submitters``
+    coroutines take the next item in turn (so the queue sees the items in order) and each
+    ticket's future calls back when its result is in. A programming error (from ``submit``, a
+    ticket, or a callback) stops the submission and is raised here.
+    """
+    slots = asyncio.Semaphore(window)
+    work = iter(items)
+    loop = asyncio.get_running_loop()
+    idle: asyncio.Future[None] = loop.create_future()
+    crashed: list[BaseException] = []
+    state = {"pending": 0, "feeders": 0}
+
+    def wake() -> None:
+        if not idle.done():
+            idle.set_result(None)
+
+    def finished(key: K, future: asyncio.Future[CompletionResult]) -> None:
+        slots.release()
+        state["pending"] -= 1
+        if crashed:
+            return
+        try:
+            on_result(key, future.result())  # a ticket's exception is a programming error (or the host stopping)
+        except BaseException as e:
+            crashed.append(e)
+            wake()
+        if not state["pending"] and not state["feeders"]:
+            wake()
+
+    async def submitter() -> None:
+        while not crashed:
+            await slots.acquire()
+            item = next(work, None)  # taken right after the slot: the items reach host.submit in order
+            if item is None or crashed:
+                slots.release()
+                return
+            key, request = item
+            try:
+                ticket = await host.submit(request)
+            except OperationalError as e:
+                slots.release()
+                on_refused(key, request, e)
+                continue
+            state["pending"] += 1
+            if on_submitted is not None:
+                on_submitted(key)
+            ticket.future.add_done_callback(partial(finished, key))
+
+    def submitter_done(task: asyncio.Task[None]) -> None:
+        state["feeders"] -= 1
+        if not task.cancelled() and task.exception() is not None:
+            crashed.append(task.exception())  # type: ignore[arg-type]
+        if crashed or not (state["feeders"] or state["pending"]):
+            wake()
+
+    tasks = [asyncio.ensure_future(submitter()) for _ in range(max(1, min(submitters, window)))]
+    state["feeders"] = len(tasks)
+    for task in tasks:
+        task.add_done_callback(submitter_done)
+    try:
+        await idle
+        if crashed:
+            raise crashed[0]
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 GC_GEN0_THRESHOLD = 50_000
@@ -114,7 +203,7 @@ class BatchRunner:
     def __init__(self, host: Host, out: IO[str], progress_stream: IO[str], window: int = 2000) -> None:
         self.host = host
         self.out = out
-        self.window = asyncio.Semaphore(window)
+        self.window = window
         self.stats = BatchStats(0)
         self.progress = ProgressBar(self.stats, progress_stream)
         self._served: dict[str, bool] = {}
@@ -137,39 +226,24 @@ class BatchRunner:
             await asyncio.sleep(self.progress.interval)
             self.progress.update()
 
-    async def _one(self, lineno: int, request: CompletionRequest) -> None:
-        try:
-            try:
-                ticket = await self.host.submit(request)
-            except OperationalError as e:  # the queue refused this request (ksi_enqueue may): its error result
-                if isinstance(e, ValidationError) and e.line is None:
-                    e = e.at_line(lineno)
-                self.write(CompletionResult.failed(request.request_id, e, model=request.model,
-                                                   session_id=request.session_id), rejected=True)
-                return
-            self.stats.submitted += 1
-            result = await ticket.result()
-        finally:
-            self.window.release()
-        self.write(result)
+    def _refused(self, lineno: int, request: CompletionRequest, e: OperationalError) -> None:
+        """The queue refused this request (ksi_enqueue may): its error result."""
+        if isinstance(e, ValidationError) and e.line is None:
+            e = e.at_line(lineno)
+        self.write(CompletionResult.failed(request.request_id, e, model=request.model, session_id=request.session_id),
+                   rejected=True)
+
+    def _submitted(self, lineno: int) -> None:
+        self.stats.submitted += 1
 
     async def run(self, lines: Iterable[tuple[int, str]]) -> BatchStats:
         parsed = [(n, parse_line(n, text)) for n, text in lines]
         self.stats.total = len(parsed)
-        pending: set[asyncio.Future[None]] = set()
-        crashed: list[BaseException] = []
-
-        def finished(task: asyncio.Future[None]) -> None:
-            pending.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                crashed.append(task.exception())
-
         ticker = asyncio.ensure_future(self._tick()) if self.progress.enabled else None
-        first_line: dict[str, int] = {}  # request id -> the line that has it
         try:
+            accepted = []
+            first_line: dict[str, int] = {}  # request id -> the line that has it
             for lineno, item in parsed:
-                if crashed:
-                    break
                 if isinstance(item, CompletionRequest) and first_line.setdefault(item.request_id, lineno) != lineno:
                     # the queue would answer it with the other line's result: this line would be lost unseen
                     item = _rejected(item.request_id, ValidationError(
@@ -183,18 +257,11 @@ class BatchRunner:
                         line=lineno), {"model": item.model, "session_id": item.session_id})
                 if isinstance(item, CompletionResult):
                     self.write(item, rejected=True)
-                    continue
-                await self.window.acquire()
-                task = asyncio.ensure_future(self._one(lineno, item))
-                pending.add(task)
-                task.add_done_callback(finished)
-            while pending and not crashed:
-                await asyncio.wait(set(pending), return_when=asyncio.FIRST_EXCEPTION)
-            if crashed:
-                raise crashed[0]
+                else:
+                    accepted.append((lineno, item))
+            await submit_all(self.host, accepted, window=self.window, on_result=lambda _, result: self.write(result),
+                             on_refused=self._refused, on_submitted=self._submitted)
         finally:
-            for task in list(pending):
-                task.cancel()
             if ticker is not None:
                 ticker.cancel()
             self.progress.close()
