@@ -3,9 +3,11 @@
 One :class:`Plugin` per Host. ``ksi_enqueue`` registers the request (its
 place in its session is fixed at that moment), checks whether the request id
 is already stored, stores it, and returns a ticket. The :class:`Scheduler`
-decides what runs; each started request runs ``host.execute`` in its own task,
-and its final result is stored (group-committed) before its tickets complete
-and before the next request of its session may start.
+decides what runs; a pool of worker tasks (at most one per slot, started as
+needed) runs each started request's ``host.execute``, and its final result is
+stored (group-committed) before its tickets complete and before the next
+request of its session may start. A worker that finishes a request takes the
+next started one at once: no task per request.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import ksi_host
@@ -58,6 +61,9 @@ class Plugin:
         self._key: str | None = None
         self._commands: asyncio.Task[None] | None = None
         self._unserved_tickets: list[Ticket] = []
+        self._startable: deque[Entry] = deque()  # started (RUNNING) entries no worker has taken yet
+        self._workers: set[asyncio.Task[None]] = set()
+        self._idle: deque[asyncio.Future[None]] = deque()  # one future per idle worker, woken to take an entry
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -144,10 +150,10 @@ class Plugin:
             outcome = (await asyncio.gather(self._commands, return_exceptions=True))[0]
             if isinstance(outcome, Exception):
                 problems.append(outcome)
-        running = [e.task for e in self.entries.values() if e.state == RUNNING and e.task is not None]
-        for task in running:
-            task.cancel()  # the request stays stored as queued/running and runs at the next start
-        for outcome in await asyncio.gather(*running, return_exceptions=True):
+        workers = list(self._workers)
+        for task in workers:
+            task.cancel()  # a running request stays stored as queued/running and runs at the next start
+        for outcome in await asyncio.gather(*workers, return_exceptions=True):
             if isinstance(outcome, Exception):
                 problems.append(outcome)
         await self.store.drain()
@@ -237,7 +243,7 @@ class Plugin:
     # -- running -------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Start whatever the schedule allows now."""
+        """Start whatever the schedule allows now: hand it to idle workers, start workers if too few."""
         if not self.serving:
             return
         started = self.sched.take()
@@ -245,11 +251,41 @@ class Plugin:
             return
         now = time.time()
         mark = self.store.mark_running
-        run = self._run
-        spawn = asyncio.get_running_loop().create_task
         for e in started:
             mark(e.seq, now)
-            e.task = spawn(run(e))
+        self._startable.extend(started)
+        idle = self._idle
+        woken = 0
+        while idle and woken < len(started):
+            waiter = idle.popleft()
+            if not waiter.done():  # (a worker cancelled while idle leaves a cancelled future)
+                waiter.set_result(None)
+                woken += 1
+        # one worker per running request at most: a worker either runs one or is about to take one
+        for _ in range(self.sched.in_flight - len(self._workers)):
+            task = asyncio.ensure_future(self._worker())
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _worker(self) -> None:
+        """Run started entries one after the other; wait (idle) when there is none."""
+        startable = self._startable
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        while True:
+            if not startable:
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            e = startable.popleft()
+            if e.state != RUNNING:
+                continue  # cancelled before a worker took it: its cancelled result is being stored
+            e.task = me
+            await self._run(e)
+            e.task = None
+            if me is not None and me.cancelling() and not self.closing:
+                me.uncancel()  # the cancel was for that request (ksi_cancel), not for this worker
 
     async def _run(self, e: Entry) -> None:
         try:

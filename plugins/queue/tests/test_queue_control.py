@@ -52,6 +52,38 @@ async def test_cancel_a_running_request_frees_its_session(make_host: Any, ksi_db
         ("r0", "cancelled"), ("r1", "ok")]
 
 
+async def test_the_worker_that_ran_a_cancelled_request_runs_the_next_ones_with_working_timeouts(
+        make_host: Any) -> None:
+    """Requests run on a pool of workers (one per slot at most), not a task each; cancelling a running
+    request interrupts its worker without ending it or leaving it 'cancelling' (asyncio.timeout works)."""
+    timed_out: list[str] = []
+
+    async def answer(request: Any) -> str:
+        if request.request_id == "slow":
+            try:
+                async with asyncio.timeout(0.01):
+                    await asyncio.sleep(5)
+            except TimeoutError:
+                timed_out.append("slow")
+        return "done"
+
+    gate = GatedProvider()
+    plugin = Plugin()
+    quick = FakeProvider("quick", model="quick", script=[answer])
+    async with make_host(plugin, ScriptedProviders(quick, gate), config={"queue": {"concurrency": 2}}) as host:
+        running = await host.submit(req("r0", "s1"))
+        await gate.wait_calls(1)
+        worker = running_task = next(iter(plugin._workers))
+        assert await host.cancel("r0") is True
+        assert (await running.result()).status == "cancelled"
+        await settle()
+        assert not worker.done() and worker.cancelling() == 0
+        results = await asyncio.gather(*(host.complete(req(f"q{i}", f"s{i % 3}", model="quick")) for i in range(40)),
+                                       host.complete(req("slow", "s9", model="quick")))
+        assert all(r.ok for r in results) and timed_out == ["slow"]
+        assert len(plugin._workers) <= 2 and running_task in plugin._workers
+
+
 async def test_clear_session_cancels_the_queued_and_lets_the_running_one_finish(make_host: Any) -> None:
     gate = GatedProvider()
     async with make_host(Plugin(), ScriptedProviders(gate)) as host:
