@@ -8,7 +8,8 @@ awaitable before deciding whether it counts.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from operator import itemgetter
 from typing import Any
 
 import pluggy
@@ -28,10 +29,12 @@ class HookCaller:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
+        self._calls: dict[str, list[tuple[str, Any, Callable[[dict[str, Any]], tuple[Any, ...]]]]] = {}
 
     def reset(self) -> None:
         """Forget cached hookimpl lists (call after registering plugins)."""
         self._impls.clear()
+        self._calls.clear()
 
     def impls(self, hook: str) -> list[tuple[str, Any, tuple[str, ...]]]:
         """``(plugin_name, function, argnames)`` in call order."""
@@ -42,8 +45,13 @@ class HookCaller:
             self._impls[hook] = found
         return found
 
+    def _callables(self, hook: str) -> list[tuple[str, Any, Callable[[dict[str, Any]], tuple[Any, ...]]]]:
+        """``(plugin_name, function, args)``: ``args(kwargs)`` is the tuple of arguments the function takes."""
+        found = self._calls[hook] = [(plugin, fn, _args_getter(names)) for plugin, fn, names in self.impls(hook)]
+        return found
+
     def implemented(self, hook: str) -> bool:
-        return bool(self.impls(hook))
+        return bool(self._calls.get(hook) or self._callables(hook))
 
     def call(self, hook: str, /, **kwargs: Any) -> Awaitable[list[Any]]:
         """``await hooks.call(hook, **kwargs)``: every hookimpl of ``hook``; their non-None answers."""
@@ -56,9 +64,9 @@ class HookCaller:
     # call() and first() hand back _run's coroutine: one loop, no extra coroutine per hook call.
     async def _run(self, stop_at_first: bool, hook: str, kwargs: dict[str, Any]) -> Any:
         results = []
-        for plugin, fn, argnames in self._impls.get(hook) or self.impls(hook):
+        for plugin, fn, args in self._calls.get(hook) or self._callables(hook):
             try:
-                r = fn(*[kwargs[a] for a in argnames])
+                r = fn(*args(kwargs))
                 if r is not None and hasattr(r, "__await__"):
                     r = await r
             except KsiError:
@@ -71,3 +79,17 @@ class HookCaller:
                     return r
                 results.append(r)
         return None if stop_at_first else results
+
+
+def _no_args(kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    return ()
+
+
+def _args_getter(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A function from the hook's keyword arguments to the tuple of those ``names`` asks for, in order."""
+    if not names:
+        return _no_args
+    if len(names) == 1:
+        name = names[0]
+        return lambda kwargs: (kwargs[name],)
+    return itemgetter(*names)
