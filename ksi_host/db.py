@@ -40,7 +40,8 @@ DEFAULT_DB_PATH = "ksi-host.db"
 """Used when neither ``--db`` nor ``KSI_HOST_DB`` is given: in the current directory."""
 
 Statement = tuple[str, Any]
-_Pending = tuple[list[Statement], bool, 'asyncio.Future[None]']
+_MERGE, _MANY, _COUNT = 0, 1, 2  # how a writer's statements run: merged with others', one executemany, counted alone
+_Pending = tuple[list[Statement], int, 'asyncio.Future[Any]']
 
 
 def default_db_path() -> str:
@@ -133,9 +134,9 @@ class Database:
 
     # -- writes (group commit) ----------------------------------------------
 
-    def _queue(self, statements: list[Statement], many: bool) -> asyncio.Future[None]:
+    def _queue(self, statements: list[Statement], mode: int) -> asyncio.Future[Any]:
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((statements, many, fut))
+        self._pending.append((statements, mode, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_loop())
         return fut
@@ -146,15 +147,19 @@ class Database:
         Not a coroutine: the statement is queued at the call (awaited or not),
         and the future it returns completes once its transaction is committed
         (or holds the statement's error). A hookimpl may return it as is."""
-        return self._queue([(sql, params)], False)
+        return self._queue([(sql, params)], _MERGE)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> asyncio.Future[None]:
         """Queue one write statement for each parameter set; the future completes once committed."""
-        return self._queue([(sql, list(seq))], True)
+        return self._queue([(sql, list(seq))], _MANY)
 
-    def write_batch(self, statements: Sequence[Statement]) -> asyncio.Future[None]:
-        """Queue several write statements to commit atomically (all or none); the future completes once committed."""
-        return self._queue(list(statements), False)
+    def write_batch(self, statements: Sequence[Statement], *, count: bool = False) -> asyncio.Future[Any]:
+        """Queue several write statements to commit atomically (all or none); the future completes once committed.
+
+        With ``count=True`` its answer is the number of rows these statements inserted, updated
+        or deleted (SQLite's ``total_changes`` across them; a row an ``ON CONFLICT DO NOTHING``
+        skipped does not count), else None."""
+        return self._queue(list(statements), _COUNT if count else _MERGE)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -182,11 +187,11 @@ class Database:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for the whole batch, run in one hop on the connection's thread."""
-        await self._on_thread(_commit_sync, [(statements, many) for statements, many, _ in batch])
+        counts = await self._on_thread(_commit_sync, [(statements, mode) for statements, mode, _ in batch])
         self.commits += 1
-        for _, _, fut in batch:
+        for (_, _, fut), n in zip(batch, counts, strict=True):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(n)
 
     async def _on_thread(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(sqlite3_connection, *args)`` on the connection's thread: one round trip,
@@ -210,35 +215,53 @@ class Database:
         return row[0] if row else None
 
 
-def _commit_sync(conn: sqlite3.Connection, work: list[tuple[list[Statement], bool]]) -> None:
+def _commit_sync(conn: sqlite3.Connection, work: list[tuple[list[Statement], int]]) -> list[int | None]:
     """``BEGIN IMMEDIATE``, every statement, ``COMMIT`` (``ROLLBACK`` and re-raise on error).
 
-    Consecutive statements with the same SQL go through one ``executemany``."""
+    Consecutive statements with the same SQL go through one ``executemany``, across writers,
+    except a counted writer's (``write_batch(count=True)``), which run on their own. Returns, for
+    each writer, the rows its statements changed if it asked, else None."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        sql: str | None = None
-        params: list[Any] = []
-        for statements, many in work:
-            if many:
-                if params:
-                    conn.executemany(sql, params)
-                    sql, params = None, []
-                conn.executemany(*statements[0])
+        counts: list[int | None] = []
+        merged: list[Statement] = []  # statements of merging writers, run at the next other writer or the end
+        for statements, mode in work:
+            if mode == _MERGE:
+                merged += statements
+                counts.append(None)
                 continue
-            for st_sql, st_params in statements:
-                if st_sql != sql:
-                    if params:
-                        conn.executemany(sql, params)
-                    sql, params = st_sql, []
-                params.append(st_params)
-        if len(params) == 1:
-            conn.execute(sql, params[0])
-        elif params:
-            conn.executemany(sql, params)
+            _run_grouped(conn, merged)
+            merged = []
+            if mode == _MANY:
+                conn.executemany(*statements[0])
+                counts.append(None)
+            else:
+                before = conn.total_changes
+                _run_grouped(conn, statements)
+                counts.append(conn.total_changes - before)
+        _run_grouped(conn, merged)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return counts
+
+
+def _run_grouped(conn: sqlite3.Connection, statements: list[Statement]) -> None:
+    """Run ``statements`` in order, each run of consecutive same-SQL statements as one ``executemany``."""
+    if len(statements) == 1:
+        conn.execute(*statements[0])
+        return
+    sql: str | None = None
+    params: list[Any] = []
+    for st_sql, st_params in statements:
+        if st_sql != sql:
+            if params:
+                conn.executemany(sql, params)  # type: ignore[arg-type]
+            sql, params = st_sql, []
+        params.append(st_params)
+    if params:
+        conn.executemany(sql, params)  # type: ignore[arg-type]
 
 
 def _migrate_sync(conn: sqlite3.Connection, owner: str, scripts: list[tuple[int, str]]) -> None:

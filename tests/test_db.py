@@ -117,3 +117,18 @@ async def test_a_migration_that_breaks_a_foreign_key_or_fails_is_rolled_back(tmp
         assert await db.fetchone("SELECT name FROM sqlite_master WHERE name = 'x'") is None
         assert not db.conn.in_transaction and await db.pragma("foreign_keys") == 1
         await db.execute("INSERT INTO p(id, kind) VALUES (2, 'b')")  # the connection still writes
+
+
+async def test_a_counted_batch_answers_the_rows_it_changed_beside_other_writers(tmp_path):
+    async with Database(tmp_path / "a.db") as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"])
+        await db.execute("INSERT INTO t(id, v) VALUES (2, 'old')")
+        insert = "INSERT INTO t(id, v) VALUES (?, ?) ON CONFLICT(id) DO NOTHING"
+        plain, counted, other, update = await asyncio.gather(
+            db.execute(insert, (10, "a")),
+            db.write_batch([(insert, (1, "x")), (insert, (2, "skipped")), (insert, (3, "x"))], count=True),
+            db.execute(insert, (11, "b")),
+            db.write_batch([("UPDATE t SET v = 'new' WHERE id >= 10", ())], count=True))
+        assert (plain, counted, other, update) == (None, 2, None, 2)  # the conflict is not counted
+        assert [tuple(r) for r in await db.fetchall("SELECT id, v FROM t ORDER BY id")] == [
+            (1, "x"), (2, "old"), (3, "x"), (10, "new"), (11, "new")]
