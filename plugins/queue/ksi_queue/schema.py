@@ -138,6 +138,13 @@ INSERT_REQUEST = (
     " max_tokens, temperature, timeout_s, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
 )
 INSERT_PAYLOAD = "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json) VALUES (?, ?, ?)"
+# Accepting in one transaction without looking first: a request id stored before is skipped
+# (not counted in the transaction's changes), and so is the payload of a row that was not inserted.
+INSERT_REQUEST_NEW = INSERT_REQUEST + " ON CONFLICT(request_id) DO NOTHING"
+INSERT_PAYLOAD_NEW = (
+    "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"
+    " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM ksi_queue_requests WHERE seq = ?1)"
+)
 # For rows numbered by SQLite (a process that does not serve): the payload finds its row by request id.
 INSERT_PAYLOAD_BY_ID = (
     "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"

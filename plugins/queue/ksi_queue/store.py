@@ -1,8 +1,10 @@
 """The queue's rows: conversions and batched reads and writes through ``host.db``.
 
-Reads that every submission needs (is this request id already stored?) and
-loads of restored requests are batched: the ids asked for during one turn of
-the event loop go into one ``SELECT ... IN (...)``. Running marks and final
+Submissions are batched: the requests accepted during one turn of the event
+loop are inserted in one transaction that skips request ids stored before and
+counts what it inserted; only when it inserted fewer than it was given does a
+``SELECT ... IN (...)`` find the rows stored before. Lookups and loads of
+restored requests are batched the same way. Running marks and final
 results go through one writer that hands ``host.db.write_batch`` everything
 finished meanwhile, ordered by statement so the host's group commit runs each
 kind through one ``executemany`` in one transaction.
@@ -204,13 +206,7 @@ class QueueStore:
             while self._asked:
                 batch, self._asked = self._asked, {}
                 try:
-                    found = await self._fetch_stored(list(batch))
-                    new = [params for rid, (_, params) in batch.items() if params is not None and rid not in found]
-                    if new:  # rows first, then their payloads: two executemany runs in one transaction
-                        statements = [(schema.INSERT_REQUEST, row) for row, _ in new]
-                        statements += [(schema.INSERT_PAYLOAD if row[0] is not None else schema.INSERT_PAYLOAD_BY_ID, payload)
-                                       for row, payload in new]
-                        await self.db.write_batch(statements)
+                    found = await self._settle(batch)
                 except BaseException as exc:  # handed to every waiter, never dropped
                     for fut, _ in batch.values():
                         if not fut.done():
@@ -223,6 +219,28 @@ class QueueStore:
                         fut.set_result(found.get(rid))
         finally:
             self._ask_task = None
+
+    async def _settle(self, batch: dict[str, tuple[Any, Any]]) -> dict[str, Stored]:
+        """Store the new requests of ``batch``; return the rows stored before of every id it holds."""
+        new = {rid: params for rid, (_, params) in batch.items() if params is not None}
+        if not new:
+            return await self._fetch_stored(list(batch))
+        if any(row[0] is None for row, _ in new.values()):  # rows SQLite numbers (not serving): look first
+            found = await self._fetch_stored(list(batch))
+            fresh = [params for rid, params in new.items() if rid not in found]
+            if fresh:  # rows first, then their payloads: two executemany runs in one transaction
+                await self.db.write_batch([(schema.INSERT_REQUEST, row) for row, _ in fresh]
+                                          + [(schema.INSERT_PAYLOAD_BY_ID, payload) for _, payload in fresh])
+            return found
+        statements = [(schema.INSERT_REQUEST_NEW, row) for row, _ in new.values()]
+        statements += [(schema.INSERT_PAYLOAD_NEW, payload) for _, payload in new.values()]
+        inserted = await self.db.write_batch(statements, count=True)
+        lookups = [rid for rid in batch if rid not in new]
+        if inserted == 2 * len(new):  # every request and payload inserted: none was stored before
+            return await self._fetch_stored(lookups) if lookups else {}
+        # some were stored before (by another process, or before a restart): those rows' seq is not ours
+        found = await self._fetch_stored(list(batch))
+        return {rid: s for rid, s in found.items() if rid not in new or s.seq != new[rid][0][0]}
 
     async def _fetch_stored(self, ids: list[str]) -> dict[str, Stored]:
         found: dict[str, Stored] = {}
