@@ -137,3 +137,34 @@ async def test_serve_false_stores_but_does_not_run(make_host: Any, ksi_db_path: 
         result = await host.complete(req("later", "s1"))
     assert result.ok and len(provider.calls) == 1
     assert isinstance(result, CompletionResult)
+
+
+async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_and_the_batch_goes_on(
+        make_host: Any, ksi_db_path: Any) -> None:
+    """Accepting inserts with ON CONFLICT DO NOTHING and counts: rows a reading process stored while this
+    one serves (a final one, an unfinished one) are found, the others of the same batch are accepted."""
+    import asyncio
+    import sqlite3
+
+    from ksi_queue import schema
+
+    provider = FakeProvider("p1")
+    async with make_host(Plugin(), ScriptedProviders(provider)) as host:
+        await host.complete(req("warm"))
+        other = sqlite3.connect(ksi_db_path, isolation_level=None)  # another process's writes
+        now = 1_700_000_000.0
+        for seq, rid in ((900, "done-elsewhere"), (901, "queued-elsewhere")):
+            other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now))
+            other.execute(schema.INSERT_PAYLOAD, (seq, '[{"role":"user","content":"from elsewhere"}]', "{}"))
+        other.execute(schema.STORE_RESULT, ("ok", now, now, "answered elsewhere", "m", "p0", None, 1, 1, 2, None, None,
+                                            None, 900))
+        other.close()
+        done, queued, fresh = await asyncio.gather(*(host.complete(req(rid)) for rid in
+                                                     ("done-elsewhere", "queued-elsewhere", "fresh")))
+    assert (done.text, done.provider) == ("answered elsewhere", "p0")
+    assert queued.ok and fresh.ok
+    assert [r.request_id for r in provider.calls] == ["warm", "queued-elsewhere", "fresh"] or \
+        [r.request_id for r in provider.calls] == ["warm", "fresh", "queued-elsewhere"]
+    assert rows(ksi_db_path, "SELECT request_id, status FROM ksi_queue_requests WHERE request_id LIKE '%elsewhere'"
+                " ORDER BY seq") == [("done-elsewhere", "ok"), ("queued-elsewhere", "ok")]
+    assert rows(ksi_db_path, "SELECT COUNT(*) FROM ksi_queue_requests") == [(4,)]
