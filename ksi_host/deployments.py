@@ -18,6 +18,7 @@ circuit.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import re
@@ -155,6 +156,8 @@ class DeploymentPool(Generic[M]):
         self.priority = priority
         check_unique_names(m.deployment for m in self.members)
         self._by_name = {m.deployment.name: m for m in self.members}
+        self._facts: dict[str, tuple[dict[str, Any], list[str]]] = {}
+        self._ranked: dict[tuple[str, str, int], bool] = {}  # (model, plugin, priority) -> outranked by another plugin?
         self._serving: dict[str, tuple[M, ...]] = {}
         self._lease_s = lease_s or (lambda m: None if m.deployment.timeout_s is None else m.deployment.timeout_s + 1.0)
         self._wall_clock = wall_clock
@@ -224,7 +227,10 @@ class DeploymentPool(Generic[M]):
         usable deployment, or when this pool's are all behind open circuits
         while another plugin has a usable one. Otherwise :meth:`select`'s
         answer (or its fast ProviderUnavailable). ``others=False`` (no other
-        plugin lists providers) skips the look-up through ``host.providers``.
+        plugin lists providers) skips the look-up through ``host.providers``;
+        so does a plugin that no other outranks for ``model`` (learned at its
+        first look-up: plugins, deployments and priorities are fixed while a
+        host runs), unless its own deployments are all behind open circuits.
         ``priority`` defaults to the pool's own.
         """
         if priority is None:
@@ -232,7 +238,21 @@ class DeploymentPool(Generic[M]):
         serving = self.serving(model)
         if not serving or all(m.deployment.name in exclude for m in serving):
             return None
+        if others and not self._outranked(model, plugin, priority):
+            # no other plugin ranks above this one for the model: no look-up unless ours are all open
+            try:
+                return self.select(model, exclude)
+            except ProviderUnavailable:
+                infos = await host.providers(model)
+                if any(i.plugin != plugin and i.available and i.name not in exclude for i in infos):
+                    return None  # ours are all open: another plugin can serve now
+                raise
         infos = await host.providers(model) if others else ()
+        if others:
+            if len(self._ranked) >= 4096:
+                self._ranked.clear()
+            self._ranked[(model, plugin, priority)] = any(
+                outranks(i, plugin=plugin, priority=priority) for i in infos)
         if outranking(infos, plugin=plugin, priority=priority, exclude=exclude) is not None:
             return None
         try:
@@ -241,6 +261,11 @@ class DeploymentPool(Generic[M]):
             if any(i.plugin != plugin and i.available and i.name not in exclude for i in infos):
                 return None  # ours are all open: another plugin can serve now
             raise
+
+    def _outranked(self, model: str, plugin: str, priority: int) -> bool:
+        """Does a deployment of a better-ranked plugin serve ``model``? (Known after the first look-up:
+        plugins, their deployments and priorities do not change while a host runs; their circuits do.)"""
+        return self._ranked.get((model, plugin, priority), True)
 
     def infos(self, model: str | None, plugin: str) -> list[ProviderInfo]:
         """ProviderInfo for the deployments serving ``model`` (all if None), in try order."""
@@ -254,9 +279,15 @@ class DeploymentPool(Generic[M]):
         """One deployment's public facts, circuit state and the pool's ``priority`` (no secrets: only the key's variable name)."""
         b = m.breaker
         left = b.cooldown_left()
-        facts = attrs.asdict(m.deployment)  # only names and settings: a deployment never holds a key
-        facts.pop("name", None)
-        facts.pop("model", None)
+        cached = self._facts.get(m.deployment.name)
+        if cached is None:  # a deployment is frozen: its facts are worked out once (asdict was most of the cost)
+            facts = attrs.asdict(m.deployment)  # only names and settings: a deployment never holds a key
+            facts.pop("name", None)
+            facts.pop("model", None)
+            cached = self._facts[m.deployment.name] = (facts, [k for k, v in facts.items() if isinstance(v, (dict, list))])
+        facts, containers = cached
+        if containers:  # each caller gets its own copies of the mutable values
+            facts = {**facts, **{k: copy.deepcopy(facts[k]) for k in containers}}
         return {
             **facts,
             "failures": b.failures,
@@ -367,13 +398,17 @@ def outranking(infos: Iterable[ProviderInfo], *, plugin: str, priority: int, exc
     not in ``exclude``. Such plugins mark the hook ``tryfirst`` so they are
     asked before plugins that do not take part.
     """
-    mine = (priority, plugin)
     for info in infos:
-        if info.plugin == plugin or info.name in exclude or not info.available:
-            continue
-        theirs = info.detail.get("priority", DEFAULT_PRIORITY)
-        if isinstance(theirs, bool) or not isinstance(theirs, int):
-            theirs = DEFAULT_PRIORITY
-        if (theirs, info.plugin) < mine:
+        if info.name not in exclude and info.available and outranks(info, plugin=plugin, priority=priority):
             return info
     return None
+
+
+def outranks(info: ProviderInfo, *, plugin: str, priority: int) -> bool:
+    """Is ``info`` a deployment of another plugin ranked before ``plugin`` at ``priority`` (circuit aside)?"""
+    if info.plugin == plugin:
+        return False
+    theirs = info.detail.get("priority", DEFAULT_PRIORITY)
+    if isinstance(theirs, bool) or not isinstance(theirs, int):
+        theirs = DEFAULT_PRIORITY
+    return (theirs, info.plugin) < (priority, plugin)

@@ -269,6 +269,45 @@ async def test_provider_plugin_select_is_tryfirst_and_defers_to_a_better_ranked_
         assert (await host.complete({"model": "x", "prompt": "hi"})).provider == "fake"  # neither serves x
 
 
+async def test_the_best_ranked_plugin_selects_without_a_look_up_and_the_next_takes_over_when_its_circuits_open(
+        make_host: Any) -> None:
+    """Ranks are fixed while a host runs: a plugin that no other outranks for a model answers without asking
+    every plugin for its providers (it does only when its own circuits are all open); an outranked one looks
+    them up, and takes over once the better one's circuits are open."""
+
+    class Other(TinyPlugin):
+        TABLE = "other"
+        CIRCUITS_TABLE = "other_circuits"
+
+    best = Other({"b": "from b"})
+    worse = TinyPlugin({"a": "from a"})
+    config = {"tiny": {"deployments": [{"name": "a", "model": "m"}], "priority": 50},
+              "other": {"deployments": [{"name": "b", "model": "m"}], "priority": 10}}
+    # registered last, `best` is asked first (tryfirst hookimpls: newest first, as in pluggy)
+    async with make_host(DirectQueue(), worse, best, config=config) as host:
+        looked_up: list[str | None] = []
+        real = host.providers
+
+        async def providers(model: str | None = None) -> Any:
+            looked_up.append(model)
+            return await real(model)
+
+        host.providers = providers  # type: ignore[method-assign]
+        assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"
+        learned = len(looked_up)  # the first selection learns the ranks
+        for _ in range(5):
+            assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"
+        assert len(looked_up) == learned  # no look-up while the best-ranked one serves
+        best.answers["b"] = ProviderUnavailable("b is down", provider="b")
+        best.pool.members[0].answer = best.answers["b"]
+        failed = await host.complete({"model": "m", "prompt": "hi"})  # its circuit opens (one failure)
+        assert (failed.provider, failed.status) == ("b", "error")
+        taken_over = await host.complete({"model": "m", "prompt": "hi"})
+        assert (taken_over.provider, taken_over.text) == ("a", "from a")
+        assert len(looked_up) > learned  # b's open circuit needed the look-up that found a
+    assert best.pool._outranked("m", "other", 10) is False and worse.pool._outranked("m", "tiny", 50) is True
+
+
 def test_record_attempt_error_logs_debug_and_the_opening(caplog: pytest.LogCaptureFixture) -> None:
     b = CircuitBreaker(2, 30, clock=Clock())
     log = logging.getLogger("ksi_host.provider.tiny")
