@@ -32,8 +32,9 @@ import signal
 from typing import Any
 
 from ksi_host.circuit import CircuitBreaker
+from ksi_host.deployment_provider import DeploymentProvider
 from ksi_host.errormap import timeout_error
-from ksi_host.errors import ProviderError, ProviderUnavailable
+from ksi_host.errors import ProviderUnavailable
 from ksi_host.models import CompletionRequest, ProviderResponse
 
 from . import cli
@@ -43,23 +44,19 @@ from .sessions import SessionStore
 log = logging.getLogger("ksi_host.provider.claude_cli")
 
 
-class ClaudeCliProvider:
-    """A configured deployment (satisfies :class:`ksi_host.models.Provider`)."""
+class ClaudeCliProvider(DeploymentProvider):
+    """A configured deployment: :class:`~ksi_host.deployment_provider.DeploymentProvider` (the key, the
+    circuit, the outcome) around one ``claude`` process."""
 
     plugin = "claude_cli"
+    log = log
 
     def __init__(self, deployment: ClaudeCliDeployment, breaker: CircuitBreaker, *, executable: str,
                  sessions: SessionStore | None) -> None:
-        self.deployment = deployment
-        self.breaker = breaker
+        super().__init__(deployment, breaker)
         self.executable = executable
         self.sessions = sessions
-        self.name = deployment.name
-        self.timeout_s = deployment.timeout_s
         self.calls = 0  # processes started (for status and tests)
-
-    def __repr__(self) -> str:
-        return f"<ClaudeCliProvider {self.name} model={self.deployment.model!r} {self.breaker.state}>"
 
     def _env(self, key: str | None) -> dict[str, str]:
         env = dict(os.environ)
@@ -69,23 +66,8 @@ class ClaudeCliProvider:
             env["ANTHROPIC_BASE_URL"] = self.deployment.api_base
         return env
 
-    async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> ProviderResponse:
-        """One ``claude`` process. Returns the answer or raises a ksi_host ProviderError."""
-        if timeout_s is None:
-            timeout_s = self.timeout_s
-        generation = self.breaker.generation
-        try:
-            response = await self._run(request, timeout_s)
-        except ProviderError as e:
-            if e.provider is None:
-                e.provider = self.name
-            self._failed(generation, e)
-            raise
-        self.breaker.record_success(generation)
-        return response
-
-    async def _run(self, request: CompletionRequest, timeout_s: float | None) -> ProviderResponse:
-        key = self.deployment.api_key()  # AuthFailed naming the variable when it is unset
+    async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
+        """One ``claude`` process (killed at the timeout); its exit, output and result mapped (:mod:`.cli`)."""
         resume = None
         if request.session_id is not None and self.sessions is not None:
             resume = await self.sessions.claude_session(request.session_id)
@@ -141,9 +123,6 @@ class ClaudeCliProvider:
                 await _kill(proc)
         assert proc.returncode is not None
         return stdout, stderr, proc.returncode
-
-    def _failed(self, generation: int, err: ProviderError) -> None:
-        self.breaker.record_attempt_error(generation, err, name=self.name, log=log)
 
 
 async def _kill(proc: Any) -> None:

@@ -30,8 +30,8 @@ import logging
 from typing import Any
 
 from ksi_host.circuit import CircuitBreaker
-from ksi_host.errormap import connection_error, error_for_status, malformed_response, timeout_error
-from ksi_host.errors import AuthFailed, ProviderError
+from ksi_host.deployment_provider import DeploymentProvider
+from ksi_host.errormap import connection_error, error_for_status, malformed_response
 from ksi_host.models import CompletionRequest, ProviderResponse, Usage
 
 from . import client as _client
@@ -44,25 +44,21 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
 
 
-class OpenAIProvider:
-    """A configured deployment (satisfies :class:`ksi_host.models.Provider`)."""
+class OpenAIProvider(DeploymentProvider):
+    """A configured deployment: :class:`~ksi_host.deployment_provider.DeploymentProvider` (the key, the
+    circuit, the outcome) around one HTTP request."""
 
     plugin = "openai"
+    log = log
 
     def __init__(self, deployment: OpenAIDeployment, breaker: CircuitBreaker, client: HttpClient) -> None:
-        self.deployment = deployment
-        self.breaker = breaker
+        super().__init__(deployment, breaker)
         self.client = client
-        self.name = deployment.name
-        self.timeout_s = deployment.timeout_s
         self.url = deployment.url
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", **deployment.headers}
         up = deployment.upstream_model
         self._fixed_model = up if up is not None and "{model}" not in up else None
         self.calls = 0  # upstream attempts made (for status and tests)
-
-    def __repr__(self) -> str:
-        return f"<OpenAIProvider {self.name} model={self.deployment.model!r} {self.breaker.state}>"
 
     def body(self, request: CompletionRequest) -> dict[str, Any]:
         """The JSON body of the chat completion request."""
@@ -76,16 +72,8 @@ class OpenAIProvider:
             body["temperature"] = request.temperature
         return body
 
-    async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> ProviderResponse:
-        """One upstream attempt. Returns the answer or raises a ksi_host ProviderError."""
-        if timeout_s is None:
-            timeout_s = self.timeout_s
-        generation = self.breaker.generation
-        try:
-            key = self.deployment.api_key()
-        except AuthFailed as e:
-            self._failed(generation, e)
-            raise
+    async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
+        """One ``POST {api_base}/chat/completions``; HTTP statuses and connection failures mapped."""
         headers = self._headers if key is None else {**self._headers, "Authorization": f"Bearer {key}"}
         data = _dumps(self.body(request)).encode()
         session = await self.client.session()
@@ -98,27 +86,9 @@ class OpenAIProvider:
                     raw = await resp.read()
                     if status >= 300:
                         raise error_for_status(status, headers=resp.headers, body=raw, provider=self.name, secrets=(key,))
-        except ProviderError as e:
-            self._failed(generation, e)
-            raise
-        except TimeoutError:
-            err: ProviderError = timeout_error(self.name, timeout_s)
-            self._failed(generation, err)
-            raise err from None
         except http.ClientError as e:
-            err = connection_error(self.name, f"{type(e).__name__}: {e}", secrets=(key,))
-            self._failed(generation, err)
-            raise err from None
-        try:
-            result = self._response(raw, status, request)
-        except ProviderError as e:
-            self._failed(generation, e)
-            raise
-        self.breaker.record_success(generation)
-        return result
-
-    def _failed(self, generation: int, err: ProviderError) -> None:
-        self.breaker.record_attempt_error(generation, err, name=self.name, log=log)
+            raise connection_error(self.name, f"{type(e).__name__}: {e}", secrets=(key,)) from None
+        return self._response(raw, status, request)
 
     def _response(self, raw: bytes, status: int, request: CompletionRequest) -> ProviderResponse:
         try:

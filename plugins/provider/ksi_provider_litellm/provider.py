@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from ksi_host.circuit import CircuitBreaker
+from ksi_host.deployment_provider import DeploymentProvider
 from ksi_host.errormap import (
     connection_error,
     context_window_error,
@@ -25,7 +26,7 @@ from ksi_host.errormap import (
     malformed_response,
     timeout_error,
 )
-from ksi_host.errors import AuthFailed, OperationalError, ProviderError
+from ksi_host.errors import ProviderError
 from ksi_host.models import CompletionRequest, ProviderResponse, Usage
 
 from .config import LitellmDeployment
@@ -156,16 +157,15 @@ def last_user_text(request: CompletionRequest) -> str:
     return ""
 
 
-class LitellmProvider:
-    """A configured deployment (satisfies :class:`ksi_host.models.Provider`)."""
+class LitellmProvider(DeploymentProvider):
+    """A configured deployment: :class:`~ksi_host.deployment_provider.DeploymentProvider` (the key, the
+    circuit, the outcome) around one ``litellm.acompletion``."""
 
     plugin = "litellm"
+    log = log
 
     def __init__(self, deployment: LitellmDeployment, breaker: CircuitBreaker, *, mock: bool = False) -> None:
-        self.deployment = deployment
-        self.breaker = breaker
-        self.name = deployment.name
-        self.timeout_s = deployment.timeout_s
+        super().__init__(deployment, breaker)
         self.mock = mock
         lm = deployment.litellm_model
         self._fixed_model = lm if lm is not None and "{model}" not in lm else None
@@ -176,9 +176,6 @@ class LitellmProvider:
         if mock:
             base["custom_llm_provider"] = "openai"
         self._base = base
-
-    def __repr__(self) -> str:
-        return f"<LitellmProvider {self.name} model={self.deployment.model!r} {self.breaker.state}>"
 
     def _kwargs(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> dict[str, Any]:
         kw = self._base.copy()
@@ -196,44 +193,24 @@ class LitellmProvider:
             kw["mock_response"] = f"mock response to: {last_user_text(request)[:200]}"
         return kw
 
-    async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> ProviderResponse:
-        """One upstream attempt. Returns the answer or raises a ksi_host ProviderError."""
+    async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
+        """One ``litellm.acompletion``; litellm's errors mapped (:func:`map_exception`)."""
         lit = _litellm or await load_litellm()
-        if timeout_s is None:
-            timeout_s = self.timeout_s
-        generation = self.breaker.generation
-        try:
-            key = self.deployment.api_key()
-        except AuthFailed as e:
-            self._failed(generation, e)
-            raise
         kwargs = self._kwargs(request, timeout_s, key)
         try:
             if timeout_s is None:
                 response = await lit.acompletion(**kwargs)
-            else:
+            else:  # litellm's own timeout should fire first; this one is the backstop
                 async with asyncio.timeout(timeout_s + TIMEOUT_GRACE_S):
                     response = await lit.acompletion(**kwargs)
         except TimeoutError:
-            err: ProviderError = timeout_error(self.name, timeout_s)
-            self._failed(generation, err)
-            raise err from None
+            raise
         except Exception as e:
             mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,))
             if mapped is None:
                 raise
-            self._failed(generation, mapped)
             raise mapped from None
-        try:
-            result = self._response(lit, response, request)
-        except ProviderError as e:
-            self._failed(generation, e)
-            raise
-        self.breaker.record_success(generation)
-        return result
-
-    def _failed(self, generation: int, err: OperationalError) -> None:
-        self.breaker.record_attempt_error(generation, err, name=self.name, log=log)
+        return self._response(lit, response, request)
 
     def _response(self, lit: Any, response: Any, request: CompletionRequest) -> ProviderResponse:
         choices = getattr(response, "choices", None)
