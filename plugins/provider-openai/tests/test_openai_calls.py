@@ -15,12 +15,11 @@ from openai_helpers import KEY_ENV, SECRET_KEY, request
 
 from ksi_host import (
     AuthFailed,
-    BadRequest,
-    ContextWindowExceeded,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
 )
+from ksi_host.testing.faults import PROVIDER_FAULTS
 from ksi_host.testing.server import OpenAIServer
 
 
@@ -64,21 +63,7 @@ async def test_fixed_upstream_model_and_no_key_means_no_authorization(make_provi
     assert openai_server.arrivals[0].authorization is None
 
 
-@pytest.mark.parametrize(
-    ("fault", "error", "status"),
-    [
-        ("429", RateLimited, 429),
-        ("500", ProviderUnavailable, 500),
-        ("502", ProviderUnavailable, 502),
-        ("503", ProviderUnavailable, 503),
-        ("400", BadRequest, 400),
-        ("context_length", ContextWindowExceeded, 400),
-        ("401", AuthFailed, 401),
-        ("403", AuthFailed, 403),
-        ("malformed", ProviderUnavailable, None),
-        ("disconnect", ProviderUnavailable, None),
-    ],
-)
+@pytest.mark.parametrize(("fault", "error", "status"), PROVIDER_FAULTS)
 async def test_each_fault_maps_and_makes_exactly_one_upstream_attempt(
     make_provider: Any, openai_server: Any, api_key: str, fault: str, error: type, status: int | None
 ) -> None:

@@ -14,12 +14,11 @@ from provider_helpers import KEY_ENV, SECRET_KEY, FakeClock, UsageRecorder, depl
 
 from ksi_host import (
     AuthFailed,
-    BadRequest,
-    ContextWindowExceeded,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
 )
+from ksi_host.testing.faults import PROVIDER_FAULTS
 
 
 def provider(server: Any, **kw: Any) -> LitellmProvider:
@@ -63,21 +62,7 @@ async def test_max_tokens_and_temperature_are_passed_on(openai_server: Any, api_
     assert body["messages"] == [{"role": "user", "content": "hello there"}]
 
 
-@pytest.mark.parametrize(
-    ("fault", "error", "status"),
-    [
-        ("429", RateLimited, 429),
-        ("500", ProviderUnavailable, 500),
-        ("502", ProviderUnavailable, 502),
-        ("503", ProviderUnavailable, 503),
-        ("400", BadRequest, 400),
-        ("context_length", ContextWindowExceeded, 400),
-        ("401", AuthFailed, 401),
-        ("403", AuthFailed, 403),
-        ("malformed", ProviderUnavailable, None),
-        ("disconnect", ProviderUnavailable, None),
-    ],
-)
+@pytest.mark.parametrize(("fault", "error", "status"), PROVIDER_FAULTS)
 async def test_each_fault_maps_and_makes_exactly_one_upstream_attempt(
     openai_server: Any, api_key: str, fault: str, error: type, status: int | None
 ) -> None:
