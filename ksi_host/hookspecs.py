@@ -146,7 +146,9 @@ def ksi_select_provider(host, request, exclude):
 
     ``Provider.complete`` makes exactly one upstream attempt (no retries of its
     own) and raises OperationalErrors for failures. A provider plugin keeps its
-    own circuit state from what its providers' calls return or raise.
+    own circuit state from what its providers' calls return or raise
+    (:class:`ksi_host.deployment_provider.DeploymentProvider` does that around
+    the plugin's own ``attempt``).
 
     Raise a retryable OperationalError (``ProviderUnavailable`` with
     ``retry_after``) when deployments serve the model but all are behind open
