@@ -56,15 +56,17 @@ async def submit_all(
     loop = asyncio.get_running_loop()
     idle: asyncio.Future[None] = loop.create_future()
     crashed: list[BaseException] = []
-    state = {"pending": 0, "feeders": 0}
+    pending = 0  # submitted, result not in yet
+    feeders = 0  # submitters still running
 
     def wake() -> None:
         if not idle.done():
             idle.set_result(None)
 
     def finished(key: K, future: asyncio.Future[CompletionResult]) -> None:
+        nonlocal pending
         slots.release()
-        state["pending"] -= 1
+        pending -= 1
         if crashed:
             return
         try:
@@ -72,10 +74,11 @@ async def submit_all(
         except BaseException as e:
             crashed.append(e)
             wake()
-        if not state["pending"] and not state["feeders"]:
+        if not pending and not feeders:
             wake()
 
     async def submitter() -> None:
+        nonlocal pending
         while not crashed:
             await slots.acquire()
             item = next(work, None)  # taken right after the slot: the items reach host.submit in order
@@ -89,20 +92,21 @@ async def submit_all(
                 slots.release()
                 on_refused(key, request, e)
                 continue
-            state["pending"] += 1
+            pending += 1
             if on_submitted is not None:
                 on_submitted(key)
             ticket.future.add_done_callback(partial(finished, key))
 
     def submitter_done(task: asyncio.Task[None]) -> None:
-        state["feeders"] -= 1
+        nonlocal feeders
+        feeders -= 1
         if not task.cancelled() and task.exception() is not None:
             crashed.append(task.exception())  # type: ignore[arg-type]
-        if crashed or not (state["feeders"] or state["pending"]):
+        if crashed or not (feeders or pending):
             wake()
 
     tasks = [asyncio.ensure_future(submitter()) for _ in range(max(1, min(submitters, window)))]
-    state["feeders"] = len(tasks)
+    feeders = len(tasks)
     for task in tasks:
         task.add_done_callback(submitter_done)
     try:

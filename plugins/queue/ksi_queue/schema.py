@@ -137,7 +137,6 @@ INSERT_REQUEST = (
     "INSERT INTO ksi_queue_requests (seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority,"
     " max_tokens, temperature, timeout_s, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
 )
-INSERT_PAYLOAD = "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json) VALUES (?, ?, ?)"
 # Accepting in one transaction without looking first: a request id stored before is skipped
 # (not counted in the transaction's changes), and so is the payload of a row that was not inserted.
 INSERT_REQUEST_NEW = INSERT_REQUEST + " ON CONFLICT(request_id) DO NOTHING"

@@ -155,7 +155,7 @@ async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_a
         now = 1_700_000_000.0
         for seq, rid in ((900, "done-elsewhere"), (901, "queued-elsewhere")):
             other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now))
-            other.execute(schema.INSERT_PAYLOAD, (seq, '[{"role":"user","content":"from elsewhere"}]', "{}"))
+            other.execute(schema.INSERT_PAYLOAD_NEW, (seq, '[{"role":"user","content":"from elsewhere"}]', "{}"))
         other.execute(schema.STORE_RESULT, ("ok", now, now, "answered elsewhere", "m", "p0", None, 1, 1, 2, None, None,
                                             None, 900))
         other.close()

@@ -138,8 +138,8 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
         await db.write_batch([
             (schema.INSERT_REQUEST, (1, "done", "A", None, None, None, "m", "normal", None, None, None, now)),
             (schema.INSERT_REQUEST, (2, "waiting", "A", "ag", None, "p", "m", "high", 7, 0.5, None, now)),
-            (schema.INSERT_PAYLOAD, (1, '[{"role":"user","content":"one"}]', "{}")),
-            (schema.INSERT_PAYLOAD, (2, '[{"role":"user","content":"two"}]', '{"k":1}')),
+            (schema.INSERT_PAYLOAD_NEW, (1, '[{"role":"user","content":"one"}]', "{}")),
+            (schema.INSERT_PAYLOAD_NEW, (2, '[{"role":"user","content":"two"}]', '{"k":1}')),
             (schema.STORE_RESULT, ("ok", now, now + 1, "stored answer", "m", "p1", "A", 1, 2, 3, None, None, None, 1)),
             (schema.INSERT_ATTEMPT, ("done", 1, "p1", None, None, None, 12.5)),
         ])
