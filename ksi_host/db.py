@@ -9,9 +9,9 @@ with two fsyncs) every ``WAL_AUTOCHECKPOINT_PAGES`` pages instead of SQLite's
 are copied once per checkpoint, and the fsyncs are ten times rarer.
 
 Writes are group-committed: :meth:`Database.execute` queues the statement and
-returns a future that completes once the transaction holding it is committed. Statements queued while
-a commit is in progress go into the next one, so many concurrent writers
-share one commit. Each plugin keeps its own tables and migrates them with
+returns a future that completes once the transaction holding it is committed.
+Statements queued while a commit is in progress go into the next one, so many
+concurrent writers share one commit. Each plugin keeps its own tables and migrates them with
 :meth:`Database.migrate`, which records versions in ``ksi_schema_versions``.
 """
 
