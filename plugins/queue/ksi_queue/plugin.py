@@ -384,13 +384,7 @@ class Plugin:
     async def _cancel_local(self, request_id: str) -> bool | None:
         e = self.entries.get(request_id)
         if e is None:
-            stored = await self.store.lookup(request_id)
-            if stored is None:
-                return None
-            if stored.final:
-                return False
-            await self.store.cancel_stored([request_id], time.time(), "cancelled before it ran")
-            return True
+            return await self._cancel_row(request_id)
         if e.error is not None:
             e.state = QUEUED
         if e.state == ACCEPTING:
@@ -432,6 +426,11 @@ class Plugin:
         if owner is not None:
             outcome = await self._send_command("cancel", request_id, owner)
             return None if outcome is None else bool(outcome)
+        return await self._cancel_row(request_id)
+
+    async def _cancel_row(self, request_id: str) -> bool | None:
+        """Cancel a request known only by its row (not in this process's memory): None if unknown,
+        False if final, True once its cancelled result is stored."""
         stored = await self.store.lookup(request_id)
         if stored is None:
             return None
