@@ -238,26 +238,21 @@ class DeploymentPool(Generic[M]):
         serving = self.serving(model)
         if not serving or all(m.deployment.name in exclude for m in serving):
             return None
-        if others and not self._outranked(model, plugin, priority):
-            # no other plugin ranks above this one for the model: no look-up unless ours are all open
-            try:
-                return self.select(model, exclude)
-            except ProviderUnavailable:
-                infos = await host.providers(model)
-                if any(i.plugin != plugin and i.available and i.name not in exclude for i in infos):
-                    return None  # ours are all open: another plugin can serve now
-                raise
-        infos = await host.providers(model) if others else ()
-        if others:
+        infos: Sequence[ProviderInfo] | None = None  # every plugin's deployments, looked up only when needed
+        if not others:
+            infos = ()
+        elif self._outranked(model, plugin, priority):  # (until the first look-up, assume it is)
+            infos = await host.providers(model)
             if len(self._ranked) >= 4096:
                 self._ranked.clear()
-            self._ranked[(model, plugin, priority)] = any(
-                outranks(i, plugin=plugin, priority=priority) for i in infos)
-        if outranking(infos, plugin=plugin, priority=priority, exclude=exclude) is not None:
-            return None
+            self._ranked[(model, plugin, priority)] = any(outranks(i, plugin=plugin, priority=priority) for i in infos)
+            if outranking(infos, plugin=plugin, priority=priority, exclude=exclude) is not None:
+                return None
         try:
             return self.select(model, exclude)
         except ProviderUnavailable:
+            if infos is None:
+                infos = await host.providers(model)
             if any(i.plugin != plugin and i.available and i.name not in exclude for i in infos):
                 return None  # ours are all open: another plugin can serve now
             raise
