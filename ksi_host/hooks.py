@@ -28,25 +28,21 @@ class HookCaller:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
-        self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
         self._calls: dict[str, list[tuple[str, Any, Callable[[dict[str, Any]], tuple[Any, ...]]]]] = {}
 
     def reset(self) -> None:
-        """Forget cached hookimpl lists (call after registering plugins)."""
-        self._impls.clear()
+        """Forget the cached hookimpl lists (call after registering plugins)."""
         self._calls.clear()
 
     def impls(self, hook: str) -> list[tuple[str, Any, tuple[str, ...]]]:
-        """``(plugin_name, function, argnames)`` in call order."""
-        found = self._impls.get(hook)
-        if found is None:
-            caller = getattr(self.pm.hook, hook)
-            found = [(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())]
-            self._impls[hook] = found
-        return found
+        """``(plugin_name, function, argnames)`` in call order (read from pluggy at each call: start-up
+        and shut-down use it; hook calls go through the cache of :meth:`_callables`)."""
+        caller = getattr(self.pm.hook, hook)
+        return [(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())]
 
     def _callables(self, hook: str) -> list[tuple[str, Any, Callable[[dict[str, Any]], tuple[Any, ...]]]]:
-        """``(plugin_name, function, args)``: ``args(kwargs)`` is the tuple of arguments the function takes."""
+        """``(plugin_name, function, args)``, cached per hook: ``args(kwargs)`` is the tuple of arguments the
+        function takes."""
         found = self._calls[hook] = [(plugin, fn, _args_getter(names)) for plugin, fn, names in self.impls(hook)]
         return found
 
