@@ -74,10 +74,9 @@ def _check_text(field: str, value: Any) -> None:
 
 
 def _opt_str(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
+    if not isinstance(value, str) or not value:
         _fail(name, "must be a non-empty string or null")
-    if value is not None:
-        _check_text(name, value)
+    _check_text(name, value)
 
 
 def _req_str(name: str, value: Any) -> None:
@@ -109,20 +108,16 @@ def _priority(value: Any) -> None:
 
 
 def _pos_int(name: str, value: Any) -> None:
-    if value is not None and (type(value) is not int or not 0 < value <= MAX_INT):
+    if type(value) is not int or not 0 < value <= MAX_INT:
         _fail(name, f"must be a positive integer (at most {MAX_INT}) or null, got {value!r}")
 
 
 def _temperature(value: Any) -> None:
-    if value is None:
-        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
         _fail("temperature", f"must be a number from 0 to 2 or null, got {value!r}")
 
 
 def _pos_num(name: str, value: Any) -> None:
-    if value is None:
-        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_INT:
         _fail(name, f"must be a positive number of seconds (at most {MAX_INT}) or null, got {value!r}")
 
@@ -141,7 +136,7 @@ def _metadata(value: Any) -> None:
 def _validate_request(r: CompletionRequest) -> None:
     """Every field check of a request, in field order, in one call (attrs runs it after ``__init__``).
 
-    The common case (ASCII strings, plain values, empty metadata) is decided inline; any other
+    The field checks above are called with values that are set (not None). The common case (ASCII strings, plain values, empty metadata) is decided inline; any other
     value goes to its field's check, which raises ValidationError naming the field and why."""
     v = r.model
     if not (type(v) is str and v.isascii() and v.strip()):
