@@ -77,7 +77,7 @@ async def submit_all(host: Any, batch: list[dict[str, Any]], mode: str, window: 
 
     ``agents``: one agent per session, each awaiting its requests one after the other
     (``await host.complete(r)`` in a loop), all agents at once. ``batch``: as ``ksi-host run``
-    does (``ksi_host.runner.submit_all``): in order, at most ``window`` unfinished, results
+    does (``ksi_host.cli.runner.submit_all``): in order, at most ``window`` unfinished, results
     through callbacks."""
     if mode == "agents":
         by_session: dict[Any, list[dict[str, Any]]] = {}
@@ -88,7 +88,7 @@ async def submit_all(host: Any, batch: list[dict[str, Any]], mode: str, window: 
             return [await host.complete(r) for r in share]
 
         return [r for share in await asyncio.gather(*map(agent, by_session.values())) for r in share]
-    from ksi_host.runner import submit_all as submit_windowed
+    from ksi_host.cli.runner import submit_all as submit_windowed
 
     results: list[Any] = [None] * len(batch)
 
@@ -119,7 +119,7 @@ async def run_one(n: int, sessions: int, concurrency: int, warmup: int, mode: st
         async with ksi_host.Host(config, db_path, plugins=[Queue(), Retry(), Tokens(), InstantPlugin()]) as host:
             await submit_all(host, requests("warm", warmup), mode, window)
             if gc_setting == "cli":
-                from ksi_host.runner import tune_gc
+                from ksi_host.cli.runner import tune_gc
 
                 tune_gc()  # what ksi-host run does once its host has started
             batch = requests("run", n)
@@ -199,9 +199,9 @@ def main() -> int:
           f"{'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; {args.rounds} round(s) per mode; "
           f"load average {common.load_average()}")
     print("  agents: one agent per session awaits its requests one after the other, all agents at once")
-    print(f"  batch:  ksi_host.runner.submit_all, at most {args.window:,} unfinished (what ksi-host run does)")
+    print(f"  batch:  ksi_host.cli.runner.submit_all, at most {args.window:,} unfinished (what ksi-host run does)")
     print("  gc cli: gc.freeze() and a first GC threshold of 50,000 once the host started, as ksi-host run sets them "
-          "(ksi_host.runner.tune_gc); gc default: Python's settings")
+          "(ksi_host.cli.runner.tune_gc); gc default: Python's settings")
     rows = []
     verdicts = []
     for (mode, gc_setting), rs in runs.items():

@@ -147,7 +147,7 @@ def ksi_select_provider(host, request, exclude):
     ``Provider.complete`` makes exactly one upstream attempt (no retries of its
     own) and raises OperationalErrors for failures. A provider plugin keeps its
     own circuit state from what its providers' calls return or raise
-    (:class:`ksi_host.deployment_provider.DeploymentProvider` does that around
+    (:class:`ksi_host.providers.deployment_provider.DeploymentProvider` does that around
     the plugin's own ``attempt``).
 
     Raise a retryable OperationalError (``ProviderUnavailable`` with
@@ -156,7 +156,7 @@ def ksi_select_provider(host, request, exclude):
 
     firstresult: provider plugins are asked in hook order. When several serve
     one model, the config decides which is tried first: the shared helper
-    :meth:`ksi_host.deployments.DeploymentPool.select_ranked` (with the hookimpl
+    :meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked` (with the hookimpl
     marked ``tryfirst``) answers None while a plugin with a lower ``priority``
     key has a usable deployment, so the host asks the next plugin.
     Reference implementation: ``ksi-provider-litellm``.

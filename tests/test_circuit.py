@@ -1,10 +1,10 @@
-"""ksi_host.circuit: the circuit breaker of one deployment."""
+"""ksi_host.providers.circuit: the circuit breaker of one deployment."""
 
 from __future__ import annotations
 
 import pytest
 
-from ksi_host.circuit import CircuitBreaker, CircuitConfig
+from ksi_host.providers.circuit import CircuitBreaker, CircuitConfig
 
 
 class Clock:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployment_provider import DeploymentProvider
-from ksi_host.deployments import Deployment
 from ksi_host.errors import AuthFailed, ProviderTimeout, RateLimited
 from ksi_host.models import CompletionRequest, ProviderResponse
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployment_provider import DeploymentProvider
+from ksi_host.providers.deployments import Deployment
 
 REQUEST = CompletionRequest.from_dict({"model": "m", "prompt": "hi"})
 

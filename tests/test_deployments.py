@@ -1,4 +1,4 @@
-"""ksi_host.deployments: Deployment config, matching, and the ordered selection with circuits."""
+"""ksi_host.providers.deployments: Deployment config, matching, and the ordered selection with circuits."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 import attrs
 import pytest
 
-from ksi_host.circuit import CircuitBreaker
 from ksi_host.config import build_table
-from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, DeploymentPool, check_unique_names, is_pattern
 from ksi_host.errors import AuthFailed, BadRequest, ConfigError, OperationalError, ProviderUnavailable
 from ksi_host.models import CompletionRequest, ProviderResponse, Usage
-from ksi_host.provider_plugin import ProviderPlugin
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, DeploymentPool, check_unique_names, is_pattern
+from ksi_host.providers.plugin import ProviderPlugin
 from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 

@@ -1,4 +1,4 @@
-"""ksi_host.errormap: upstream HTTP failures to ksi_host errors."""
+"""ksi_host.providers.errormap: upstream HTTP failures to ksi_host errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from ksi_host.errormap import (
+from ksi_host.errors import (
+    AuthFailed,
+    BadRequest,
+    ContextWindowExceeded,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from ksi_host.providers.errormap import (
     connection_error,
     context_window_error,
     error_detail,
@@ -18,14 +26,6 @@ from ksi_host.errormap import (
     redact,
     retry_after_seconds,
     timeout_error,
-)
-from ksi_host.errors import (
-    AuthFailed,
-    BadRequest,
-    ContextWindowExceeded,
-    ProviderTimeout,
-    ProviderUnavailable,
-    RateLimited,
 )
 
 NOW = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""ksi_host.runner.submit_all: in order, windowed, no task per request; refusals and programming errors."""
+"""ksi_host.cli.runner.submit_all: in order, windowed, no task per request; refusals and programming errors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from ksi_host import hookimpl
+from ksi_host.cli.runner import submit_all
 from ksi_host.errors import ValidationError
 from ksi_host.models import CompletionRequest, Ticket
-from ksi_host.runner import submit_all
 from ksi_host.testing import FakeProvider, ScriptedProviders
 
 

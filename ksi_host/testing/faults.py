@@ -1,6 +1,6 @@
 """What each failing fault of the test server must become in a provider plugin.
 
-Every provider plugin maps upstream failures with :mod:`ksi_host.errormap`, so that a
+Every provider plugin maps upstream failures with :mod:`ksi_host.providers.errormap`, so that a
 429 means the same to the retry plugin whichever plugin saw it. :data:`PROVIDER_FAULTS`
 lists, for each fault mode of :class:`~ksi_host.testing.server.OpenAIServer` that fails
 a call, the error class a provider's ``complete`` must raise and the HTTP status the

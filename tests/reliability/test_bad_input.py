@@ -3,7 +3,7 @@
 * :meth:`CompletionRequest.from_dict` on arbitrary JSON-like data returns a
   request or raises ValidationError naming a field of the input (or
   ``request`` for a non-object); nothing else ever escapes.
-* :func:`ksi_host.runner.parse_line` on arbitrary text returns a request or an
+* :func:`ksi_host.cli.runner.parse_line` on arbitrary text returns a request or an
   ``error`` result whose message names the line and the field; it never raises.
 * Whatever from_dict accepts, the real ksi-queue stores and runs (in-process,
   in-memory database, a FakeProvider): no hang, no crash.
@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ksi_host import Host
+from ksi_host.cli.runner import BatchRunner, line_request_id, open_requests, parse_line, read_lines
 from ksi_host.errors import ValidationError
 from ksi_host.models import CompletionRequest, CompletionResult, ProviderResponse, Usage
-from ksi_host.runner import BatchRunner, line_request_id, open_requests, parse_line, read_lines
 from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 FIELDS = ["model", "messages", "prompt", "request_id", "session_id", "agent_id", "originator_agent_id", "purpose",

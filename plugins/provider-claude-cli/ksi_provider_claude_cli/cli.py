@@ -18,7 +18,7 @@ or a non-zero exit with text on stderr.
 ================================================  =========================================
 failure                                           error
 ================================================  =========================================
-``API Error: <status> ...`` in the text           by the status, as for HTTP (:func:`ksi_host.errormap.error_for_status`):
+``API Error: <status> ...`` in the text           by the status, as for HTTP (:func:`ksi_host.providers.errormap.error_for_status`):
                                                   429 RateLimited, 529/5xx ProviderUnavailable, 401/403 AuthFailed, ...
 usage limit reached (``...|<unix time>``)         RateLimited, ``retry_after`` until that time
 rate limit / too many requests                    RateLimited
@@ -39,7 +39,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ksi_host.errormap import MAX_MESSAGE, error_for_status, is_context_length, malformed_response, redact
 from ksi_host.errors import (
     AuthFailed,
     BadRequest,
@@ -49,6 +48,7 @@ from ksi_host.errors import (
     RateLimited,
 )
 from ksi_host.models import CompletionRequest, Usage
+from ksi_host.providers.errormap import MAX_MESSAGE, error_for_status, is_context_length, malformed_response, redact
 
 _API_ERROR = re.compile(r"API Error:\s*(\d{3})\b\s*(.*)", re.DOTALL)
 _USAGE_LIMIT = re.compile(r"usage limit reached\|(\d{9,})", re.IGNORECASE)

@@ -27,9 +27,9 @@ from typing import Any
 
 import attrs
 
-from ksi_host.circuit import CircuitConfig
-from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
-from ksi_host.errormap import redact
+from ksi_host.providers.circuit import CircuitConfig
+from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
+from ksi_host.providers.errormap import redact
 
 BUILTIN_NAME = "claude-cli"
 """The built-in deployment: serves ``claude-cli/<model>`` with ``--model <model>`` (``claude-cli/default``: no --model)."""

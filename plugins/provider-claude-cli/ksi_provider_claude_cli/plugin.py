@@ -9,10 +9,10 @@ deployment), ``ksi_shutdown`` (writes pending circuit changes),
 ``ksi_status`` (``{"claude_cli": {"executable": ..., "found": ..., "circuits": [...]}}``).
 
 Selection follows the rules every provider plugin shares
-(:class:`ksi_host.deployments.DeploymentPool`): deployments serving the model in
+(:class:`ksi_host.providers.deployments.DeploymentPool`): deployments serving the model in
 the order written, then the built-in ``claude-cli`` (``claude-cli/*``);
 excluded and open-circuit ones skipped. Between provider plugins
-(:meth:`ksi_host.deployments.DeploymentPool.select_ranked`): the hook is
+(:meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked`): the hook is
 ``tryfirst`` and answers None while a better-ranked plugin (lower
 ``priority``, then name) has an available deployment for the model that is
 not excluded, or while its own are all behind open circuits and another
@@ -25,9 +25,9 @@ import shutil
 from typing import Any
 
 from ksi_host import hookimpl
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployments import DeploymentPool
-from ksi_host.provider_plugin import ProviderPlugin
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployments import DeploymentPool
+from ksi_host.providers.plugin import ProviderPlugin
 
 from .config import ClaudeCliConfig, builtin_deployment
 from .provider import ClaudeCliProvider
@@ -61,7 +61,7 @@ def build_pool(config: ClaudeCliConfig, sessions: SessionStore | None, *, clock:
 
 class Plugin(ProviderPlugin):
     """One instance per Host; holds the deployments, their circuits and the session store (the hooks:
-    :class:`ksi_host.provider_plugin.ProviderPlugin`)."""
+    :class:`ksi_host.providers.plugin.ProviderPlugin`)."""
 
     TABLE = TABLE
     CONFIG = ClaudeCliConfig

@@ -19,7 +19,7 @@ cancelled call kills it too. Outcomes:
 The API key (``api_key_env``) reaches the process only through its
 environment (``ANTHROPIC_API_KEY``), never its command line; ``api_base``
 becomes ``ANTHROPIC_BASE_URL``. The circuit records every outcome
-(:meth:`ksi_host.circuit.CircuitBreaker.record_error`).
+(:meth:`ksi_host.providers.circuit.CircuitBreaker.record_error`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import os
 import signal
 from typing import Any
 
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployment_provider import DeploymentProvider
-from ksi_host.errormap import timeout_error
 from ksi_host.errors import ProviderUnavailable
 from ksi_host.models import CompletionRequest, ProviderResponse
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployment_provider import DeploymentProvider
+from ksi_host.providers.errormap import timeout_error
 
 from . import cli
 from .config import ClaudeCliDeployment
@@ -45,7 +45,7 @@ log = logging.getLogger("ksi_host.provider.claude_cli")
 
 
 class ClaudeCliProvider(DeploymentProvider):
-    """A configured deployment: :class:`~ksi_host.deployment_provider.DeploymentProvider` (the key, the
+    """A configured deployment: :class:`~ksi_host.providers.deployment_provider.DeploymentProvider` (the key, the
     circuit, the outcome) around one ``claude`` process."""
 
     plugin = "claude_cli"

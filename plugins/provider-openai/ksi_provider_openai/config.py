@@ -29,9 +29,9 @@ from typing import Any
 
 import attrs
 
-from ksi_host.circuit import CircuitConfig
-from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
-from ksi_host.errormap import redact
+from ksi_host.providers.circuit import CircuitConfig
+from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
+from ksi_host.providers.errormap import redact
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 _RESERVED_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "content-type",

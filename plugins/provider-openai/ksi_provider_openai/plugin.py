@@ -6,14 +6,14 @@ deployment, sharing one pooled HTTP client), ``ksi_shutdown`` (closes the
 client), ``ksi_select_provider``, ``ksi_list_providers`` and ``ksi_status``
 (``{"openai": {"priority": ..., "circuits": [...]}}``).
 
-Selection, the same rules as every provider plugin (:class:`ksi_host.deployments.DeploymentPool`):
+Selection, the same rules as every provider plugin (:class:`ksi_host.providers.deployments.DeploymentPool`):
 the deployments serving the requested model (exact name or glob) in the
 order written; the first that is not in ``exclude`` and whose circuit allows
 a call wins; None when none serves the model or all that do are excluded;
 a fast, retryable ProviderUnavailable when the only ones left have open
 circuits.
 
-Between provider plugins (:meth:`ksi_host.deployments.DeploymentPool.select_ranked`):
+Between provider plugins (:meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked`):
 the hook is ``tryfirst``; when another provider plugin with a better rank
 (lower ``priority``, then plugin name) has an available deployment for the
 model that is not excluded, or when this plugin's deployments are all behind
@@ -21,16 +21,16 @@ open circuits and another plugin's is usable, this plugin answers None and the
 host asks the next.
 
 Circuits are kept in the host database (table ``openai_circuits``), as every
-provider plugin does (:meth:`ksi_host.deployments.DeploymentPool.attach`).
+provider plugin does (:meth:`ksi_host.providers.deployments.DeploymentPool.attach`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployments import DeploymentPool
-from ksi_host.provider_plugin import ProviderPlugin
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployments import DeploymentPool
+from ksi_host.providers.plugin import ProviderPlugin
 
 from .client import HttpClient
 from .config import OpenAIConfig
@@ -57,7 +57,7 @@ def build_pool(config: OpenAIConfig, client: HttpClient, *, clock: Any) -> Pool:
 
 class Plugin(ProviderPlugin):
     """One instance per Host; holds the deployments, their circuits and the HTTP client (the hooks:
-    :class:`ksi_host.provider_plugin.ProviderPlugin`)."""
+    :class:`ksi_host.providers.plugin.ProviderPlugin`)."""
 
     TABLE = TABLE
     CONFIG = OpenAIConfig

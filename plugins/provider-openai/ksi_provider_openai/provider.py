@@ -1,7 +1,7 @@
 """One deployment, ready to call: :class:`OpenAIProvider`.
 
 ``complete`` makes exactly one ``POST {api_base}/chat/completions`` over the
-plugin's pooled client and maps the outcome with :mod:`ksi_host.errormap`:
+plugin's pooled client and maps the outcome with :mod:`ksi_host.providers.errormap`:
 
 =====================================  =========================================
 what happened                          error raised
@@ -29,10 +29,10 @@ import json
 import logging
 from typing import Any
 
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployment_provider import DeploymentProvider
-from ksi_host.errormap import connection_error, error_for_status, malformed_response
 from ksi_host.models import CompletionRequest, ProviderResponse, Usage
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployment_provider import DeploymentProvider
+from ksi_host.providers.errormap import connection_error, error_for_status, malformed_response
 
 from . import client as _client
 from .client import HttpClient
@@ -45,7 +45,7 @@ _loads = json.loads
 
 
 class OpenAIProvider(DeploymentProvider):
-    """A configured deployment: :class:`~ksi_host.deployment_provider.DeploymentProvider` (the key, the
+    """A configured deployment: :class:`~ksi_host.providers.deployment_provider.DeploymentProvider` (the key, the
     circuit, the outcome) around one HTTP request."""
 
     plugin = "openai"

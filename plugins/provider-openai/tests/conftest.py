@@ -13,7 +13,7 @@ from ksi_provider_openai.provider import OpenAIProvider
 from openai_helpers import KEY_ENV, SECRET_KEY, FakeClock, deployment
 
 from ksi_host import Host
-from ksi_host.circuit import CircuitConfig
+from ksi_host.providers.circuit import CircuitConfig
 from ksi_host.testing import DirectQueue
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import attrs
 
-from ksi_host.circuit import CircuitConfig
-from ksi_host.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
+from ksi_host.providers.circuit import CircuitConfig
+from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
 
 MOCK_NAME = "mock"
 """The name of the built-in deployment that serves ``mock/<anything>``."""

@@ -14,7 +14,7 @@ that does is excluded (the host then raises NoProviderError). When the only
 deployments left have open circuits, selection fails fast with a retryable
 ProviderUnavailable whose ``retry_after`` is the shortest remaining cool-down.
 
-Between provider plugins (:meth:`ksi_host.deployments.DeploymentPool.select_ranked`): the hook is
+Between provider plugins (:meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked`): the hook is
 ``tryfirst``; when another provider plugin with a better rank (lower
 ``priority``, then plugin name) has an available deployment for the model
 that is not excluded, this plugin answers None and the host asks the next.
@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployments import DeploymentPool
-from ksi_host.provider_plugin import ProviderPlugin
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployments import DeploymentPool
+from ksi_host.providers.plugin import ProviderPlugin
 
 from .config import MOCK_NAME, MOCK_PATTERN, LitellmConfig, LitellmDeployment
 from .provider import LitellmProvider
@@ -42,7 +42,7 @@ CIRCUITS_TABLE = "litellm_circuits"
 
 
 class Plugin(ProviderPlugin):
-    """One instance per Host; holds the deployments and their circuits (the hooks: :class:`ksi_host.provider_plugin.ProviderPlugin`)."""
+    """One instance per Host; holds the deployments and their circuits (the hooks: :class:`ksi_host.providers.plugin.ProviderPlugin`)."""
 
     TABLE = TABLE
     CONFIG = LitellmConfig

@@ -16,9 +16,11 @@ import logging
 import os
 from typing import Any
 
-from ksi_host.circuit import CircuitBreaker
-from ksi_host.deployment_provider import DeploymentProvider
-from ksi_host.errormap import (
+from ksi_host.errors import ProviderError
+from ksi_host.models import CompletionRequest, ProviderResponse, Usage
+from ksi_host.providers.circuit import CircuitBreaker
+from ksi_host.providers.deployment_provider import DeploymentProvider
+from ksi_host.providers.errormap import (
     connection_error,
     context_window_error,
     error_detail,
@@ -26,8 +28,6 @@ from ksi_host.errormap import (
     malformed_response,
     timeout_error,
 )
-from ksi_host.errors import ProviderError
-from ksi_host.models import CompletionRequest, ProviderResponse, Usage
 
 from .config import LitellmDeployment
 
@@ -158,7 +158,7 @@ def last_user_text(request: CompletionRequest) -> str:
 
 
 class LitellmProvider(DeploymentProvider):
-    """A configured deployment: :class:`~ksi_host.deployment_provider.DeploymentProvider` (the key, the
+    """A configured deployment: :class:`~ksi_host.providers.deployment_provider.DeploymentProvider` (the key, the
     circuit, the outcome) around one ``litellm.acompletion``."""
 
     plugin = "litellm"

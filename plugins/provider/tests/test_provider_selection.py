@@ -10,7 +10,7 @@ from ksi_provider_litellm.plugin import Plugin, build_pool
 from provider_helpers import FailOver, FakeClock, deployment, request
 
 from ksi_host import ProviderInfo, ProviderUnavailable
-from ksi_host.circuit import CircuitConfig
+from ksi_host.providers.circuit import CircuitConfig
 
 
 def pool_of(server: Any, *deps: dict[str, Any], clock: FakeClock | None = None, **circuit: Any) -> Any:

@@ -4,7 +4,7 @@ A provider plugin subclasses it, names its config table (``TABLE``), its
 config class (``CONFIG``: an attrs class with ``deployments``, ``circuit`` and
 ``priority``) and the table that keeps its circuits (``CIRCUITS_TABLE``), and
 writes :meth:`ProviderPlugin.build_pool` (its deployments as a
-:class:`~ksi_host.deployments.DeploymentPool` of its provider objects)::
+:class:`~ksi_host.providers.deployments.DeploymentPool` of its provider objects)::
 
     class Plugin(ProviderPlugin):
         TABLE = "myprov"
@@ -20,7 +20,7 @@ The hookimpls live here (pluggy finds them on the subclass's instance):
 ``CIRCUITS_TABLE`` of the host database, then :meth:`start`);
 ``ksi_shutdown`` (writes pending circuit changes, then :meth:`stop`);
 ``ksi_select_provider`` (``tryfirst``: :meth:`DeploymentPool.select_ranked
-<ksi_host.deployments.DeploymentPool.select_ranked>`); ``ksi_list_providers``;
+<ksi_host.providers.deployments.DeploymentPool.select_ranked>`); ``ksi_list_providers``;
 ``ksi_status`` (:meth:`status`, ``{"circuits": [...]}`` unless overridden).
 
 Override the plain methods (:meth:`start`, :meth:`stop`, :meth:`status`,
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from . import hookimpl
+from ..hookspecs import hookimpl
+from ..models import CompletionRequest, ProviderInfo
 from .deployments import DeploymentPool
-from .models import CompletionRequest, ProviderInfo
 
 
 class ProviderPlugin:

@@ -159,7 +159,7 @@ class CircuitBreaker:
         request's fault, not the deployment's: neutral. Any other error counts
         as a failure. Returns True when this call opened the circuit (log it).
         """
-        from .errors import BadRequest
+        from ..errors import BadRequest
 
         if isinstance(error, BadRequest):
             self.record_neutral(generation)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+from ..errors import ProviderError
+from ..models import CompletionRequest, ProviderResponse
 from .circuit import CircuitBreaker
 from .errormap import timeout_error
-from .errors import ProviderError
-from .models import CompletionRequest, ProviderResponse
 
 
 class DeploymentProvider:
@@ -49,7 +49,7 @@ class DeploymentProvider:
         ``key`` (None when the deployment names no variable).
 
         Return the answer. Raise a :class:`~ksi_host.errors.ProviderError` for an upstream failure (map the
-        client library's errors, and never put ``key`` into a message: :mod:`ksi_host.errormap` helps), or
+        client library's errors, and never put ``key`` into a message: :mod:`ksi_host.providers.errormap` helps), or
         let a TimeoutError out when the time is up."""
         raise NotImplementedError(f"{type(self).__name__} must define attempt(request, timeout_s, key)")
 

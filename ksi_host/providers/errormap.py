@@ -29,7 +29,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from .errors import (
+from ..errors import (
     AuthFailed,
     BadRequest,
     ContextWindowExceeded,

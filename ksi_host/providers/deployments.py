@@ -9,7 +9,7 @@ LiteLLM plugin adds ``litellm_model``) and use it in their config table as
 ``deployments: list[MyDeployment]``.
 
 A :class:`DeploymentPool` holds a plugin's deployments in the order written,
-each with its :class:`~ksi_host.circuit.CircuitBreaker`, and implements the
+each with its :class:`~ksi_host.providers.circuit.CircuitBreaker`, and implements the
 selection every provider plugin needs (:meth:`DeploymentPool.select`): the
 first deployment serving the model that is neither excluded nor behind an open
 circuit.
@@ -29,11 +29,11 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
+from ..errors import AuthFailed, ProviderUnavailable
+from ..models import ProviderInfo, iso
 from .circuit import CircuitBreaker
-from .errors import AuthFailed, ProviderUnavailable
-from .models import ProviderInfo, iso
 
-log = logging.getLogger("ksi_host.deployments")
+log = logging.getLogger("ksi_host.providers.deployments")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _GLOB_CHARS = frozenset("*?[")

@@ -7,7 +7,7 @@ from typing import IO
 
 import attrs
 
-from .models import CompletionResult
+from ..models import CompletionResult
 
 
 @attrs.define

@@ -74,8 +74,8 @@ def _err(message: str) -> None:
 
 
 def _host(args: argparse.Namespace, *, serve: bool, concurrency: int | None = None) -> Any:
-    from .config import LOG_LEVELS, load_config
-    from .service import Host
+    from ..config import LOG_LEVELS, load_config
+    from ..service import Host
 
     config = load_config(args.config or os.environ.get("KSI_HOST_CONFIG"))
     level = str(config.get("host", {}).get("log_level", "")).upper()
@@ -89,8 +89,8 @@ def _host(args: argparse.Namespace, *, serve: bool, concurrency: int | None = No
 def cmd_plugins(args: argparse.Namespace) -> int:
     import pluggy
 
-    from . import hookspecs
-    from .plugins import instantiate, load_plugins
+    from .. import hookspecs
+    from ..plugins import instantiate, load_plugins
 
     rows = []
     for info in load_plugins():
@@ -111,8 +111,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from .errors import MissingPluginError
-    from .hookspecs import INSTALL_HINTS
+    from ..errors import MissingPluginError
+    from ..hookspecs import INSTALL_HINTS
     from .runner import REQUIRED_HOOKS, BatchRunner, open_requests, read_lines, tune_gc
 
     try:
@@ -132,7 +132,7 @@ async def _run(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
         out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
         runner = BatchRunner(host, out, sys.stderr)
-        tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.runner)
+        tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.cli.runner)
         task = asyncio.ensure_future(runner.run(lines))
         loop = asyncio.get_running_loop()
         interrupted = False
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.verbose:
         _log_to_stderr("DEBUG" if args.verbose > 1 else "INFO")
-    from .errors import MissingPluginError, OperationalError, StartupError
+    from ..errors import MissingPluginError, OperationalError, StartupError
 
     try:
         if args.command == "plugins":
@@ -259,5 +259,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CRASH
 
 
-if __name__ == "__main__":
-    sys.exit(main())

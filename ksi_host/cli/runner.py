@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import IO, Any, TypeVar
 
-from .errors import OperationalError, ValidationError
-from .models import CompletionRequest, CompletionResult
+from ..errors import OperationalError, ValidationError
+from ..models import CompletionRequest, CompletionResult
+from ..service import Host
 from .progress import BatchStats, ProgressBar
-from .service import Host
 
 #: Hooks a batch cannot run without (checked before anything runs).
 REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
