@@ -7,6 +7,7 @@ from .db import Database
 from .errors import (
     AuthFailed,
     BadRequest,
+    BudgetExceeded,
     Cancelled,
     ConfigError,
     ContextWindowExceeded,
@@ -48,6 +49,7 @@ __all__ = [
     "AttemptContext",
     "AuthFailed",
     "BadRequest",
+    "BudgetExceeded",
     "Cancelled",
     "CompletionRequest",
     "CompletionResult",

@@ -95,6 +95,10 @@ class Cancelled(OperationalError):
     """The request was cancelled before it finished."""
 
 
+class BudgetExceeded(OperationalError):
+    """A spending budget is used up: the request is refused before anything is sent upstream."""
+
+
 class ProviderError(OperationalError):
     """A failure reported by, or while talking to, an upstream provider.
 
@@ -141,6 +145,7 @@ class AuthFailed(ProviderError):
 __all__ = [
     "AuthFailed",
     "BadRequest",
+    "BudgetExceeded",
     "Cancelled",
     "ConfigError",
     "ContextWindowExceeded",

@@ -4,17 +4,33 @@ pluggy calls hookimpls synchronously; an ``async def`` hookimpl would hand it
 a coroutine, which pluggy's ``firstresult`` would take for an answer. So the
 host calls hookimpls itself, in pluggy's order, awaiting each answer that is
 awaitable before deciding whether it counts.
+
+Every hook call goes through :meth:`HookCaller.call_impl`, which keeps the one
+rule for errors: a :class:`~ksi_host.errors.KsiError` passes unchanged; any
+other exception propagates with a note naming the plugin and the hook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from operator import itemgetter
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import pluggy
 
-from .errors import KsiError
+from .errors import KsiError, OperationalError, PluginLoadError
+
+log = logging.getLogger("ksi_host.hooks")
+
+
+@attrs.frozen
+class Impl:
+    """One hookimpl: the plugin's registered name, the function, the parameters it takes."""
+
+    plugin: str
+    function: Any
+    argnames: tuple[str, ...]
 
 
 def _note(exc: BaseException, plugin: str, hook: str) -> None:
@@ -23,69 +39,82 @@ def _note(exc: BaseException, plugin: str, hook: str) -> None:
         exc.add_note(note)
 
 
+def check_hook_names(pm: pluggy.PluginManager) -> None:
+    """Raise PluginLoadError naming the plugin and the hookimpl whose name matches no hook (pluggy's
+    ``check_pending``; a typo such as ``ksi_enqeue`` would otherwise be ignored, and the hook reported missing)."""
+    for name in sorted(dir(pm.hook)):
+        caller = getattr(pm.hook, name)
+        if isinstance(caller, pluggy.HookCaller) and not caller.has_spec():
+            impls = [i for i in caller.get_hookimpls() if not i.optionalhook]
+            if impls:
+                import difflib
+
+                known = sorted(n for n in dir(pm.hook) if isinstance(getattr(pm.hook, n), pluggy.HookCaller) and getattr(pm.hook, n).has_spec())
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"the hooks are: {', '.join(known)}"
+                raise PluginLoadError(f"plugin {impls[0].plugin_name!r} implements {name!r}, which is not a hook ({hint})")
+
+
 class HookCaller:
     """Calls hooks of one :class:`pluggy.PluginManager`, awaiting async hookimpls."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
-        self._calls: dict[str, list[tuple[str, Any, Callable[[dict[str, Any]], tuple[Any, ...]]]]] = {}
+        self._impls: dict[str, tuple[Impl, ...]] = {}
 
     def reset(self) -> None:
         """Forget the cached hookimpl lists (call after registering plugins)."""
-        self._calls.clear()
+        self._impls.clear()
 
-    def impls(self, hook: str) -> list[tuple[str, Any, tuple[str, ...]]]:
-        """``(plugin_name, function, argnames)`` in call order (read from pluggy at each call: start-up
-        and shut-down use it; hook calls go through the cache of :meth:`_callables`)."""
-        caller = getattr(self.pm.hook, hook)
-        return [(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())]
-
-    def _callables(self, hook: str) -> list[tuple[str, Any, Callable[[dict[str, Any]], tuple[Any, ...]]]]:
-        """``(plugin_name, function, args)``, cached per hook: ``args(kwargs)`` is the tuple of arguments the
-        function takes."""
-        found = self._calls[hook] = [(plugin, fn, _args_getter(names)) for plugin, fn, names in self.impls(hook)]
+    def impls(self, hook: str) -> tuple[Impl, ...]:
+        """The hookimpls of ``hook`` in call order (newest registered first, ``tryfirst``/``trylast`` applied),
+        read from pluggy once per hook (an empty answer is cached too)."""
+        found = self._impls.get(hook)
+        if found is None:
+            caller = getattr(self.pm.hook, hook)
+            found = self._impls[hook] = tuple(
+                Impl(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())
+            )
         return found
 
     def implemented(self, hook: str) -> bool:
-        return bool(self._calls.get(hook) or self._callables(hook))
+        return bool(self.impls(hook))
 
-    def call(self, hook: str, /, **kwargs: Any) -> Awaitable[list[Any]]:
-        """``await hooks.call(hook, **kwargs)``: every hookimpl of ``hook``; their non-None answers."""
-        return self._run(False, hook, kwargs)
+    async def call_impl(self, impl: Impl, hook: str, kwargs: Mapping[str, Any]) -> Any:
+        """Call one hookimpl with the arguments it asks for; await its answer if it is awaitable."""
+        try:
+            answer = impl.function(*[kwargs[name] for name in impl.argnames])
+            if answer is not None and hasattr(answer, "__await__"):
+                answer = await answer
+        except KsiError:
+            raise
+        except Exception as e:
+            _note(e, impl.plugin, hook)
+            raise
+        return answer
 
-    def first(self, hook: str, /, **kwargs: Any) -> Awaitable[Any]:
-        """``await hooks.first(hook, **kwargs)``: hookimpls until one answers something other than None."""
-        return self._run(True, hook, kwargs)
+    async def call(self, hook: str, /, **kwargs: Any) -> list[Any]:
+        """Every hookimpl of ``hook``; their non-None answers, in call order."""
+        answers = []
+        for impl in self.impls(hook):
+            answer = await self.call_impl(impl, hook, kwargs)
+            if answer is not None:
+                answers.append(answer)
+        return answers
 
-    # call() and first() hand back _run's coroutine: one loop, no extra coroutine per hook call.
-    async def _run(self, stop_at_first: bool, hook: str, kwargs: dict[str, Any]) -> Any:
-        results = []
-        for plugin, fn, args in self._calls.get(hook) or self._callables(hook):
+    async def first(self, hook: str, /, **kwargs: Any) -> Any:
+        """Hookimpls of ``hook`` in call order until one answers something other than None."""
+        for impl in self.impls(hook):
+            answer = await self.call_impl(impl, hook, kwargs)
+            if answer is not None:
+                return answer
+        return None
+
+    async def notify(self, hook: str, /, **kwargs: Any) -> None:
+        """Every hookimpl of an observer hook. An OperationalError is logged (naming the plugin) and the
+        next observer is called; a programming error propagates as for every hook."""
+        for impl in self.impls(hook):
             try:
-                r = fn(*args(kwargs))
-                if r is not None and hasattr(r, "__await__"):
-                    r = await r
-            except KsiError:
-                raise
-            except Exception as e:
-                _note(e, plugin, hook)
-                raise
-            if r is not None:
-                if stop_at_first:
-                    return r
-                results.append(r)
-        return None if stop_at_first else results
-
-
-def _no_args(kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    return ()
-
-
-def _args_getter(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-    """A function from the hook's keyword arguments to the tuple of those ``names`` asks for, in order."""
-    if not names:
-        return _no_args
-    if len(names) == 1:
-        name = names[0]
-        return lambda kwargs: (kwargs[name],)
-    return itemgetter(*names)
+                await self.call_impl(impl, hook, kwargs)
+            except OperationalError as e:
+                log.warning("plugin %r in hook %s: %s: %s", impl.plugin, hook, e.type, e.message)

@@ -12,33 +12,68 @@ Rules that hold for every hook:
 * A hookimpl may be ``def`` or ``async def``; the host awaits what comes back
   (so a plain ``def`` may also return an awaitable, such as the future of a
   ``host.db.execute``, and its answer is what that awaitable gives).
-  Hookimpls may accept any subset of a hook's parameters, by name.
+  Hookimpls may accept any subset of a hook's parameters, by name. A hookimpl
+  whose name is not a hook below stops start-up, naming the plugin and the name.
 * ``firstresult`` hooks stop at the first hookimpl that returns something other
   than None (hookimpls run newest-registered first; ``tryfirst``/``trylast``
   reorder them, as in pluggy). Other hooks collect every non-None answer.
+  ``ksi_select_provider`` is the exception: the host decides the order (see it).
 * Raising an :class:`~ksi_host.errors.OperationalError` (or a subclass) is an
   expected failure: it fails the request being handled (for request hooks) and
   flows into failure handling. Raising anything else is a programming error:
   the host lets it propagate with its traceback, adding a note that names the
   plugin and the hook. It is never swallowed.
+* Observer hooks (``ksi_attempt_finished``, ``ksi_request_finished``) cannot
+  change anything: every implementation is called, and an OperationalError
+  raised there is logged (naming the plugin) and does not change the result.
 * Hookwrappers are not supported.
 
 ``host`` is the running :class:`ksi_host.Host`: ``host.db`` (the async SQLite
 helper), ``host.config`` (each plugin's validated config table), ``host.clock``
 and ``host.sleep`` (injectable time), ``host.execute`` (run one request now),
 ``host.serve`` (False for read-only commands such as ``ksi-host usage``).
+
+The order of the hooks of one request, as ``host.execute`` runs it::
+
+    ksi_prepare_request                         once, before the first attempt
+    for each attempt:
+        ksi_select_provider                     (plugins asked in the host's order)
+        ksi_admit                               may wait for room; may refuse
+        ksi_attempt_started                     durable before the call is sent
+        Provider.complete                       one upstream call
+        ksi_record_usage                        durable, before the result is final
+        ksi_handle_failure                      only if the attempt failed
+        ksi_attempt_finished                    observers
+    ksi_request_finished                        observers, once, before the result is stored
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:
+    from .errors import OperationalError
+    from .models import (
+        Attempt,
+        AttemptContext,
+        CompletionRequest,
+        CompletionResult,
+        FailureDecision,
+        Provider,
+        ProviderInfo,
+        Ticket,
+        UpstreamCall,
+    )
+    from .service import Host
 
 PROJECT = "ksi_host"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-#: Which distribution to install when no plugin implements a needed hook.
+#: Which distribution implements a hook, for the message when no plugin does.
 INSTALL_HINTS: dict[str, str] = {
     "ksi_enqueue": "ksi-queue",
     "ksi_select_provider": "ksi-provider-litellm",
@@ -50,6 +85,7 @@ INSTALL_HINTS: dict[str, str] = {
 }
 
 #: Which distribution declares a config table, for a table left behind by an uninstalled plugin.
+#: (Going: the CLI will find the tables of installed-but-not-loaded plugins from their entry points.)
 TABLE_HINTS: dict[str, str] = {
     "queue": "ksi-queue",
     "litellm": "ksi-provider-litellm",
@@ -61,7 +97,7 @@ TABLE_HINTS: dict[str, str] = {
 
 
 @hookspec
-def ksi_config_spec():
+def ksi_config_spec() -> tuple[str, type] | None:
     """Declare the plugin's config table.
 
     Called once, before start-up, without arguments.
@@ -81,7 +117,7 @@ def ksi_config_spec():
 
 
 @hookspec
-def ksi_startup(host):
+def ksi_startup(host: Host) -> None:
     """Open the plugin's resources.
 
     Called once when the host starts (``async with Host(...)``), after config
@@ -95,7 +131,7 @@ def ksi_startup(host):
 
 
 @hookspec
-def ksi_shutdown(host):
+def ksi_shutdown(host: Host) -> None:
     """Close the plugin's resources.
 
     Called once when the host stops, in reverse registration order, before
@@ -108,14 +144,16 @@ def ksi_shutdown(host):
 
 
 @hookspec(firstresult=True)
-def ksi_enqueue(host, request):
+def ksi_enqueue(host: Host, request: CompletionRequest) -> Ticket | None:
     """Accept ``request`` (a :class:`~ksi_host.models.CompletionRequest`) into a queue.
 
     Called by ``host.submit``. Store the request durably, then return a
     :class:`~ksi_host.models.Ticket` whose ``result()`` the caller awaits. When
     the queue decides the request runs, it calls ``await host.execute(request)``
     (which selects a provider, calls it, handles failures and records usage),
-    stores the final result, and completes the ticket with it.
+    stores the final result, and completes the ticket with it. A result the
+    queue makes itself (a cancel) is reported with
+    ``await host.request_finished(request, result)`` so observers see it.
 
     A request whose ``request_id`` already has a stored final result must not
     run again: return a ticket already done with the stored result. A request
@@ -130,55 +168,137 @@ def ksi_enqueue(host, request):
     """
 
 
+@hookspec
+def ksi_prepare_request(host: Host, request: CompletionRequest) -> CompletionRequest | None:
+    """Prepare ``request`` before its first attempt (for example, prepend a conversation's earlier turns).
+
+    Called once by ``host.execute``, before the first provider is selected.
+    Every implementation is called, in hook order; each receives the request
+    as the previous one left it. Return a new request (``attrs.evolve(request,
+    messages=...)``; the ``request_id`` must stay the same) or None to leave it
+    as it is. What is returned is what providers, the ledger and observers
+    see; the queue keeps the request as it was submitted.
+
+    Raising an OperationalError ends the request with an error result (no
+    attempt is made).
+    """
+
+
 @hookspec(firstresult=True)
-def ksi_select_provider(host, request, exclude):
-    """Choose the provider (deployment) for the next attempt of ``request``.
+def ksi_select_provider(host: Host, request: CompletionRequest, exclude: frozenset[str]) -> Provider | None:
+    """Choose this plugin's provider (deployment) for the next attempt of ``request``.
 
     Called by ``host.execute`` before every attempt. ``exclude`` is a frozenset
     of provider names that already failed this request and must not be chosen.
+    A plugin answers only for its own deployments.
 
     Return an object satisfying :class:`~ksi_host.models.Provider` (``name``,
     ``timeout_s``, ``async complete(request, *, timeout_s)``), or None when this
-    plugin serves no usable deployment for ``request.model`` (another provider
-    plugin may). When no plugin returns one, the request fails with
-    :class:`~ksi_host.errors.NoProviderError` naming the model and the models
-    ``ksi_list_providers`` reports.
+    plugin serves no usable deployment for ``request.model``.
+
+    Raise a retryable :class:`~ksi_host.errors.ProviderUnavailable` (with
+    ``retry_after``, the shortest cool-down left) when this plugin's deployments
+    serve the model but are all behind open circuits (or their half-open trial
+    is in flight).
+
+    Which plugin is asked first is the host's policy, from facts the plugins
+    declare: the host asks the plugins whose ``ksi_list_providers`` lists
+    deployments for the model in the order of those deployments' lowest
+    ``ProviderInfo.priority`` (ties: by plugin name), then plugins that list none
+    for it, in hook order. The first provider returned is used. A plugin that
+    raises ProviderUnavailable is passed over for the next; when no plugin
+    returns a provider, the request fails with that ProviderUnavailable (the
+    failure policy then waits and tries again) or, if none raised, with
+    :class:`~ksi_host.errors.NoProviderError` naming the model.
 
     ``Provider.complete`` makes exactly one upstream attempt (no retries of its
     own) and raises OperationalErrors for failures. A provider plugin keeps its
     own circuit state from what its providers' calls return or raise
-    (:class:`ksi_host.providers.deployment_provider.DeploymentProvider` does that around
-    the plugin's own ``attempt``).
-
-    Raise a retryable OperationalError (``ProviderUnavailable`` with
-    ``retry_after``) when deployments serve the model but all are behind open
-    circuits: the failure policy then waits instead of giving up.
-
-    firstresult: provider plugins are asked in hook order. When several serve
-    one model, the config decides which is tried first: the shared helper
-    :meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked` (with the hookimpl
-    marked ``tryfirst``) answers None while a plugin with a lower ``priority``
-    key has a usable deployment, so the host asks the next plugin.
+    (:class:`ksi_host.providers.DeploymentProvider` does that around the
+    plugin's own ``attempt``).
     Reference implementation: ``ksi-provider-litellm``.
     """
 
 
 @hookspec
-def ksi_list_providers(host, model):
+def ksi_list_providers(host: Host, model: str | None) -> list[ProviderInfo]:
     """Describe the providers (deployments) this plugin serves.
 
-    Called by the failure policy (is there another deployment for this model?),
-    by ``ksi-host status`` and to name the configured models in a
-    NoProviderError. ``model`` is a requested model name, or None for all.
+    Called by the host to rank provider plugins for a model (once per model
+    name while the host runs), by the failure policy (is there another
+    deployment for this model?), by ``ksi-host status`` and to name the
+    configured models in a NoProviderError. ``model`` is a requested model
+    name, or None for all.
 
     Return a list of :class:`~ksi_host.models.ProviderInfo` (name, model or
-    pattern, plugin, circuit ``state``) for the deployments that serve
-    ``model``, in the order they would be tried. Must not make network calls.
+    pattern, plugin, circuit ``state``, ``priority``) for the deployments that
+    serve ``model``, in the order they would be tried. Must not make network
+    calls.
+    """
+
+
+@hookspec
+def ksi_admit(host: Host, request: CompletionRequest, provider: Provider, attempt: int) -> None:
+    """Let attempt number ``attempt`` of ``request`` go to ``provider``, when the limits allow it.
+
+    Called by ``host.execute`` after a provider is selected and before the
+    attempt is recorded and sent; every implementation is called, in hook order.
+    Return (None) once the attempt may be sent. To hold it back until a window
+    has room, wait (``await``) before returning: the request keeps its place in
+    its session, and the wait is not an attempt and not a failure. The host
+    never lets the wait pass the request's deadline (the request then ends with
+    :class:`~ksi_host.errors.DeadlineExceeded`).
+
+    Raise an OperationalError to refuse the attempt (for example
+    :class:`~ksi_host.errors.BudgetExceeded`): the request ends with that error
+    unless the failure policy decides to retry. Every call of this hook that
+    returned is followed by exactly one ``ksi_attempt_finished`` for the same
+    request and attempt number (with the usage it reported, to true up a
+    reservation), whatever happens after it.
+    """
+
+
+@hookspec
+def ksi_attempt_started(host: Host, request: CompletionRequest, call: UpstreamCall) -> None:
+    """Record that an upstream call is about to be sent.
+
+    Called by ``host.execute`` right before ``Provider.complete``, after
+    admission. ``call`` is an :class:`~ksi_host.models.UpstreamCall` with
+    ``outcome="sent"`` and no usage yet; its ``call_id`` comes back in
+    ``ksi_record_usage`` when the call ends. Make the record durable before
+    returning (group commit is fine): if the process dies during the call, the
+    record shows a call whose outcome nobody saw (a restart may turn it into
+    ``unknown``: it may have been answered and billed).
+
+    Returns nothing. Every implementation is called. Raising an
+    OperationalError fails the attempt before anything is sent.
+    Reference implementation: ``ksi-tokens``.
+    """
+
+
+@hookspec
+def ksi_record_usage(host: Host, request: CompletionRequest, call: UpstreamCall) -> None:
+    """Record how one upstream call ended.
+
+    Called by ``host.execute`` for every call announced by
+    ``ksi_attempt_started`` (same ``call_id``), before the request's result is
+    final. ``call`` is an :class:`~ksi_host.models.UpstreamCall`: request id,
+    attempt number (from 1), provider, model, :class:`~ksi_host.models.Usage`
+    (None when the upstream reported none), latency, and ``outcome``: ``ok``,
+    the error type of a failed call, or ``unknown`` when the host stopped
+    waiting after sending it (a timeout, or a cancel while in flight: the
+    upstream may still have answered and billed it). Make the record durable
+    before returning (group commit is fine: return once the batch is committed).
+
+    Returns nothing. Every implementation is called.
+    Reference implementation: ``ksi-tokens``.
     """
 
 
 @hookspec(firstresult=True)
-def ksi_handle_failure(host, request, error, attempt):
+def ksi_handle_failure(
+    host: Host, request: CompletionRequest, error: OperationalError, attempt: AttemptContext
+) -> FailureDecision | None:
     """Decide what a failed attempt becomes.
 
     Called by ``host.execute`` after an attempt of ``request`` raised
@@ -195,35 +315,64 @@ def ksi_handle_failure(host, request, error, attempt):
     The host waits with ``host.sleep``. The host never waits past the
     request's deadline: honour ``attempt.deadline`` in the decision.
 
+    ``error.retry_after`` (on RateLimited and ProviderUnavailable, seconds or
+    None) is the upstream's own "not before": a floor under any backoff, never
+    a ceiling.
+
     With no plugin implementing this hook, a failed attempt is final (the
-    error message says ``pip install ksi-retry``).
+    error message says which plugin to install).
     firstresult. Reference implementation: ``ksi-retry``.
     """
 
 
 @hookspec
-def ksi_record_usage(host, request, call):
-    """Record one upstream call that reported token usage.
+def ksi_attempt_finished(
+    host: Host, request: CompletionRequest, attempt: Attempt, error: OperationalError | None, call: UpstreamCall | None
+) -> None:
+    """Observe one finished attempt, whatever its outcome (an observer hook).
 
-    Called by ``host.execute`` for every upstream call that reported usage,
-    whether its attempt succeeded or failed, before the request's result is
-    final. ``call`` is an :class:`~ksi_host.models.UpstreamCall` (request id,
-    attempt number, provider, model, :class:`~ksi_host.models.Usage`,
-    latency, outcome). Make the record durable before returning (group commit
-    is fine: return once the batch is committed).
+    Called by ``host.execute`` after every attempt: after ``ksi_record_usage``
+    and, for a failed attempt, after ``ksi_handle_failure`` decided (so
+    ``attempt.delay_s`` is the wait before the next attempt, None for the last).
+    ``attempt`` is an :class:`~ksi_host.models.Attempt` (number, provider or
+    None when none was selected, error, delay, latency, ``ttft_ms`` when
+    streamed); ``error`` is the OperationalError that ended it, or None when it
+    succeeded; ``call`` is the upstream call as ``ksi_record_usage`` received it
+    (its usage, or None when the upstream reported none; its ``created_at`` is
+    when it was sent), or None when nothing was sent (no provider, refused by
+    admission). Also called, with :class:`~ksi_host.errors.Cancelled`, for an
+    attempt cut short by a cancel (its call's outcome ``unknown``).
 
-    Returns nothing. Every implementation is called.
-    Reference implementation: ``ksi-tokens``.
+    Returns nothing. Every implementation is called; an OperationalError raised
+    here is logged and changes nothing.
+    """
+
+
+@hookspec
+def ksi_request_finished(host: Host, request: CompletionRequest, result: CompletionResult) -> None:
+    """Observe a request's final result, whatever its status (an observer hook).
+
+    Called once per final result: by ``host.execute`` (``ok`` or ``error``,
+    including requests refused before any attempt, such as a model nothing
+    serves), after the last ``ksi_attempt_finished`` and before the queue
+    stores the result; and by the queue for results it makes itself
+    (``cancelled``), through ``host.request_finished``. ``request`` is the
+    request as ``ksi_prepare_request`` left it when the host ran it.
+
+    Returns nothing. Every implementation is called; an OperationalError raised
+    here is logged and changes nothing.
     """
 
 
 @hookspec(firstresult=True)
-def ksi_usage_report(host, by, since):
+def ksi_usage_report(host: Host, by: str, since: float | None) -> list[dict[str, Any]] | None:
     """Summarise recorded usage.
 
     Called by ``host.usage_report`` and ``ksi-host usage``. ``by`` is one of
-    ``model``, ``agent``, ``session``, ``purpose``, ``provider``, ``day``;
-    ``since`` is unix seconds or None for all time.
+    ``model``, ``agent``, ``session``, ``purpose``, ``provider``, ``day``, or
+    ``total`` (one row, key None, summing everything: a request that failed over
+    between two providers counts once there, though once in each provider's
+    row); ``since`` is unix seconds or None for all time.
 
     Return a list of dicts, one per group, each with at least ``key``,
     ``calls``, ``requests``, ``prompt_tokens``, ``completion_tokens``,
@@ -234,7 +383,7 @@ def ksi_usage_report(host, by, since):
 
 
 @hookspec
-def ksi_status(host):
+def ksi_status(host: Host) -> dict[str, Any] | None:
     """Report this plugin's state for ``ksi-host status`` and ``host.status()``.
 
     Return a dict ``{section_name: json_serialisable_data}`` (for example
@@ -244,7 +393,7 @@ def ksi_status(host):
 
 
 @hookspec(firstresult=True)
-def ksi_cancel(host, request_id):
+def ksi_cancel(host: Host, request_id: str) -> bool | None:
     """Cancel one request.
 
     Called by ``host.cancel``. A queued request ends with status ``cancelled``
@@ -256,7 +405,7 @@ def ksi_cancel(host, request_id):
 
 
 @hookspec(firstresult=True)
-def ksi_clear_session(host, session_id):
+def ksi_clear_session(host: Host, session_id: str) -> int | None:
     """Cancel every queued request of ``session_id``.
 
     Called by ``host.clear_session``. Queued requests end with status

@@ -20,6 +20,9 @@ from .errors import ValidationError
 PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3, "background": 4}
 """Priority names and their rank (lower runs first)."""
 
+DEFAULT_PROVIDER_PRIORITY = 100
+"""The rank of a provider (deployment) that states none: see :attr:`ProviderInfo.priority`."""
+
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 STATUSES = frozenset({"ok", "error", "cancelled"})
 
@@ -219,9 +222,9 @@ class CompletionRequest:
         if not isinstance(data, dict):
             raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
         if not _REQUEST_KEYS.issuperset(data):
-            unknown = sorted(k for k in data if k not in _REQUEST_KEYS)  # (a key may be any hashable)
-            raise ValidationError(str(unknown[0]) if unknown else "request",
-                                  f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
+            unknown = sorted(str(k) for k in data if k not in _REQUEST_KEYS)  # (a key may be any hashable)
+            name = unknown[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
+            raise ValidationError(name, f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
         if "prompt" in data:
             data = dict(data)  # the caller's dict is left as it was
             prompt = data.pop("prompt")
@@ -292,6 +295,9 @@ class ProviderInfo:
 
     ``state`` is the circuit state: ``closed`` (healthy), ``open`` (skipped
     until its cool-down ends) or ``half_open`` (one trial call allowed).
+    ``priority`` ranks provider plugins that serve the same model: the host
+    asks the plugin whose deployments rank lowest first (ties: by plugin
+    name), and the next one when it has nothing usable.
     """
 
     name: str
@@ -299,6 +305,7 @@ class ProviderInfo:
     plugin: str
     state: str = "closed"
     detail: dict[str, Any] = attrs.field(factory=dict)
+    priority: int = DEFAULT_PROVIDER_PRIORITY
 
     @property
     def available(self) -> bool:
@@ -325,7 +332,14 @@ class Provider(Protocol):
 
 @attrs.frozen(slots=True)
 class Attempt:
-    """One attempt of a request, as the final result reports it."""
+    """One attempt of a request, as the final result reports it and ``ksi_attempt_finished`` receives it.
+
+    ``provider`` is None when no provider was chosen (none served the model, or
+    every one was behind an open circuit). ``latency_ms`` runs from the call
+    to its end (``ttft_ms``: to the first streamed delta, None when not
+    streamed). The usage of the attempt's upstream call is in the ledger (and
+    in the ``call`` that ``ksi_attempt_finished`` receives).
+    """
 
     number: int
     provider: str | None
@@ -333,6 +347,7 @@ class Attempt:
     error_message: str | None = None
     delay_s: float | None = None  # the wait before the next attempt; None for the last
     latency_ms: float | None = None
+    ttft_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -384,18 +399,33 @@ class FailureDecision:
         return cls("give_up", 0.0, False, error)
 
 
+OUTCOME_SENT = "sent"
+OUTCOME_OK = "ok"
+OUTCOME_UNKNOWN = "unknown"
+
+
 @attrs.frozen(slots=True)
 class UpstreamCall:
-    """One upstream call that reported usage: what ``ksi_record_usage`` receives."""
+    """One call to a provider: what ``ksi_attempt_started`` and ``ksi_record_usage`` receive.
+
+    ``outcome`` is ``sent`` when the call is about to go out
+    (``ksi_attempt_started``); then ``ok``, the error type of a failed call
+    (``RateLimited``, ...), or ``unknown`` when the host stopped waiting after
+    sending it (a timeout, a cancel): the upstream may have answered and billed
+    it. ``usage`` is what the upstream reported (None: nothing). ``call_id``
+    is the same in both hooks, and unique.
+    """
 
     request_id: str
     attempt: int
     provider: str
     model: str
-    usage: Usage
-    latency_ms: float
-    outcome: str  # "ok", or the error type of the failed attempt
-    created_at: float = attrs.field(factory=time.time)  # unix seconds
+    usage: Usage | None = None
+    latency_ms: float | None = None
+    outcome: str = OUTCOME_SENT
+    created_at: float = attrs.field(factory=time.time)  # unix seconds, when the call was sent
+    call_id: str = attrs.field(factory=lambda: new_request_id())
+    ttft_ms: float | None = None
 
 
 def iso(ts: float | None) -> str | None:

@@ -4,8 +4,10 @@
 config, opens the database and starts the plugins. ``await host.submit(r)``
 hands a request to the queue (``ksi_enqueue``) and returns a ticket;
 ``await host.complete(r)`` waits for the result. When the queue runs a request
-it calls :meth:`Host.execute`: select a provider, call it, on an
-OperationalError ask ``ksi_handle_failure``, record usage, return the result.
+it calls :meth:`Host.execute`, which runs the hooks of one request in the
+order ``ksi_host.hookspecs`` draws: prepare, then per attempt select, admit,
+record the call, call the provider, record how it ended, decide on a failure,
+tell the observers; and at the end tell the observers of the result.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .attempts import AttemptRunner
 from .config import HOST_TABLE, build_config, load_config
 from .db import Database, default_db_path
-from .errors import DeadlineExceeded, MissingPluginError, NoProviderError, OperationalError, StartupError, ValidationError
-from .hooks import HookCaller
+from .errors import (
+    MissingPluginError,
+    OperationalError,
+    StartupError,
+)
+from .hooks import HookCaller, check_hook_names
 from .models import (
     Attempt,
-    AttemptContext,
     CompletionRequest,
     CompletionResult,
-    FailureDecision,
     ProviderInfo,
     Ticket,
-    UpstreamCall,
     Usage,
 )
 from .plugins import PluginInfo, instantiate, load_plugins
@@ -77,6 +81,7 @@ class Host:
         self.config: dict[str, Any] = {}
         self.db: Database | None = None
         self._started: list[str] = []
+        self._attempts = AttemptRunner(self)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -100,44 +105,36 @@ class Host:
                 name = f"{info.name}-{n}"
             self.pm.register(obj, name=name)
             self.plugins.append(PluginInfo(name, info.distribution, info.version, obj))
+        check_hook_names(self.pm)
         self.hooks.reset()
 
     async def start(self) -> None:
         self._register()
         specs: dict[str, type] = {}
-        for plugin, fn, _ in self.hooks.impls("ksi_config_spec"):
-            spec = fn()
+        for impl in self.hooks.impls("ksi_config_spec"):
+            spec = await self.hooks.call_impl(impl, "ksi_config_spec", {})
             if spec is not None:
                 table, cls = spec
                 if table in specs:
-                    raise StartupError(f"config table [{table}] is declared by two plugins (second: {plugin})")
+                    raise StartupError(f"config table [{table}] is declared by two plugins (second: {impl.plugin})")
                 specs[table] = cls
         self.config = build_config(self._raw_config, specs)
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
         self.db = await Database(self.db_path).open()
         try:
-            for plugin, fn, argnames in reversed(self.hooks.impls("ksi_startup")):  # registration order
-                await self._call_one(plugin, fn, argnames, "ksi_startup")
-                self._started.append(plugin)
+            for impl in reversed(self.hooks.impls("ksi_startup")):  # registration order
+                await self.hooks.call_impl(impl, "ksi_startup", {"host": self})
+                self._started.append(impl.plugin)
         except BaseException:
             await self.stop()
             raise
 
-    async def _call_one(self, plugin: str, fn: Any, argnames: tuple[str, ...], hook: str) -> None:
-        try:
-            r = fn(*[{"host": self}[a] for a in argnames])
-            if r is not None and hasattr(r, "__await__"):
-                await r
-        except Exception as e:
-            if not isinstance(e, StartupError):
-                e.add_note(f"raised by plugin {plugin!r} in hook {hook}")
-            raise
-
     async def stop(self) -> None:
         try:
-            for plugin, fn, argnames in self.hooks.impls("ksi_shutdown"):
-                if plugin in self._started:  # newest first: reverse registration order
-                    await self._call_one(plugin, fn, argnames, "ksi_shutdown")
+            for impl in self.hooks.impls("ksi_shutdown"):
+                if impl.plugin in self._started:  # newest first: reverse registration order
+                    await self.hooks.call_impl(impl, "ksi_shutdown", {"host": self})
+            await self._attempts.drain()  # records of attempts cut short by a cancel
         finally:
             self._started.clear()
             if self.db is not None:
@@ -152,8 +149,7 @@ class Host:
     # -- the public API ------------------------------------------------------------
 
     def _need(self, hook: str, **kwargs: Any) -> Awaitable[Any]:
-        """``hooks.first(hook, ...)`` to await; MissingPluginError if no plugin implements ``hook``.
-        (Not a coroutine itself: one level less on the per-request path.)"""
+        """``hooks.first(hook, ...)`` to await; MissingPluginError if no plugin implements ``hook``."""
         if not self.hooks.implemented(hook):
             raise MissingPluginError(hook, hookspecs.INSTALL_HINTS.get(hook))
         return self.hooks.first(hook, host=self, **kwargs)
@@ -205,6 +201,13 @@ class Host:
         """Every provider plugin's deployments serving ``model`` (all if None), in try order."""
         return [p for found in await self.hooks.call("ksi_list_providers", host=self, model=model) for p in found]
 
+    async def request_finished(self, request: CompletionRequest, result: CompletionResult) -> CompletionResult:
+        """Tell the ``ksi_request_finished`` observers about a final result; return it. ``host.execute``
+        calls this for its results; a queue calls it for results it makes itself (a cancel)."""
+        if self.hooks.implemented("ksi_request_finished"):
+            await self.hooks.notify("ksi_request_finished", host=self, request=request, result=result)
+        return result
+
     # -- running one request (called by the queue) ------------------------------
 
     async def execute(self, request: CompletionRequest) -> CompletionResult:
@@ -215,82 +218,51 @@ class Host:
         history: list[Attempt] = []
         excluded: set[str] = set()
         total: Usage | None = None
+        try:
+            request = await self._prepare(request)
+        except OperationalError as e:
+            return await self.request_finished(request, CompletionResult.failed(
+                request.request_id, e, model=request.model, session_id=request.session_id, started_at=started_wall))
         number = 0
         while True:
             number += 1
-            name: str | None = None
-            t0 = self.clock()
-            response = None
-            try:
-                provider = await self._need("ksi_select_provider", request=request,
-                                            exclude=frozenset(excluded) if excluded else _NO_EXCLUDE)
-                if provider is None:
-                    raise await self._no_provider(request, excluded)
-                name = provider.name
-                timeout = provider.timeout_s
-                if deadline is not None:
-                    left = deadline - t0
-                    if left <= 0:
-                        raise DeadlineExceeded(f"the {request.timeout_s}s deadline passed before attempt {number}")
-                    timeout = left if timeout is None else min(timeout, left)
-                try:
-                    response = await provider.complete(request, timeout_s=timeout)
-                except OperationalError:
-                    raise
-                except Exception as e:
-                    e.add_note(f"raised by provider {name!r} ({type(provider).__module__}) in Provider.complete")
-                    raise
-                error: OperationalError | None = None
-            except OperationalError as e:
-                error = e
-            latency_ms = (self.clock() - t0) * 1000
-            usage = response.usage if response is not None else getattr(error, "usage", None)
-            if usage is not None and name is not None:
-                total = usage if total is None else total + usage
-                call = UpstreamCall(
-                    request.request_id, number, name, request.model, usage, latency_ms, "ok" if error is None else error.type
-                )
-                await self.hooks.call("ksi_record_usage", host=self, request=request, call=call)
+            run = await self._attempts.run(request, number, excluded, deadline)
+            if run.usage is not None:
+                total = run.usage if total is None else total + run.usage
+            error = run.error
             if error is None:
-                history.append(Attempt(number, name, latency_ms=latency_ms))
-                return CompletionResult(
-                    request.request_id, "ok", text=response.text, model=request.model, provider=name,
-                    session_id=response.session_id or request.session_id, usage=total or _NO_USAGE, attempts=tuple(history),
-                    started_at=started_wall, finished_at=time.time(),
-                )
-            decision = await self._decide(request, error, number, name, started, deadline, history, excluded)
-            history.append(Attempt(number, name, error.type, error.message,
-                                   decision.delay_s if decision.action == "retry" else None, latency_ms))
-            if decision.action == "give_up":
-                final = decision.error or error
-                return CompletionResult.failed(
-                    request.request_id, final, model=request.model, provider=name, session_id=request.session_id,
+                attempt = Attempt(number, run.provider, latency_ms=run.latency_ms)
+                history.append(attempt)
+                await self._attempts.finished(request, attempt, None, run.call)
+                response = run.response
+                return await self.request_finished(request, CompletionResult(
+                    request.request_id, "ok", text=response.text, model=response.model or request.model,
+                    provider=run.provider, session_id=response.session_id or request.session_id,
                     usage=total or _NO_USAGE, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
-                )
-            if decision.switch_provider and name is not None:
-                excluded.add(name)
+                ))
+            decision = await self._attempts.decide(request, error, number, run.provider, started, deadline, history, excluded)
+            attempt = Attempt(number, run.provider, error.type, error.message,
+                              decision.delay_s if decision.action == "retry" else None, run.latency_ms)
+            history.append(attempt)
+            await self._attempts.finished(request, attempt, error, run.call)
+            if decision.action == "give_up":
+                return await self.request_finished(request, CompletionResult.failed(
+                    request.request_id, decision.error or error, model=request.model, provider=run.provider,
+                    session_id=request.session_id, usage=total or _NO_USAGE, attempts=tuple(history),
+                    started_at=started_wall, finished_at=time.time(),
+                ))
+            if decision.switch_provider and run.provider is not None:
+                excluded.add(run.provider)
             if decision.delay_s > 0:
                 await self.sleep(decision.delay_s)
 
-    async def _decide(self, request: CompletionRequest, error: OperationalError, number: int, name: str | None,
-                      started: float, deadline: float | None, history: list[Attempt], excluded: set[str]) -> FailureDecision:
-        if isinstance(error, (MissingPluginError, NoProviderError, ValidationError)):
-            return FailureDecision.give_up(error)
-        if not self.hooks.implemented("ksi_handle_failure"):
-            error.message += f" (not retried: {MissingPluginError('ksi_handle_failure', hookspecs.INSTALL_HINTS['ksi_handle_failure'])})"
-            return FailureDecision.give_up(error)
-        ctx = AttemptContext(number, name, started, self.clock(), deadline, tuple(history), frozenset(excluded))
-        decision = await self.hooks.first("ksi_handle_failure", host=self, request=request, error=error, attempt=ctx)
-        if decision is None:
-            return FailureDecision.give_up(error)
-        if decision.action == "retry" and deadline is not None and self.clock() + decision.delay_s >= deadline:
-            return FailureDecision.give_up(DeadlineExceeded(
-                f"gave up after {number} attempt(s): waiting {decision.delay_s:.2f}s more would pass the "
-                f"{request.timeout_s}s deadline (last error {error.type}: {error.message})"))
-        return decision
-
-    async def _no_provider(self, request: CompletionRequest, excluded: set[str]) -> NoProviderError:
-        if excluded:
-            return NoProviderError(f"no provider left for model {request.model!r}: {', '.join(sorted(excluded))} failed")
-        known = sorted({p.model for p in await self.providers(None)})
-        return NoProviderError(f"no provider serves model {request.model!r} (configured models: {', '.join(known) or 'none'})")
+    async def _prepare(self, request: CompletionRequest) -> CompletionRequest:
+        """``ksi_prepare_request``, each plugin given the request as the one before it left it."""
+        for impl in self.hooks.impls("ksi_prepare_request"):
+            prepared = await self.hooks.call_impl(impl, "ksi_prepare_request", {"host": self, "request": request})
+            if prepared is not None:
+                if not isinstance(prepared, CompletionRequest) or prepared.request_id != request.request_id:
+                    raise TypeError(f"plugin {impl.plugin!r}: ksi_prepare_request must return None or a CompletionRequest "
+                                    f"with the same request_id, got {prepared!r}")
+                request = prepared
+        return request

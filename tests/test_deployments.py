@@ -183,7 +183,7 @@ def test_describe_reports_the_pool_priority() -> None:
     ranked = DeploymentPool(p.members, priority=5)
     assert ranked.describe(ranked.members[0])["priority"] == 5
     assert ranked.status()[0]["priority"] == 5
-    assert ranked.infos("m", "x")[0].detail["priority"] == 5
+    assert ranked.infos("m", "x")[0].priority == 5
 
 
 # -- ProviderPlugin: the hooks every provider plugin shares ------------------------------
@@ -236,7 +236,7 @@ async def test_provider_plugin_hooks_are_found_on_a_subclass(make_host: Any) -> 
     plugin = TinyPlugin({"down": ProviderUnavailable("gone", provider="down"), "up": "hello"})
     config = {"tiny": {"deployments": [{"name": "down", "model": "m"}, {"name": "up", "model": "m"}], "priority": 7}}
     async with make_host(DirectQueue(), plugin, config=config) as host:
-        impls = {name: [getattr(fn, "__self__", None) for _, fn, _ in host.hooks.impls(name)]
+        impls = {name: [getattr(i.function, "__self__", None) for i in host.hooks.impls(name)]
                  for name in ("ksi_config_spec", "ksi_startup", "ksi_shutdown", "ksi_select_provider",
                               "ksi_list_providers", "ksi_status")}
         assert all(plugin in found for found in impls.values()), impls
@@ -245,7 +245,7 @@ async def test_provider_plugin_hooks_are_found_on_a_subclass(make_host: Any) -> 
         r = await host.complete({"model": "m", "prompt": "hi"})  # down's circuit is open: the next one
         assert r.ok and r.text == "hello" and r.provider == "up"
         infos = await host.providers("m")
-        assert [(i.name, i.plugin, i.state, i.detail["priority"]) for i in infos] == [
+        assert [(i.name, i.plugin, i.state, i.priority) for i in infos] == [
             ("down", "tiny", "open", 7), ("up", "tiny", "closed", 7)]
         status = await host.status()
         assert [c["name"] for c in status["circuits"]] == ["down", "up"]
@@ -255,57 +255,72 @@ async def test_provider_plugin_hooks_are_found_on_a_subclass(make_host: Any) -> 
     assert plugin.stopped == 1
 
 
-async def test_provider_plugin_select_is_tryfirst_and_defers_to_a_better_ranked_plugin(make_host: Any) -> None:
-    first = TinyPlugin({"a": "from a"})
-    class Other(TinyPlugin):
-        TABLE = "other"
-        CIRCUITS_TABLE = "other_circuits"
-    second = Other({"b": "from b"})
+class Other(TinyPlugin):
+    TABLE = "other"
+    CIRCUITS_TABLE = "other_circuits"
+
+
+async def test_the_host_asks_the_better_ranked_plugin_first_whatever_the_registration_order(make_host: Any) -> None:
     config = {"tiny": {"deployments": [{"name": "a", "model": "m"}], "priority": 50},
               "other": {"deployments": [{"name": "b", "model": "m"}], "priority": 10}}
-    # registered last, a plain (not tryfirst) selector would be asked first: the tryfirst hooks are asked before it
-    async with make_host(DirectQueue(), first, second, ScriptedProviders(FakeProvider("fake")), config=config) as host:
-        assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"  # priority 10 before 50
-        assert (await host.complete({"model": "x", "prompt": "hi"})).provider == "fake"  # neither serves x
+    for order in ((0, 1), (1, 0)):
+        plugins = [TinyPlugin({"a": "from a"}), Other({"b": "from b"})]
+        picked = [plugins[i] for i in order]
+        # a plain selector that lists nothing for m, registered last (asked first in hook order), comes after both
+        async with make_host(DirectQueue(), *picked, ScriptedProviders(FakeProvider("fake")), config=config) as host:
+            assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"  # priority 10 before 50
+            assert (await host.complete({"model": "x", "prompt": "hi"})).provider == "fake"  # neither serves x
 
 
-async def test_the_best_ranked_plugin_selects_without_a_look_up_and_the_next_takes_over_when_its_circuits_open(
-        make_host: Any) -> None:
-    """Ranks are fixed while a host runs: a plugin that no other outranks for a model answers without asking
-    every plugin for its providers (it does only when its own circuits are all open); an outranked one looks
-    them up, and takes over once the better one's circuits are open."""
-
-    class Other(TinyPlugin):
-        TABLE = "other"
-        CIRCUITS_TABLE = "other_circuits"
-
+async def test_the_next_plugin_takes_over_when_the_better_ones_circuits_open(make_host: Any) -> None:
     best = Other({"b": "from b"})
     worse = TinyPlugin({"a": "from a"})
     config = {"tiny": {"deployments": [{"name": "a", "model": "m"}], "priority": 50},
               "other": {"deployments": [{"name": "b", "model": "m"}], "priority": 10}}
-    # registered last, `best` is asked first (tryfirst hookimpls: newest first, as in pluggy)
     async with make_host(DirectQueue(), worse, best, config=config) as host:
-        looked_up: list[str | None] = []
-        real = host.providers
-
-        async def providers(model: str | None = None) -> Any:
-            looked_up.append(model)
-            return await real(model)
-
-        host.providers = providers  # type: ignore[method-assign]
         assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"
-        learned = len(looked_up)  # the first selection learns the ranks
-        for _ in range(5):
-            assert (await host.complete({"model": "m", "prompt": "hi"})).text == "from b"
-        assert len(looked_up) == learned  # no look-up while the best-ranked one serves
-        best.answers["b"] = ProviderUnavailable("b is down", provider="b")
-        best.pool.members[0].answer = best.answers["b"]
+        best.pool.members[0].answer = ProviderUnavailable("b is down", provider="b")
         failed = await host.complete({"model": "m", "prompt": "hi"})  # its circuit opens (one failure)
         assert (failed.provider, failed.status) == ("b", "error")
         taken_over = await host.complete({"model": "m", "prompt": "hi"})
         assert (taken_over.provider, taken_over.text) == ("a", "from a")
-        assert len(looked_up) > learned  # b's open circuit needed the look-up that found a
-    assert best.pool._outranked("m", "other", 10) is False and worse.pool._outranked("m", "tiny", 50) is True
+
+
+async def test_a_half_open_trial_in_flight_does_not_end_the_request_without_a_provider(make_host: Any) -> None:
+    """The bug of issue 15: A (priority 1) has one deployment, half-open with its trial call in flight; B
+    (priority 2) serves the same model. Each plugin deferred to the other and the request ended with a final
+    NoProviderError. Now the host asks A, which has nothing usable (its trial is out), then B, which serves."""
+    clock = [1000.0]
+
+    class Slow(TinyPlugin):
+        def build_pool(self, config: TinyConfig, host: Any) -> DeploymentPool[TinyProvider]:
+            return DeploymentPool([TinyProvider(d, CircuitBreaker(1, 30, clock=lambda: clock[0]), self.answers[d.name])
+                                   for d in config.deployments], priority=config.priority)
+
+    a = Slow({"a": ProviderUnavailable("a is down", provider="a")})
+    b = Other({"b": "from b"})
+    config = {"tiny": {"deployments": [{"name": "a", "model": "m"}], "priority": 1},
+              "other": {"deployments": [{"name": "b", "model": "m"}], "priority": 2}}
+    async with make_host(DirectQueue(), a, b, config=config) as host:
+        assert (await host.complete({"model": "m", "prompt": "hi"})).provider == "a"  # fails: a's circuit opens
+        clock[0] += 31  # the cool-down is over: a is half-open
+        breaker = a.pool.members[0].breaker
+        assert breaker.state == "half_open" and breaker.try_acquire(60)  # its one trial call is now in flight
+        r = await host.complete({"model": "m", "prompt": "hi"})
+        assert (r.status, r.provider, r.text) == ("ok", "b", "from b"), r.error
+
+
+async def test_when_every_plugin_is_behind_open_circuits_the_shortest_cool_down_is_the_retry_after(make_host: Any) -> None:
+    a = TinyPlugin({"a": ProviderUnavailable("a is down", provider="a")})
+    b = Other({"b": ProviderUnavailable("b is down", provider="b")})
+    config = {"tiny": {"deployments": [{"name": "a", "model": "m"}], "priority": 1},
+              "other": {"deployments": [{"name": "b", "model": "m"}], "priority": 2}}
+    async with make_host(DirectQueue(), a, b, config=config) as host:
+        await host.complete({"model": "m", "prompt": "hi"})  # a fails and opens
+        await host.complete({"model": "m", "prompt": "hi"})  # b fails and opens
+        r = await host.complete({"model": "m", "prompt": "hi"})
+        assert r.status == "error" and r.error["type"] == "ProviderUnavailable", r.error
+        assert "open circuit" in r.error["message"] and r.attempts[0].provider is None
 
 
 def test_record_attempt_error_logs_debug_and_the_opening(caplog: pytest.LogCaptureFixture) -> None:

@@ -87,3 +87,11 @@ def test_a_timeout_sqlite_cannot_hold_is_refused_naming_the_field():
     with pytest.raises(ValidationError, match=r"timeout_s: must be a positive number of seconds \(at most"):
         CompletionRequest.from_dict({"model": "m", "prompt": "hi", "timeout_s": 2**63})
     assert CompletionRequest.from_dict({"model": "m", "prompt": "hi", "timeout_s": 2**63 - 1}).timeout_s == 2**63 - 1
+
+
+def test_an_unknown_field_whose_name_is_not_unicode_is_named_escaped() -> None:
+    # found by hypothesis: a key holding a lone surrogate made an error message that could not be written out
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.from_dict({"\ud800": 1, "model": "m", "prompt": "hi"})
+    assert e.value.field == "\\ud800" and "unknown field" in e.value.message
+    e.value.message.encode("utf-8")

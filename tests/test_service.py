@@ -89,8 +89,9 @@ async def test_retries_failover_and_usage_of_failed_attempts(make_host):
     assert [(x.number, x.provider, x.error_type, x.delay_s) for x in r.attempts] == [
         (1, "a", "AuthFailed", 0.5), (2, "b", "RateLimited", 0.5), (3, "b", "ProviderUnavailable", 0.5), (4, "b", None, None)]
     assert t.slept == [0.5, 0.5, 0.5]
-    # the failed attempt that reported usage is recorded and counted
-    assert [(c.attempt, c.outcome, c.usage.total_tokens) for c in rec.calls] == [(2, "RateLimited", 1), (4, "ok", 15)]
+    # every call is recorded as it ended; the failed attempt that reported usage is counted
+    assert [(c.attempt, c.outcome, c.usage and c.usage.total_tokens) for c in rec.calls] == [
+        (1, "AuthFailed", None), (2, "RateLimited", 1), (3, "ProviderUnavailable", None), (4, "ok", 15)]
     assert r.usage.total_tokens == 16
 
 

@@ -23,14 +23,14 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
 from ..errors import AuthFailed, ProviderUnavailable
-from ..models import ProviderInfo, iso
+from ..models import DEFAULT_PROVIDER_PRIORITY, ProviderInfo, iso
 from .circuit import CircuitBreaker
 
 log = logging.getLogger("ksi_host.providers.deployments")
@@ -124,8 +124,8 @@ def check_unique_names(deployments: Iterable[Deployment], reserved: Mapping[str,
         seen.add(d.name)
 
 
-DEFAULT_PRIORITY = 100
-"""The priority of a provider plugin that states none (``ProviderInfo.detail["priority"]`` absent)."""
+DEFAULT_PRIORITY = DEFAULT_PROVIDER_PRIORITY
+"""The priority of a provider plugin that states none."""
 
 
 class Member(Protocol):
@@ -145,8 +145,9 @@ class DeploymentPool(Generic[M]):
     each with ``.deployment`` and ``.breaker``. ``lease_s(member)`` is how long
     a half-open trial call may take before another one is allowed (default:
     the deployment's timeout plus one second). ``priority`` is the plugin's
-    rank among provider plugins serving the same model (lower is tried first;
-    see :func:`outranking`): :meth:`describe` reports it with each deployment.
+    rank among provider plugins serving the same model (lower is tried first):
+    :meth:`infos` reports it on each ProviderInfo, and the host orders the
+    plugins by it (:mod:`ksi_host.ranking`).
     """
 
     def __init__(self, members: Iterable[M], *, priority: int = DEFAULT_PRIORITY,
@@ -157,7 +158,6 @@ class DeploymentPool(Generic[M]):
         check_unique_names(m.deployment for m in self.members)
         self._by_name = {m.deployment.name: m for m in self.members}
         self._facts: dict[str, tuple[dict[str, Any], list[str]]] = {}
-        self._ranked: dict[tuple[str, str, int], bool] = {}  # (model, plugin, priority) -> outranked by another plugin?
         self._serving: dict[str, tuple[M, ...]] = {}
         self._lease_s = lease_s or (lambda m: None if m.deployment.timeout_s is None else m.deployment.timeout_s + 1.0)
         self._wall_clock = wall_clock
@@ -217,56 +217,11 @@ class DeploymentPool(Generic[M]):
             circuit_open=True,
         )
 
-    async def select_ranked(self, host: Any, model: str, exclude: Container[str] = (), *, plugin: str,
-                            priority: int | None = None, others: bool = True) -> M | None:
-        """:meth:`select`, taking part in the config-driven order between provider plugins.
-
-        For a ``tryfirst`` ``ksi_select_provider``: None (the host asks the
-        next plugin) when no deployment of this pool serves ``model`` outside
-        ``exclude``, or when :func:`outranking` finds a better-ranked plugin's
-        usable deployment, or when this pool's are all behind open circuits
-        while another plugin has a usable one. Otherwise :meth:`select`'s
-        answer (or its fast ProviderUnavailable). ``others=False`` (no other
-        plugin lists providers) skips the look-up through ``host.providers``;
-        so does a plugin that no other outranks for ``model`` (learned at its
-        first look-up: plugins, deployments and priorities are fixed while a
-        host runs), unless its own deployments are all behind open circuits.
-        ``priority`` defaults to the pool's own.
-        """
-        if priority is None:
-            priority = self.priority
-        serving = self.serving(model)
-        if not serving or all(m.deployment.name in exclude for m in serving):
-            return None
-        infos: Sequence[ProviderInfo] | None = None  # every plugin's deployments, looked up only when needed
-        if not others:
-            infos = ()
-        elif self._outranked(model, plugin, priority):  # (until the first look-up, assume it is)
-            infos = await host.providers(model)
-            if len(self._ranked) >= 4096:
-                self._ranked.clear()
-            self._ranked[(model, plugin, priority)] = any(outranks(i, plugin=plugin, priority=priority) for i in infos)
-            if outranking(infos, plugin=plugin, priority=priority, exclude=exclude) is not None:
-                return None
-        try:
-            return self.select(model, exclude)
-        except ProviderUnavailable:
-            if infos is None:
-                infos = await host.providers(model)
-            if any(i.plugin != plugin and i.available and i.name not in exclude for i in infos):
-                return None  # ours are all open: another plugin can serve now
-            raise
-
-    def _outranked(self, model: str, plugin: str, priority: int) -> bool:
-        """Does a deployment of a better-ranked plugin serve ``model``? (Known after the first look-up:
-        plugins, their deployments and priorities do not change while a host runs; their circuits do.)"""
-        return self._ranked.get((model, plugin, priority), True)
-
     def infos(self, model: str | None, plugin: str) -> list[ProviderInfo]:
         """ProviderInfo for the deployments serving ``model`` (all if None), in try order."""
         members = self.members if model is None else self.serving(model)
         return [
-            ProviderInfo(m.deployment.name, m.deployment.model, plugin, m.breaker.state, self.describe(m))
+            ProviderInfo(m.deployment.name, m.deployment.model, plugin, m.breaker.state, self.describe(m), self.priority)
             for m in members
         ]
 
@@ -373,37 +328,3 @@ class DeploymentPool(Generic[M]):
         """Every deployment's circuit, for ``ksi_status`` (``{"circuits": pool.status()}``)."""
         return [{"name": m.deployment.name, "model": m.deployment.model, "state": m.breaker.state, **self.describe(m)}
                 for m in self.members]
-
-
-def ordered(deployments: Sequence[Deployment], model: str) -> list[Deployment]:
-    """The deployments serving ``model``, in the order given (no circuits involved)."""
-    return [d for d in deployments if d.matches(model)]
-
-
-def outranking(infos: Iterable[ProviderInfo], *, plugin: str, priority: int, exclude: Container[str] = ()) -> ProviderInfo | None:
-    """The first deployment of *another* provider plugin that must be tried before ``plugin``'s, or None.
-
-    How provider plugins that serve one model share it by config: each plugin
-    has a ``priority`` key (lower is tried first) and reports it as
-    ``detail["priority"]`` in its ProviderInfo; plugins that report none rank
-    at :data:`DEFAULT_PRIORITY`; equal priorities rank by plugin name. A
-    plugin's ``ksi_select_provider`` passes ``await host.providers(model)``
-    here and returns None (lets the host ask the next plugin) when a
-    deployment of a better-ranked plugin is available (circuit not open) and
-    not in ``exclude``. Such plugins mark the hook ``tryfirst`` so they are
-    asked before plugins that do not take part.
-    """
-    for info in infos:
-        if info.name not in exclude and info.available and outranks(info, plugin=plugin, priority=priority):
-            return info
-    return None
-
-
-def outranks(info: ProviderInfo, *, plugin: str, priority: int) -> bool:
-    """Is ``info`` a deployment of another plugin ranked before ``plugin`` at ``priority`` (circuit aside)?"""
-    if info.plugin == plugin:
-        return False
-    theirs = info.detail.get("priority", DEFAULT_PRIORITY)
-    if isinstance(theirs, bool) or not isinstance(theirs, int):
-        theirs = DEFAULT_PRIORITY
-    return (theirs, info.plugin) < (priority, plugin)

@@ -19,8 +19,9 @@ The hookimpls live here (pluggy finds them on the subclass's instance):
 ``ksi_config_spec``; ``ksi_startup`` (builds the pool, keeps its circuits in
 ``CIRCUITS_TABLE`` of the host database, then :meth:`start`);
 ``ksi_shutdown`` (writes pending circuit changes, then :meth:`stop`);
-``ksi_select_provider`` (``tryfirst``: :meth:`DeploymentPool.select_ranked
-<ksi_host.providers.deployments.DeploymentPool.select_ranked>`); ``ksi_list_providers``;
+``ksi_select_provider`` (:meth:`DeploymentPool.select
+<ksi_host.providers.deployments.DeploymentPool.select>`: this plugin's own deployments only;
+the host decides which plugin is asked first, by ``priority``); ``ksi_list_providers``;
 ``ksi_status`` (:meth:`status`, ``{"circuits": [...]}`` unless overridden).
 
 Override the plain methods (:meth:`start`, :meth:`stop`, :meth:`status`,
@@ -49,7 +50,6 @@ class ProviderPlugin:
 
     def __init__(self) -> None:
         self.pool: DeploymentPool[Any] | None = None
-        self._others = True  # do other plugins list providers? (set at start-up)
 
     # -- what a provider plugin writes ------------------------------------------------
 
@@ -77,9 +77,6 @@ class ProviderPlugin:
     async def ksi_startup(self, host: Any) -> None:
         self.pool = self.build_pool(host.config[self.TABLE], host)
         await self.pool.attach(host.db, self.CIRCUITS_TABLE)
-        hooks = getattr(host, "hooks", None)
-        if hooks is not None:  # with no other provider plugin, selection skips the cross-plugin look-up
-            self._others = any(getattr(fn, "__self__", None) is not self for _, fn, _ in hooks.impls("ksi_list_providers"))
         await self.start(host)
 
     @hookimpl
@@ -93,10 +90,9 @@ class ProviderPlugin:
             self.pool = self.build_pool(host.config.get(self.TABLE) or self.CONFIG(), host)
         return self.pool
 
-    @hookimpl(tryfirst=True)
-    async def ksi_select_provider(self, host: Any, request: CompletionRequest, exclude: frozenset[str]) -> Any:
-        pool = self.pool or self._pool(host)
-        return await pool.select_ranked(host, request.model, exclude, plugin=self.TABLE, others=self._others)
+    @hookimpl
+    def ksi_select_provider(self, host: Any, request: CompletionRequest, exclude: frozenset[str]) -> Any:
+        return (self.pool or self._pool(host)).select(request.model, exclude)
 
     @hookimpl
     def ksi_list_providers(self, host: Any, model: str | None) -> list[ProviderInfo]:

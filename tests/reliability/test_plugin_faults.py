@@ -48,7 +48,7 @@ from rel import (
 SABOTEUR = '''
 import os
 
-from ksi_host import hookimpl
+from ksi_host import ProviderInfo, hookimpl
 from ksi_host.errors import OperationalError, ValidationError
 
 MODE = os.environ.get("SABOTEUR_MODE", "")
@@ -79,7 +79,12 @@ class Plugin:
             raise ValidationError("metadata", "refused by the saboteur")
         return None
 
-    @hookimpl(tryfirst=True)
+    @hookimpl
+    def ksi_list_providers(self, model):
+        # ranked before every other provider plugin (priority 0), so the host asks it first
+        return [ProviderInfo("saboteur", model or "*", "saboteur", priority=0)]
+
+    @hookimpl
     def ksi_select_provider(self, request):
         if marked(request, "select"):
             raise HookRefused("the saboteur selects nothing for this one")

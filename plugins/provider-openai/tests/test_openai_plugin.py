@@ -141,7 +141,7 @@ def other_plugin(*script: Any) -> tuple[ScriptedProviders, FakeProvider]:
 @pytest.mark.parametrize("registered_first", ["openai", "other"])
 async def test_config_priority_decides_which_plugin_answers(oa_host: Any, make_host: Any, openai_server: Any,
                                                             registered_first: str) -> None:
-    # registration order must not matter: the openai hook is tryfirst and defers by rank
+    # registration order must not matter: the host asks the plugins by rank
     for priority, want in ((1, "main"), (100, "fake-1"), (200, "fake-1")):  # ties rank by name: "fake" < "openai"
         other, _ = other_plugin()
         plugins = [Plugin(), other] if registered_first == "openai" else [other, Plugin()]
@@ -169,11 +169,15 @@ async def test_deferring_plugin_answers_when_the_preferred_one_failed(oa_host: A
 
 
 class OpenCircuitOther(ScriptedProviders):
-    """Another provider plugin whose only deployment reports an open circuit."""
+    """Another provider plugin whose only deployment is behind an open circuit."""
 
     @hookimpl
     def ksi_list_providers(self, model: str | None) -> list[ProviderInfo]:
         return [ProviderInfo("fake-2", "gpt-*", "fake", "open")]
+
+    @hookimpl
+    def ksi_select_provider(self, request: Any, exclude: Any) -> Any:
+        raise ProviderUnavailable("fake-2 has an open circuit", provider="fake-2", retry_after=30.0)
 
 
 async def test_deferring_plugin_answers_when_the_preferred_ones_circuit_is_open(oa_host: Any, openai_server: Any) -> None:
@@ -186,7 +190,7 @@ async def test_a_priority_in_the_other_plugins_info_is_honoured(oa_host: Any, op
     class Ranked(ScriptedProviders):
         @hookimpl
         def ksi_list_providers(self, model: str | None) -> list:
-            return [ProviderInfo("zz-1", "gpt-*", "zz", detail={"priority": 5})]
+            return [ProviderInfo("zz-1", "gpt-*", "zz", priority=5)]
 
     async with oa_host(Ranked(FakeProvider("zz-1", "gpt-*", script=("from zz",))), table={"priority": 6}) as host:
         assert (await host.complete(REQ)).provider == "zz-1"

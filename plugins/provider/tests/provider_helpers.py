@@ -42,6 +42,8 @@ class UsageRecorder:
 
     @hookimpl
     async def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> None:
+        if call.usage is None:  # a call that reported no usage
+            return
         self.calls.append(call)
         if self.store:
             u = call.usage

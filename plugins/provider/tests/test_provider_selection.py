@@ -180,7 +180,7 @@ async def test_hooks_work_when_called_before_startup(openai_server: Any) -> None
 
     plugin = Plugin()
     assert [i.name for i in plugin.ksi_list_providers(FakeHost(), None)] == ["main", "mock"]
-    assert (await plugin.ksi_select_provider(FakeHost(), request(), frozenset())).name == "main"
+    assert plugin.ksi_select_provider(FakeHost(), request(), frozenset()).name == "main"
 
 
 async def test_circuits_survive_a_restart_and_show_in_a_read_only_status(lit_host: Any, openai_server: Any) -> None:

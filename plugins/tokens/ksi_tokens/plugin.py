@@ -19,7 +19,9 @@ class Plugin:
         await host.db.migrate(schema.OWNER, schema.MIGRATIONS)
 
     @ksi_host.hookimpl
-    def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> Awaitable[None]:
+    def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> Awaitable[None] | None:
+        if call.usage is None:  # the ledger holds calls that reported usage
+            return None
         # One group-committed statement. The host awaits the future this returns: it completes
         # once the row's transaction is committed, so the row is durable before the request's
         # result is final. (Returned, not awaited here: no coroutine of our own per call.)

@@ -1,0 +1,200 @@
+"""One attempt of a request, step by step: what :meth:`ksi_host.Host.execute` repeats.
+
+:meth:`AttemptRunner.run` selects a provider (asking provider plugins in the
+host's order, :mod:`ksi_host.ranking`), waits for admission (``ksi_admit``),
+records the call before it is sent (``ksi_attempt_started``), makes the one
+upstream call and records how it ended (``ksi_record_usage``).
+:meth:`AttemptRunner.decide` asks the failure policy (``ksi_handle_failure``)
+what a failed attempt becomes, within the request's deadline;
+:meth:`AttemptRunner.finished` tells the observers (``ksi_attempt_finished``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import attrs
+
+from . import hookspecs
+from .errors import (
+    BudgetExceeded,
+    Cancelled,
+    DeadlineExceeded,
+    MissingPluginError,
+    NoProviderError,
+    OperationalError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    ValidationError,
+)
+from .models import (
+    OUTCOME_OK,
+    OUTCOME_UNKNOWN,
+    Attempt,
+    AttemptContext,
+    CompletionRequest,
+    FailureDecision,
+    Provider,
+    ProviderResponse,
+    UpstreamCall,
+    Usage,
+)
+from .ranking import ProviderRanking
+
+if TYPE_CHECKING:
+    from .service import Host
+
+_NO_EXCLUDE: frozenset[str] = frozenset()
+
+
+class AttemptRunner:
+    """The steps of one attempt, for one :class:`~ksi_host.Host`."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.ranking = ProviderRanking(host.hooks, host)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def run(self, request: CompletionRequest, number: int, excluded: set[str], deadline: float | None) -> _Run:
+        """One attempt: select, admit, record the call, call the provider, record how it ended."""
+        run = _Run()
+        t0 = self.host.clock()
+        call: UpstreamCall | None = None
+        try:
+            provider = await self._select(request, excluded)
+            run.provider = provider.name
+            await self._admit(request, provider, number, deadline)
+            timeout = provider.timeout_s
+            t0 = self.host.clock()
+            if deadline is not None:
+                if deadline <= t0:
+                    raise DeadlineExceeded(f"the {request.timeout_s}s deadline passed before attempt {number}")
+                timeout = deadline - t0 if timeout is None else min(timeout, deadline - t0)
+            call = UpstreamCall(request.request_id, number, provider.name, request.model)
+            if self.host.hooks.implemented("ksi_attempt_started"):
+                await self.host.hooks.call("ksi_attempt_started", host=self.host, request=request, call=call)
+            run.response = await self._complete(provider, request, timeout)
+        except OperationalError as e:
+            run.error = e
+        except asyncio.CancelledError:
+            self._cut_short(request, number, run, call, (self.host.clock() - t0) * 1000)
+            raise
+        run.latency_ms = (self.host.clock() - t0) * 1000
+        run.usage = run.response.usage if run.response is not None else getattr(run.error, "usage", None)
+        if call is not None:
+            outcome = (OUTCOME_OK if run.error is None
+                       else OUTCOME_UNKNOWN if isinstance(run.error, ProviderTimeout) and run.usage is None  # no answer seen
+                       else run.error.type)
+            run.call = attrs.evolve(call, usage=run.usage, latency_ms=run.latency_ms, outcome=outcome)
+            if self.host.hooks.implemented("ksi_record_usage"):
+                await self.host.hooks.call("ksi_record_usage", host=self.host, request=request, call=run.call)
+        return run
+
+    async def _select(self, request: CompletionRequest, excluded: set[str]) -> Provider:
+        """Ask provider plugins in the host's order (see :mod:`ksi_host.ranking`) until one answers."""
+        order = await self.ranking.order(request.model)
+        if not order:
+            raise MissingPluginError("ksi_select_provider", hookspecs.INSTALL_HINTS["ksi_select_provider"])
+        args = {"host": self.host, "request": request, "exclude": frozenset(excluded) if excluded else _NO_EXCLUDE}
+        blocked: ProviderUnavailable | None = None
+        for impl in order:
+            try:
+                provider = await self.host.hooks.call_impl(impl, "ksi_select_provider", args)
+            except ProviderUnavailable as e:  # its deployments are all behind open circuits: ask the next plugin
+                if blocked is None or (e.retry_after or 0) < (blocked.retry_after or 0):
+                    blocked = e
+                continue
+            if provider is not None:
+                return provider
+        if blocked is not None:
+            raise blocked
+        raise await self._no_provider(request, excluded)
+
+    async def _admit(self, request: CompletionRequest, provider: Provider, number: int, deadline: float | None) -> None:
+        """``ksi_admit``: wait until every admitting plugin lets the attempt go, never past the deadline."""
+        if not self.host.hooks.implemented("ksi_admit"):
+            return
+        admitted = self.host.hooks.call("ksi_admit", host=self.host, request=request, provider=provider, attempt=number)
+        if deadline is None:
+            await admitted
+            return
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self.host.clock())):
+                await admitted
+        except TimeoutError:
+            raise DeadlineExceeded(f"the {request.timeout_s}s deadline passed while attempt {number} waited "
+                                   f"for admission to {provider.name}") from None
+
+    async def _complete(self, provider: Provider, request: CompletionRequest, timeout: float | None) -> ProviderResponse:
+        try:
+            return await provider.complete(request, timeout_s=timeout)
+        except OperationalError:
+            raise
+        except Exception as e:
+            e.add_note(f"raised by provider {provider.name!r} ({type(provider).__module__}) in Provider.complete")
+            raise
+
+    async def finished(self, request: CompletionRequest, attempt: Attempt, error: OperationalError | None,
+                       call: UpstreamCall | None) -> None:
+        """``ksi_attempt_finished``: tell the observers."""
+        if self.host.hooks.implemented("ksi_attempt_finished"):
+            await self.host.hooks.notify("ksi_attempt_finished", host=self.host, request=request, attempt=attempt,
+                                         error=error, call=call)
+
+    def _cut_short(self, request: CompletionRequest, number: int, run: _Run, call: UpstreamCall | None,
+                   latency_ms: float) -> None:
+        """An attempt was cancelled (ksi_cancel, shut-down): record its call as of unknown outcome and tell
+        the observers, in the background (the cancel goes on now; ``stop`` waits for these)."""
+        error = Cancelled(f"attempt {number} was cancelled while in progress")
+        attempt = Attempt(number, run.provider, error.type, error.message, None, latency_ms)
+        ended = None if call is None else attrs.evolve(call, latency_ms=latency_ms, outcome=OUTCOME_UNKNOWN)
+
+        async def report() -> None:
+            if ended is not None and self.host.hooks.implemented("ksi_record_usage"):
+                await self.host.hooks.call("ksi_record_usage", host=self.host, request=request, call=ended)
+            await self.finished(request, attempt, error, ended)
+
+        task = asyncio.ensure_future(report())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the reports of attempts cut short (the host calls this before closing its database)."""
+        while self._background:
+            await asyncio.gather(*self._background)
+
+    async def decide(self, request: CompletionRequest, error: OperationalError, number: int, name: str | None,
+                      started: float, deadline: float | None, history: list[Attempt], excluded: set[str]) -> FailureDecision:
+        if isinstance(error, (MissingPluginError, NoProviderError, ValidationError, BudgetExceeded, DeadlineExceeded)):
+            return FailureDecision.give_up(error)  # final by nature: no policy is asked
+        if not self.host.hooks.implemented("ksi_handle_failure"):
+            error.message += f" (not retried: {MissingPluginError('ksi_handle_failure', hookspecs.INSTALL_HINTS['ksi_handle_failure'])})"
+            return FailureDecision.give_up(error)
+        ctx = AttemptContext(number, name, started, self.host.clock(), deadline, tuple(history), frozenset(excluded))
+        decision = await self.host.hooks.first("ksi_handle_failure", host=self.host, request=request, error=error, attempt=ctx)
+        if decision is None:
+            return FailureDecision.give_up(error)
+        if decision.action == "retry" and deadline is not None and self.host.clock() + decision.delay_s >= deadline:
+            return FailureDecision.give_up(DeadlineExceeded(
+                f"gave up after {number} attempt(s): waiting {decision.delay_s:.2f}s more would pass the "
+                f"{request.timeout_s}s deadline (last error {error.type}: {error.message})"))
+        return decision
+
+    async def _no_provider(self, request: CompletionRequest, excluded: set[str]) -> NoProviderError:
+        if excluded:
+            return NoProviderError(f"no provider left for model {request.model!r}: {', '.join(sorted(excluded))} failed")
+        known = sorted({p.model for p in await self.host.providers(None)})
+        return NoProviderError(f"no provider serves model {request.model!r} (configured models: {', '.join(known) or 'none'})")
+
+
+@attrs.define
+class _Run:
+    """What one attempt came to (see :meth:`Host._attempt`)."""
+
+    provider: str | None = None
+    response: ProviderResponse | None = None
+    error: OperationalError | None = None
+    latency_ms: float = 0.0
+    usage: Usage | None = None
+    call: UpstreamCall | None = None  # the upstream call as it ended; None when nothing was sent

@@ -1,0 +1,268 @@
+"""The hooks of one request, in the order hookspecs draws: prepare, select, admit, attempt_started,
+the call, record_usage, handle_failure, attempt_finished, request_finished. Tiny in-test plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import attrs
+import pluggy
+import pytest
+
+from ksi_host import (
+    BudgetExceeded,
+    CompletionRequest,
+    DeadlineExceeded,
+    FailureDecision,
+    PluginLoadError,
+    ProviderUnavailable,
+    RateLimited,
+    Usage,
+    ValidationError,
+    hookimpl,
+    hookspecs,
+)
+from ksi_host.hooks import HookCaller
+from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
+
+
+class Journal:
+    """Writes down every hook it sees, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    @hookimpl
+    def ksi_prepare_request(self, request: CompletionRequest) -> None:
+        self.log.append(("prepare", request.request_id))
+
+    @hookimpl
+    def ksi_admit(self, request: CompletionRequest, provider: Any, attempt: int) -> None:
+        self.log.append(("admit", attempt, provider.name))
+
+    @hookimpl
+    def ksi_attempt_started(self, request: CompletionRequest, call: Any) -> None:
+        self.log.append(("started", call.attempt, call.provider, call.outcome, call.call_id))
+
+    @hookimpl
+    def ksi_record_usage(self, request: CompletionRequest, call: Any) -> None:
+        self.log.append(("record", call.attempt, call.outcome, call.usage and call.usage.total_tokens, call.call_id))
+
+    @hookimpl
+    def ksi_attempt_finished(self, request: CompletionRequest, attempt: Any, error: Any, call: Any) -> None:
+        self.log.append(("attempt_finished", attempt.number, attempt.provider, error and error.type,
+                         call and call.outcome, attempt.delay_s))
+
+    @hookimpl
+    def ksi_request_finished(self, request: CompletionRequest, result: Any) -> None:
+        self.log.append(("request_finished", result.status, len(result.attempts)))
+
+
+class RetryOnce:
+    @hookimpl
+    def ksi_handle_failure(self, error: Any, attempt: Any) -> FailureDecision:
+        return FailureDecision.retry(0.0) if attempt.number == 1 else FailureDecision.give_up(error)
+
+
+async def test_one_request_runs_its_hooks_in_the_documented_order(make_host: Any) -> None:
+    j = Journal()
+    p = FakeProvider("p", script=[RateLimited("slow"), "done"])
+    async with make_host(DirectQueue(), ScriptedProviders(p), RetryOnce(), j) as host:
+        r = await host.complete({"model": "m", "prompt": "hi", "request_id": "r1"})
+    assert r.ok
+    names = [e[0] for e in j.log]
+    assert names == ["prepare", "admit", "started", "record", "attempt_finished",
+                     "admit", "started", "record", "attempt_finished", "request_finished"]
+    first_started, first_record, second_started, second_record = j.log[2], j.log[3], j.log[6], j.log[7]
+    assert first_started[3] == "sent" and first_record[2] == "RateLimited" and first_record[3] is None
+    assert first_started[4] == first_record[4] != second_started[4] == second_record[4]  # one call_id per call
+    assert second_record[1:4] == (2, "ok", 15)
+    assert j.log[4] == ("attempt_finished", 1, "p", "RateLimited", "RateLimited", 0.0)
+    assert j.log[8] == ("attempt_finished", 2, "p", None, "ok", None)
+    assert j.log[9] == ("request_finished", "ok", 2)
+
+
+async def test_a_request_nothing_serves_is_observed_with_no_call(make_host: Any) -> None:
+    j = Journal()
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("p", model="other")), j) as host:
+        r = await host.complete({"model": "m", "prompt": "hi"})
+    assert r.error["type"] == "NoProviderError"
+    assert [e[0] for e in j.log] == ["prepare", "attempt_finished", "request_finished"]
+    assert j.log[1] == ("attempt_finished", 1, None, "NoProviderError", None, None)
+
+
+class Prefix:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @hookimpl
+    def ksi_prepare_request(self, request: CompletionRequest) -> CompletionRequest:
+        return attrs.evolve(request, messages=({"role": "system", "content": self.text}, *request.messages))
+
+
+async def test_prepare_request_chains_and_providers_see_the_prepared_request(make_host: Any) -> None:
+    seen: list[Any] = []
+
+    class Echo(FakeProvider):
+        async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> Any:
+            seen.append([m["content"] for m in request.messages])
+            return await super().complete(request, timeout_s=timeout_s)
+
+    async with make_host(DirectQueue(), ScriptedProviders(Echo("p")), Prefix("one"), Prefix("two")) as host:
+        assert (await host.complete({"model": "m", "prompt": "hi"})).ok
+    # newest registered first: "two" prepends, then "one" prepends before it
+    assert seen == [["one", "two", "hi"]]
+
+
+async def test_prepare_request_must_keep_the_request_id(make_host: Any) -> None:
+    class Renamer:
+        @hookimpl
+        def ksi_prepare_request(self, request: CompletionRequest) -> CompletionRequest:
+            return attrs.evolve(request, request_id="other")
+
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("p")), Renamer()) as host:
+        with pytest.raises(TypeError, match="plugin 'Renamer'.*same request_id"):
+            await host.complete({"model": "m", "prompt": "hi"})
+
+
+async def test_prepare_request_may_refuse_with_an_operational_error(make_host: Any) -> None:
+    class Refuser:
+        @hookimpl
+        def ksi_prepare_request(self, request: CompletionRequest) -> None:
+            raise ValidationError("session_id", "no such session")
+
+    p = FakeProvider("p")
+    async with make_host(DirectQueue(), ScriptedProviders(p), Refuser()) as host:
+        r = await host.complete({"model": "m", "prompt": "hi"})
+    assert r.error["type"] == "ValidationError" and not p.calls
+
+
+class Gate:
+    """Admits when opened; counts the admissions waiting."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.waiting = 0
+
+    @hookimpl
+    async def ksi_admit(self, request: CompletionRequest, provider: Any, attempt: int) -> None:
+        self.waiting += 1
+        await self.open.wait()
+        self.waiting -= 1
+
+
+async def test_admission_waits_and_the_call_goes_out_only_after(make_host: Any) -> None:
+    gate, j = Gate(), Journal()
+    p = FakeProvider("p")
+    async with make_host(DirectQueue(), ScriptedProviders(p), gate, j) as host:
+        task = asyncio.ensure_future(host.complete({"model": "m", "prompt": "hi"}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert gate.waiting == 1 and not p.calls and "started" not in [e[0] for e in j.log]
+        gate.open.set()
+        r = await task
+    assert r.ok and len(p.calls) == 1 and len(r.attempts) == 1  # the wait is not an attempt
+
+
+async def test_admission_never_waits_past_the_deadline(make_host: Any) -> None:
+    gate, j = Gate(), Journal()
+    p = FakeProvider("p")
+    async with make_host(DirectQueue(), ScriptedProviders(p), gate, j) as host:
+        r = await host.complete({"model": "m", "prompt": "hi", "timeout_s": 0.2})
+    assert r.error["type"] == DeadlineExceeded.__name__ and "admission" in r.error["message"]
+    assert not p.calls
+    # admission was asked, nothing was sent, the observers heard of the attempt once
+    assert [e[0] for e in j.log] == ["prepare", "admit", "attempt_finished", "request_finished"]
+
+
+async def test_a_refused_admission_ends_the_request_and_nothing_is_sent(make_host: Any) -> None:
+    class Budget:
+        @hookimpl
+        def ksi_admit(self, request: CompletionRequest) -> None:
+            raise BudgetExceeded("agent planner spent its 5.00 USD of today")
+
+    j = Journal()
+    p = FakeProvider("p")
+    async with make_host(DirectQueue(), ScriptedProviders(p), Budget(), j) as host:
+        r = await host.complete({"model": "m", "prompt": "hi"})
+    assert r.error == {"type": "BudgetExceeded", "message": "agent planner spent its 5.00 USD of today"}
+    assert not p.calls and ("attempt_finished", 1, "p", "BudgetExceeded", None, None) in j.log
+
+
+async def test_a_cancel_mid_call_records_the_call_as_unknown_and_tells_the_observers(make_host: Any) -> None:
+    j = Journal()
+    release = asyncio.Event()
+
+    class Hangs(FakeProvider):
+        async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> Any:
+            await release.wait()
+            return await super().complete(request, timeout_s=timeout_s)
+
+    async with make_host(DirectQueue(), ScriptedProviders(Hangs("p")), j) as host:
+        task = asyncio.ensure_future(host.execute(CompletionRequest.from_dict({"model": "m", "prompt": "hi"})))
+        while "started" not in [e[0] for e in j.log]:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # stop() waited for the background report
+    assert [e[0] for e in j.log][-2:] == ["record", "attempt_finished"]
+    assert j.log[-2][2] == "unknown" and j.log[-1][3] == "Cancelled" and j.log[-1][4] == "unknown"
+
+
+async def test_an_observers_operational_error_is_logged_and_changes_nothing(make_host: Any, caplog: Any) -> None:
+    class Grumpy:
+        @hookimpl
+        def ksi_request_finished(self, result: Any) -> None:
+            raise ProviderUnavailable("the audit store is down")
+
+    j = Journal()
+    caplog.set_level(logging.WARNING, "ksi_host.hooks")
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("p")), j, Grumpy()) as host:
+        r = await host.complete({"model": "m", "prompt": "hi"})
+    assert r.ok and j.log[-1][0] == "request_finished"  # the other observer still heard
+    assert "the audit store is down" in caplog.text and "Grumpy" in caplog.text
+
+
+async def test_an_observers_programming_error_propagates_naming_it(make_host: Any) -> None:
+    class Buggy:
+        @hookimpl
+        def ksi_attempt_finished(self, attempt: Any) -> None:
+            raise KeyError("bug")
+
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("p")), Buggy()) as host:
+        with pytest.raises(KeyError) as e:
+            await host.complete({"model": "m", "prompt": "hi"})
+    assert "raised by plugin 'Buggy' in hook ksi_attempt_finished" in e.value.__notes__
+
+
+async def test_a_misspelt_hook_stops_start_up_naming_the_plugin_and_the_hook(make_host: Any) -> None:
+    class Typo:
+        @hookimpl
+        def ksi_enqeue(self, request: Any) -> None: ...
+
+    with pytest.raises(PluginLoadError, match=r"plugin 'Typo' implements 'ksi_enqeue'.*did you mean ksi_enqueue"):
+        async with make_host(Typo()):
+            pass
+
+
+def test_the_hook_caller_reads_pluggy_once_per_hook_even_when_nothing_implements_it() -> None:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    hooks = HookCaller(pm)
+    first = hooks.impls("ksi_admit")
+    assert first == () and not hooks.implemented("ksi_admit")
+    assert hooks.impls("ksi_admit") is first  # the empty answer was kept, not read again
+
+
+async def test_the_result_model_is_what_answered(make_host: Any) -> None:
+    class Renames(FakeProvider):
+        async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> Any:
+            return attrs.evolve(await super().complete(request, timeout_s=timeout_s), model="m-2024-08-06")
+
+    async with make_host(DirectQueue(), ScriptedProviders(Renames("p"))) as host:
+        r = await host.complete({"model": "m", "prompt": "hi"})
+    assert r.model == "m-2024-08-06"
+    assert Usage(1, 2, 3).total_tokens == 3
