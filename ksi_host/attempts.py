@@ -18,6 +18,7 @@ import attrs
 
 from . import hookspecs
 from .errors import (
+    BadRequest,
     BudgetExceeded,
     Cancelled,
     DeadlineExceeded,
@@ -93,12 +94,14 @@ class AttemptRunner:
 
     async def _select(self, request: CompletionRequest, excluded: set[str]) -> Provider:
         """Ask provider plugins in the host's order (see :mod:`ksi_host.ranking`) until one answers."""
-        order = await self.ranking.order(request.model)
-        if not order:
+        ranked = await self.ranking.of(request.model)
+        if not ranked.order:
             raise MissingPluginError("ksi_select_provider", hookspecs.INSTALL_HINTS["ksi_select_provider"])
-        args = {"host": self.host, "request": request, "exclude": frozenset(excluded) if excluded else _NO_EXCLUDE}
+        unable = ranked.unable(request.needs())
+        exclude = frozenset(excluded | unable.keys()) if excluded or unable else _NO_EXCLUDE
+        args = {"host": self.host, "request": request, "exclude": exclude}
         blocked: ProviderUnavailable | None = None
-        for impl in order:
+        for impl in ranked.order:
             try:
                 provider = await self.host.hooks.call_impl(impl, "ksi_select_provider", args)
             except ProviderUnavailable as e:  # its deployments are all behind open circuits: ask the next plugin
@@ -109,6 +112,9 @@ class AttemptRunner:
                 return provider
         if blocked is not None:
             raise blocked
+        if unable and not set(ranked.supports) - unable.keys() - excluded:  # the request asks what none can do
+            raise BadRequest("; ".join(f"{', '.join(lacks)} not supported by {name}" for name, lacks in sorted(unable.items()))
+                             + " (nothing was sent)")
         raise await self._no_provider(request, excluded)
 
     async def _admit(self, request: CompletionRequest, provider: Provider, number: int, deadline: float | None) -> None:
@@ -169,7 +175,8 @@ class AttemptRunner:
         if isinstance(error, (MissingPluginError, NoProviderError, ValidationError, BudgetExceeded, DeadlineExceeded)):
             return FailureDecision.give_up(error)  # final by nature: no policy is asked
         if not self.host.hooks.implemented("ksi_handle_failure"):
-            error.message += f" (not retried: {MissingPluginError('ksi_handle_failure', hookspecs.INSTALL_HINTS['ksi_handle_failure'])})"
+            if error.retryable:
+                error.message += f" (not retried: {MissingPluginError('ksi_handle_failure', hookspecs.INSTALL_HINTS['ksi_handle_failure'])})"
             return FailureDecision.give_up(error)
         ctx = AttemptContext(number, name, started, self.host.clock(), deadline, tuple(history), frozenset(excluded))
         decision = await self.host.hooks.first("ksi_handle_failure", host=self.host, request=request, error=error, attempt=ctx)

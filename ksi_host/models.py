@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from .chat import PARAMETERS, check_document, check_messages, check_parameters, check_text, needs
 from .errors import ValidationError
 
 PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3, "background": 4}
@@ -23,106 +24,28 @@ PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3, "
 DEFAULT_PROVIDER_PRIORITY = 100
 """The rank of a provider (deployment) that states none: see :attr:`ProviderInfo.priority`."""
 
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 STATUSES = frozenset({"ok", "error", "cancelled"})
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
+
+MAX_TIMEOUT_S = 30 * 86400
+"""The longest deadline a request may set (``timeout_s``): 30 days."""
 
 
 def _fail(field: str, reason: str) -> None:
     raise ValidationError(field, reason)
 
 
-MAX_INT = 2**63 - 1
-"""The largest integer a request field may hold (SQLite's INTEGER is 64-bit)."""
-
-
-def _bad_text(value: str) -> str | None:
-    """Why ``value`` cannot be stored or sent as UTF-8 (a lone surrogate, which JSON's
-    ``\\ud800`` escapes can carry), or None when it can."""
-    if value.isascii():
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"is not valid Unicode text: it holds the lone surrogate {value[e.start]!r} at index {e.start}"
-    return None
-
-
-def _text_ok(value: Any) -> bool:
-    """Is every string under ``value`` (keys included) valid Unicode? The fast check, no paths built."""
-    if isinstance(value, str):
-        return value.isascii() or _bad_text(value) is None
-    if isinstance(value, dict):
-        return all((not isinstance(k, str) or _text_ok(k)) and _text_ok(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_text_ok(v) for v in value)
-    return True
-
-
-def _check_text(field: str, value: Any) -> None:
-    """Raise ValidationError naming the first string (key or value) under ``value`` that is not valid Unicode."""
-    if _text_ok(value):
-        return
-    if isinstance(value, str):
-        reason = _bad_text(value)
-        if reason is not None:
-            _fail(field, reason)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(k, str) and _bad_text(k) is not None:
-                _fail(field, f"has a key that {_bad_text(k)}")
-            _check_text(f"{field}.{k}", v)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_text(f"{field}[{i}]", v)
-
-
-def _opt_str(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        _fail(name, "must be a non-empty string or null")
-    _check_text(name, value)
-
-
-def _req_str(name: str, value: Any) -> None:
+def _required_text(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         _fail(name, "is required and must be a non-empty string")
-    _check_text(name, value)
+    check_text(name, value)
 
 
-def _messages(value: Any) -> None:
-    if not isinstance(value, (list, tuple)) or not value:
-        _fail("messages", "must be a non-empty list of {role, content} objects (or give 'prompt')")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            _fail(f"messages[{i}]", "must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            _fail(f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
-        content = m.get("content")
-        if not isinstance(content, (str, list)):
-            _fail(f"messages[{i}].content", "must be a string (or a list of content parts)")
-        if len(m) == 2 and type(content) is str and content.isascii():
-            continue  # only role (one of ROLES) and ASCII content: no Unicode to check
-        _check_text(f"messages[{i}]", m)
-
-
-def _priority(value: Any) -> None:
-    if not isinstance(value, str) or value not in PRIORITIES:
-        _fail("priority", f"must be one of {', '.join(PRIORITIES)}; got {value!r}")
-
-
-def _pos_int(name: str, value: Any) -> None:
-    if type(value) is not int or not 0 < value <= MAX_INT:
-        _fail(name, f"must be a positive integer (at most {MAX_INT}) or null, got {value!r}")
-
-
-def _temperature(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-        _fail("temperature", f"must be a number from 0 to 2 or null, got {value!r}")
-
-
-def _pos_num(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_INT:
-        _fail(name, f"must be a positive number of seconds (at most {MAX_INT}) or null, got {value!r}")
+def _optional_text(name: str, value: Any) -> None:
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            _fail(name, "must be a non-empty string or null")
+        check_text(name, value)
 
 
 def _metadata(value: Any) -> None:
@@ -133,37 +56,32 @@ def _metadata(value: Any) -> None:
             _fail("metadata", f"keys must be strings, got {k!r}")
         if v is not None and not isinstance(v, (str, int, float, bool)):
             _fail(f"metadata.{k}", "values must be strings, numbers, booleans or null")
-    _check_text("metadata", value)
+    check_document("metadata", value)
 
 
 def _validate_request(r: CompletionRequest) -> None:
-    """Every field check of a request, in field order, in one call (attrs runs it after ``__init__``).
-
-    The field checks above are called with values that are set (not None). The common case (ASCII strings, plain values, empty metadata) is decided inline; any other
-    value goes to its field's check, which raises ValidationError naming the field and why."""
-    v = r.model
-    if not (type(v) is str and v.isascii() and v.strip()):
-        _req_str("model", v)
-    _messages(r.messages)
-    v = r.request_id
-    if not (type(v) is str and v.isascii() and v.strip()):
-        _req_str("request_id", v)
-    for name, v in (("session_id", r.session_id), ("agent_id", r.agent_id),
-                    ("originator_agent_id", r.originator_agent_id), ("purpose", r.purpose)):
-        if v is not None and not (type(v) is str and v and v.isascii()):
-            _opt_str(name, v)
-    v = r.priority
-    if not (type(v) is str and v in PRIORITIES):
-        _priority(v)
-    if r.max_tokens is not None:
-        _pos_int("max_tokens", r.max_tokens)
-    if r.temperature is not None:
-        _temperature(r.temperature)
-    if r.timeout_s is not None:
-        _pos_num("timeout_s", r.timeout_s)
-    v = r.metadata
-    if not (type(v) is dict and not v):
-        _metadata(v)
+    """Every check of a request, in field order (attrs runs it after ``__init__``): raises
+    ValidationError naming the field and why."""
+    _required_text("model", r.model)
+    check_messages(r.messages)
+    _required_text("request_id", r.request_id)
+    for name in ("session_id", "agent_id", "originator_agent_id", "purpose"):
+        _optional_text(name, getattr(r, name))
+    if not isinstance(r.priority, str) or r.priority not in PRIORITIES:
+        _fail("priority", f"must be one of {', '.join(PRIORITIES)}; got {r.priority!r}")
+    t = r.timeout_s
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_TIMEOUT_S):
+        _fail("timeout_s", f"must be a positive number of seconds, at most {MAX_TIMEOUT_S} (30 days), or null; got {t!r}")
+    _metadata(r.metadata)
+    check_parameters(r.parameters())
+    if r.provider_options is not None:
+        check_document("provider_options", r.provider_options)
+        if not isinstance(r.provider_options, dict):
+            _fail("provider_options", "must be an object (passed to the provider as it is)")
+    if not isinstance(r.continue_session, bool):
+        _fail("continue_session", f"must be true or false, got {r.continue_session!r}")
+    if r.continue_session and r.session_id is None:
+        _fail("continue_session", "needs a session_id (the session whose conversation continues)")
 
 
 def new_request_id() -> str:
@@ -188,13 +106,27 @@ os.register_at_fork(after_in_child=_id_random.seed)  # a child must not repeat i
 _LOW62 = (1 << 62) - 1
 
 
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 @attrs.frozen(slots=True)
 class CompletionRequest:
-    """One completion to run. Only ``model`` and ``messages`` are required."""
+    """One completion to run. Only ``model`` and ``messages`` are required.
+
+    The host's own fields come first (``request_id``, ``session_id``,
+    ``agent_id``, ``originator_agent_id``, ``purpose``, ``priority``,
+    ``timeout_s``: a deadline over all attempts, ``metadata``); the
+    chat-completions parameters of the OpenAI schema follow
+    (:data:`ksi_host.chat.PARAMETERS`; providers send the ones set, under the
+    same names), then ``provider_options`` (passed to the provider as it is,
+    for what the schema does not name) and ``continue_session`` (send the
+    session's earlier turns first: needs a session plugin).
+    """
 
     model: str
-    messages: tuple[dict[str, Any], ...] = attrs.field(converter=lambda v: tuple(v) if isinstance(v, list) else v)
-    request_id: str = attrs.field(factory=new_request_id)
+    messages: tuple[dict[str, Any], ...] = attrs.field(converter=_tuple)
+    request_id: str = attrs.field(factory=lambda: new_request_id())
     session_id: str | None = None
     agent_id: str | None = None
     originator_agent_id: str | None = None
@@ -204,13 +136,50 @@ class CompletionRequest:
     temperature: float | None = None
     timeout_s: float | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict)
+    max_completion_tokens: int | None = None
+    top_p: float | None = None
+    stop: str | tuple[str, ...] | None = attrs.field(default=None, converter=_tuple)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    n: int | None = None
+    user: str | None = None
+    tools: tuple[dict[str, Any], ...] | None = attrs.field(default=None, converter=_tuple)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    modalities: tuple[str, ...] | None = attrs.field(default=None, converter=_tuple)
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    provider_options: dict[str, Any] | None = None
+    continue_session: bool = False
 
     def __attrs_post_init__(self) -> None:
-        _validate_request(self)  # every field, in one call: see _validate_request
+        _validate_request(self)
 
-    @property
-    def priority_rank(self) -> int:
-        return PRIORITIES[self.priority]
+    def parameters(self) -> dict[str, Any]:
+        """The chat-completions parameters this request sets (name -> value, None left out), in the
+        order of :data:`ksi_host.chat.PARAMETERS`; tuples as lists (what a JSON body holds)."""
+        found = {}
+        for name in PARAMETERS:
+            value = getattr(self, name)
+            if value is not None:
+                found[name] = list(value) if isinstance(value, tuple) else value
+        return found
+
+    def needs(self) -> frozenset[str]:
+        """What this request asks of a provider (see :func:`ksi_host.chat.needs`)."""
+        return needs(self.parameters(), self.messages)
 
     @classmethod
     def from_dict(cls, data: Any) -> CompletionRequest:
@@ -225,54 +194,66 @@ class CompletionRequest:
             unknown = sorted(str(k) for k in data if k not in _REQUEST_KEYS)  # (a key may be any hashable)
             name = unknown[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
             raise ValidationError(name, f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
+        data = {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}  # null: the default
         if "prompt" in data:
-            data = dict(data)  # the caller's dict is left as it was
             prompt = data.pop("prompt")
-            if prompt is not None:
-                if "messages" in data:
-                    raise ValidationError("prompt", "give either 'prompt' or 'messages', not both")
-                if not isinstance(prompt, str) or not prompt:
-                    raise ValidationError("prompt", "must be a non-empty string")
-                if not prompt.isascii():
-                    _check_text("prompt", prompt)
-                data["messages"] = [{"role": "user", "content": prompt}]
+            if "messages" in data:
+                raise ValidationError("prompt", "give either 'prompt' or 'messages', not both")
+            if not isinstance(prompt, str) or not prompt:
+                raise ValidationError("prompt", "must be a non-empty string")
+            check_text("prompt", prompt)
+            data["messages"] = [{"role": "user", "content": prompt}]
         for name in ("model", "messages"):
             if data.get(name) is None:
                 raise ValidationError(name, "is required" + (" (or give 'prompt')" if name == "messages" else ""))
-        if ("request_id" in data and data["request_id"] is None or "metadata" in data and data["metadata"] is None
-                or "priority" in data and data["priority"] is None):
-            data = {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}  # null: the default
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self, recurse=False)
-        d["messages"] = list(self.messages)
+        """The request as JSON data: every field that is set (None and defaults of the chat parameters
+        left out), tuples as lists."""
+        d: dict[str, Any] = {}
+        for a in attrs.fields(CompletionRequest):
+            value = getattr(self, a.name)
+            if value is None or (a.name == "continue_session" and not value):
+                continue
+            d[a.name] = list(value) if isinstance(value, tuple) else value
         return d
 
 
 _REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest))
 _REQUEST_KEYS = _REQUEST_FIELDS | {"prompt"}
-_DEFAULTED = frozenset({"request_id", "metadata", "priority"})  # a null here means "the default"
+_DEFAULTED = frozenset({"request_id", "metadata", "priority", "continue_session", "prompt"})  # null means "the default"
+
+
+def _add(a: Any, b: Any) -> Any:
+    """The sum of two optional amounts: None only when both are unknown."""
+    return None if a is None and b is None else (a or 0) + (b or 0)
 
 
 @attrs.frozen(slots=True)
 class Usage:
-    """Token usage one upstream call reported. ``cost_usd`` is None when unknown."""
+    """Token usage one upstream call reported (or a sum of calls).
+
+    ``cost_usd`` is None when unknown; ``cached_tokens`` (prompt tokens served
+    from the provider's cache) and ``reasoning_tokens`` (completion tokens
+    spent on reasoning) are None when the provider does not report them.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cost_usd: float | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     def __add__(self, other: Usage) -> Usage:
-        cost = None
-        if self.cost_usd is not None or other.cost_usd is not None:
-            cost = (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.total_tokens + other.total_tokens,
-            cost,
+            _add(self.cost_usd, other.cost_usd),
+            _add(self.cached_tokens, other.cached_tokens),
+            _add(self.reasoning_tokens, other.reasoning_tokens),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,12 +262,31 @@ class Usage:
 
 @attrs.frozen(slots=True)
 class ProviderResponse:
-    """What :meth:`Provider.complete` returns on success."""
+    """What :meth:`Provider.complete` returns on success.
+
+    ``text`` is the answer's content ("" when it has none, as a tool-call
+    answer may); ``tool_calls`` the OpenAI-shaped tool calls
+    (``{"id", "type": "function", "function": {"name", "arguments"}}``) or
+    None; ``finish_reason`` one of ``stop``, ``length``, ``tool_calls``,
+    ``content_filter`` (None when the upstream said none).
+    """
 
     text: str
     usage: Usage | None = None
     model: str | None = None  # the upstream's own model name, if it said
     session_id: str | None = None  # the session the conversation continues under, if the provider has one
+    tool_calls: tuple[dict[str, Any], ...] | None = attrs.field(default=None, converter=_tuple)
+    finish_reason: str | None = None
+    refusal: str | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message of this answer, as the OpenAI schema shapes it."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text if self.text or not self.tool_calls else None}
+        if self.tool_calls:
+            message["tool_calls"] = [dict(c) for c in self.tool_calls]
+        if self.refusal is not None:
+            message["refusal"] = self.refusal
+        return message
 
 
 @attrs.frozen(slots=True)
@@ -297,7 +297,11 @@ class ProviderInfo:
     until its cool-down ends) or ``half_open`` (one trial call allowed).
     ``priority`` ranks provider plugins that serve the same model: the host
     asks the plugin whose deployments rank lowest first (ties: by plugin
-    name), and the next one when it has nothing usable.
+    name), and the next one when it has nothing usable. ``supports`` names
+    what the deployment can send (chat parameters such as ``tools``, content
+    part types such as ``image_url``: see :meth:`CompletionRequest.needs`);
+    None means the whole chat-completions surface. The host does not send a
+    request to a deployment that lacks something it needs.
     """
 
     name: str
@@ -306,6 +310,7 @@ class ProviderInfo:
     state: str = "closed"
     detail: dict[str, Any] = attrs.field(factory=dict)
     priority: int = DEFAULT_PROVIDER_PRIORITY
+    supports: frozenset[str] | None = None
 
     @property
     def available(self) -> bool:
@@ -439,9 +444,13 @@ def iso(ts: float | None) -> str | None:
 class CompletionResult:
     """The final outcome of one request.
 
-    ``status`` is ``ok``, ``error`` or ``cancelled``. ``usage`` sums every
-    upstream call of the request (retries included). ``error`` is None when ok,
-    else ``{"type": ..., "message": ...}``. Times are unix seconds.
+    ``status`` is ``ok``, ``error`` or ``cancelled``. ``text`` is the answer's
+    content; ``message`` the whole assistant message (``role``, ``content``,
+    ``tool_calls`` as the OpenAI schema shapes them) and ``finish_reason``
+    (``stop``, ``length``, ``tool_calls``, ``content_filter``) when ok.
+    ``model`` is what answered. ``usage`` sums every upstream call of the
+    request (retries included). ``error`` is None when ok, else
+    ``{"type": ..., "message": ...}``. Times are unix seconds.
     """
 
     request_id: str
@@ -455,6 +464,8 @@ class CompletionResult:
     error: dict[str, str] | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    message: dict[str, Any] | None = None
+    finish_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -495,6 +506,8 @@ class CompletionResult:
             "error": self.error,
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
+            "message": self.message,
+            "finish_reason": self.finish_reason,
         }
 
     @classmethod
@@ -518,6 +531,8 @@ class CompletionResult:
             error=d.get("error"),
             started_at=ts(d.get("started_at")),
             finished_at=ts(d.get("finished_at")),
+            message=d.get("message"),
+            finish_reason=d.get("finish_reason"),
         )
 
 

@@ -236,9 +236,10 @@ class Host:
                 await self._attempts.finished(request, attempt, None, run.call)
                 response = run.response
                 return await self.request_finished(request, CompletionResult(
-                    request.request_id, "ok", text=response.text, model=response.model or request.model,
+                    request.request_id, "ok", text=response.message()["content"], model=response.model or request.model,
                     provider=run.provider, session_id=response.session_id or request.session_id,
                     usage=total or _NO_USAGE, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
+                    message=response.message(), finish_reason=response.finish_reason,
                 ))
             decision = await self._attempts.decide(request, error, number, run.provider, started, deadline, history, excluded)
             attempt = Attempt(number, run.provider, error.type, error.message,

@@ -180,7 +180,7 @@ bad_lines = st.one_of(
               st.sampled_from(["robot", 7, None, [], {}])),
     st.builds(lambda p: json.dumps({"model": "fake-a", "prompt": "x", "priority": p}), st.sampled_from(["urgent", 3, [], {}])),
     st.builds(lambda t: json.dumps({"model": "fake-a", "prompt": "x", "temperature": t}), st.sampled_from([-1, 2.5, "hot", True])),
-    st.builds(lambda k: json.dumps({"model": "fake-a", "prompt": "x", k: 1}), st.sampled_from(["colour", "promt", "n"])),
+    st.builds(lambda k: json.dumps({"model": "fake-a", "prompt": "x", k: 1}), st.sampled_from(["colour", "promt", "best_of"])),
     st.just(json.dumps({"model": "fake-a", "prompt": "x", "metadata": {"k": [1, 2]}})),
     st.just(json.dumps({"model": "nobody-serves-this", "prompt": "x"})),
     st.builds(lambda k: json.dumps({"model": "fake-a", "prompt": "x", k: "\ud800"}), st.sampled_from(["session_id", "agent_id"])),
