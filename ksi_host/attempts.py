@@ -42,6 +42,7 @@ from .models import (
     Usage,
 )
 from .ranking import ProviderRanking
+from .streaming import Assembly, StreamSink, call_complete, stream_once
 
 if TYPE_CHECKING:
     from .service import Host
@@ -75,9 +76,14 @@ class AttemptRunner:
             call = UpstreamCall(request.request_id, number, provider.name, request.model)
             if self.host.hooks.implemented("ksi_attempt_started"):
                 await self.host.hooks.call("ksi_attempt_started", host=self.host, request=request, call=call)
-            run.response = await self._complete(provider, request, timeout)
+            sink = self.host.streams.get(request.request_id)
+            if sink is None:
+                run.response = await call_complete(provider, request, timeout)
+            else:
+                run.response, run.ttft_ms, run.assembly = await self._stream(provider, request, timeout, sink, deadline)
         except OperationalError as e:
             run.error = e
+            run.assembly = getattr(e, "assembly", None)
         except asyncio.CancelledError:
             self._cut_short(request, number, run, call, (self.host.clock() - t0) * 1000)
             raise
@@ -132,14 +138,17 @@ class AttemptRunner:
             raise DeadlineExceeded(f"the {request.timeout_s}s deadline passed while attempt {number} waited "
                                    f"for admission to {provider.name}") from None
 
-    async def _complete(self, provider: Provider, request: CompletionRequest, timeout: float | None) -> ProviderResponse:
+    async def _stream(self, provider: Provider, request: CompletionRequest, timeout: float | None, sink: StreamSink,
+                      deadline: float | None) -> tuple[ProviderResponse, float | None, Assembly]:
+        """A streamed attempt (:func:`ksi_host.streaming.stream_once`), cut at the request's deadline."""
+        if deadline is None:
+            return await stream_once(provider, request, timeout, sink, self.host.clock)
         try:
-            return await provider.complete(request, timeout_s=timeout)
-        except OperationalError:
-            raise
-        except Exception as e:
-            e.add_note(f"raised by provider {provider.name!r} ({type(provider).__module__}) in Provider.complete")
-            raise
+            async with asyncio.timeout(max(0.0, deadline - self.host.clock())):
+                return await stream_once(provider, request, timeout, sink, self.host.clock)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the {request.timeout_s}s deadline passed while {provider.name} was streaming",
+                                   provider=provider.name) from None
 
     async def finished(self, request: CompletionRequest, attempt: Attempt, error: OperationalError | None,
                        call: UpstreamCall | None) -> None:
@@ -170,10 +179,14 @@ class AttemptRunner:
         while self._background:
             await asyncio.gather(*self._background)
 
-    async def decide(self, request: CompletionRequest, error: OperationalError, number: int, name: str | None,
-                      started: float, deadline: float | None, history: list[Attempt], excluded: set[str]) -> FailureDecision:
+    async def decide(self, request: CompletionRequest, error: OperationalError, number: int, run: _Run,
+                     started: float, deadline: float | None, history: list[Attempt], excluded: set[str]) -> FailureDecision:
+        """What the failed attempt ``run`` becomes: ``ksi_handle_failure``'s decision, within the deadline."""
+        if run.streamed:  # pieces were handed out: the consumer has them, no other attempt can take them back
+            return FailureDecision.give_up(error)
         if isinstance(error, (MissingPluginError, NoProviderError, ValidationError, BudgetExceeded, DeadlineExceeded)):
             return FailureDecision.give_up(error)  # final by nature: no policy is asked
+        name = run.provider
         if not self.host.hooks.implemented("ksi_handle_failure"):
             if error.retryable:
                 error.message += f" (not retried: {MissingPluginError('ksi_handle_failure', hookspecs.INSTALL_HINTS['ksi_handle_failure'])})"
@@ -205,3 +218,10 @@ class _Run:
     latency_ms: float = 0.0
     usage: Usage | None = None
     call: UpstreamCall | None = None  # the upstream call as it ended; None when nothing was sent
+    ttft_ms: float | None = None  # streamed: to the first piece
+    assembly: Assembly | None = None  # streamed: what was handed out to the consumer
+
+    @property
+    def streamed(self) -> bool:
+        """Did this attempt hand out a piece? (Then it cannot be retried: the consumer has it.)"""
+        return self.assembly is not None and bool(self.assembly.text or self.assembly.calls or self.assembly.finish_reason)

@@ -336,6 +336,35 @@ class Provider(Protocol):
 
 
 @attrs.frozen(slots=True)
+class ChatDelta:
+    """One piece of a streamed answer: what ``Provider.stream`` yields and ``host.stream`` hands out.
+
+    ``content`` is the next piece of text; ``tool_calls`` pieces of tool calls
+    in the OpenAI delta shape (``{"index", "id", "type", "function": {"name",
+    "arguments"}}``, each key present only when it has something: a call's
+    ``arguments`` arrive in pieces under the same ``index``); ``finish_reason``
+    comes with the last piece, ``usage`` with it or after it (when the
+    upstream reports usage for a stream).
+
+    A provider that can stream has, besides ``complete``, ``stream(request,
+    *, timeout_s)``: an async iterator of ChatDelta making exactly one upstream
+    call; ``timeout_s`` bounds the wait for the first piece and between pieces.
+    It raises OperationalErrors like ``complete``, and ends only after the
+    upstream said it finished (a ``finish_reason``): a stream cut short is a
+    failure, never a clean end. Closing the iterator early (``aclose``) closes
+    the upstream call. A provider without ``stream`` serves a streamed request
+    with ``complete``, as one delta.
+    """
+
+    content: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] | None = attrs.field(default=None, converter=_tuple)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    model: str | None = None
+    refusal: str | None = None
+
+
+@attrs.frozen(slots=True)
 class Attempt:
     """One attempt of a request, as the final result reports it and ``ksi_attempt_finished`` receives it.
 

@@ -40,6 +40,7 @@ from .models import (
     Usage,
 )
 from .plugins import PluginInfo, instantiate, load_plugins
+from .streaming import CompletionStream, StreamSink
 
 log = logging.getLogger("ksi_host")
 _NO_EXCLUDE: frozenset[str] = frozenset()
@@ -82,6 +83,7 @@ class Host:
         self.db: Database | None = None
         self._started: list[str] = []
         self._attempts = AttemptRunner(self)
+        self.streams: dict[str, StreamSink] = {}  # request id -> where its streamed pieces go
 
     # -- life cycle -------------------------------------------------------------
 
@@ -201,6 +203,11 @@ class Host:
         """Every provider plugin's deployments serving ``model`` (all if None), in try order."""
         return [p for found in await self.hooks.call("ksi_list_providers", host=self, model=model) for p in found]
 
+    def stream(self, request: CompletionRequest | Mapping[str, Any]) -> CompletionStream:
+        """Submit a request and stream its answer: ``async for delta in host.stream(r)``, then
+        ``stream.result`` (see :mod:`ksi_host.streaming`)."""
+        return CompletionStream(self, self._request(request))
+
     async def request_finished(self, request: CompletionRequest, result: CompletionResult) -> CompletionResult:
         """Tell the ``ksi_request_finished`` observers about a final result; return it. ``host.execute``
         calls this for its results; a queue calls it for results it makes itself (a cancel)."""
@@ -231,7 +238,7 @@ class Host:
                 total = run.usage if total is None else total + run.usage
             error = run.error
             if error is None:
-                attempt = Attempt(number, run.provider, latency_ms=run.latency_ms)
+                attempt = Attempt(number, run.provider, latency_ms=run.latency_ms, ttft_ms=run.ttft_ms)
                 history.append(attempt)
                 await self._attempts.finished(request, attempt, None, run.call)
                 response = run.response
@@ -241,9 +248,9 @@ class Host:
                     usage=total or _NO_USAGE, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
                     message=response.message(), finish_reason=response.finish_reason,
                 ))
-            decision = await self._attempts.decide(request, error, number, run.provider, started, deadline, history, excluded)
+            decision = await self._attempts.decide(request, error, number, run, started, deadline, history, excluded)
             attempt = Attempt(number, run.provider, error.type, error.message,
-                              decision.delay_s if decision.action == "retry" else None, run.latency_ms)
+                              decision.delay_s if decision.action == "retry" else None, run.latency_ms, run.ttft_ms)
             history.append(attempt)
             await self._attempts.finished(request, attempt, error, run.call)
             if decision.action == "give_up":
@@ -251,6 +258,7 @@ class Host:
                     request.request_id, decision.error or error, model=request.model, provider=run.provider,
                     session_id=request.session_id, usage=total or _NO_USAGE, attempts=tuple(history),
                     started_at=started_wall, finished_at=time.time(),
+                    text="".join(run.assembly.text) if run.streamed else None,  # what the consumer received
                 ))
             if decision.switch_provider and run.provider is not None:
                 excluded.add(run.provider)

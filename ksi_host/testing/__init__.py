@@ -10,6 +10,6 @@ alone. :mod:`ksi_host.testing.fakes` holds small stand-in plugins;
 provider plugin.
 """
 
-from .fakes import DirectQueue, FakeProvider, ScriptedProviders
+from .fakes import DirectQueue, FailOver, FakeClock, FakeProvider, FakeStreamingProvider, ScriptedProviders
 
-__all__ = ["DirectQueue", "FakeProvider", "ScriptedProviders"]
+__all__ = ["DirectQueue", "FailOver", "FakeClock", "FakeProvider", "FakeStreamingProvider", "ScriptedProviders"]

@@ -3,6 +3,8 @@
 * :class:`DirectQueue` implements ``ksi_enqueue`` by running the request at
   once (no storage, no ordering): enough to test a provider, retry or usage
   plugin through ``host.complete``.
+* :class:`FakeStreamingProvider` streams: each script item is a list of
+  pieces (strings, ChatDelta, exceptions to raise, or awaitables to wait on).
 * :class:`ScriptedProviders` implements ``ksi_select_provider`` and
   ``ksi_list_providers`` with :class:`FakeProvider` deployments whose answers
   are scripted: a string (the text), a ProviderResponse, or an exception to raise.
@@ -22,7 +24,16 @@ from typing import Any
 
 from ..errors import OperationalError
 from ..hookspecs import hookimpl
-from ..models import AttemptContext, CompletionRequest, FailureDecision, ProviderInfo, ProviderResponse, Ticket, Usage
+from ..models import (
+    AttemptContext,
+    ChatDelta,
+    CompletionRequest,
+    FailureDecision,
+    ProviderInfo,
+    ProviderResponse,
+    Ticket,
+    Usage,
+)
 
 
 class DirectQueue:
@@ -74,6 +85,47 @@ class FakeProvider:
         if isinstance(item, ProviderResponse):
             return item
         return ProviderResponse(text=str(item), usage=self.usage)
+
+
+class FakeStreamingProvider(FakeProvider):
+    """A deployment that streams: each script item (in order, the last repeats) is one call's pieces.
+
+    A piece is a string (content), a ChatDelta, an exception (raised there), or an awaitable (waited
+    on: the stream pauses until it is done). Unless a ChatDelta among them has a ``finish_reason``, the
+    call ends with one whose finish reason is ``stop`` and whose usage is ``usage``; end a script with
+    ``CUT`` to stop without one (an upstream that closes mid-stream). ``closed`` counts streams that
+    were closed before their end (the consumer went away).
+    """
+
+    CUT = object()
+
+    def __init__(self, name: str, model: str = "*", script: Iterable[Any] = (("ok",),), **kw: Any) -> None:
+        super().__init__(name, model, script, **kw)
+        self.closed = 0
+
+    async def stream(self, request: CompletionRequest, *, timeout_s: float | None) -> Any:
+        pieces = self.script[min(len(self.calls), len(self.script) - 1)]
+        self.calls.append(request)
+        if isinstance(pieces, BaseException):
+            raise pieces
+        finished = False
+        try:
+            for piece in pieces:
+                if piece is self.CUT:
+                    return
+                if isinstance(piece, BaseException):
+                    raise piece
+                if hasattr(piece, "__await__"):
+                    await piece
+                    continue
+                delta = piece if isinstance(piece, ChatDelta) else ChatDelta(content=str(piece))
+                finished = finished or delta.finish_reason is not None
+                yield delta
+            if not finished:
+                yield ChatDelta(finish_reason="stop", usage=self.usage)
+        except (GeneratorExit, asyncio.CancelledError):  # stopped by the host before the end: the call is closed
+            self.closed += 1
+            raise
 
 
 class ScriptedProviders:
