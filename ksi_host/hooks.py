@@ -23,6 +23,9 @@ from .errors import KsiError, OperationalError, PluginLoadError
 
 log = logging.getLogger("ksi_host.hooks")
 
+_HOUSEKEEPING = frozenset({"ksi_config_spec", "ksi_exclusive_hooks", "ksi_startup", "ksi_shutdown", "ksi_status"})
+"""Hooks that do not make a plugin worth starting on their own (see ``ksi_exclusive_hooks``)."""
+
 
 @attrs.frozen
 class Impl:
@@ -61,6 +64,7 @@ class HookCaller:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._impls: dict[str, tuple[Impl, ...]] = {}
+        self._owners: dict[str, str] = {}  # hook -> the one plugin whose implementation is called (ksi_exclusive_hooks)
 
     def reset(self) -> None:
         """Forget the cached hookimpl lists (call after registering plugins)."""
@@ -72,10 +76,24 @@ class HookCaller:
         found = self._impls.get(hook)
         if found is None:
             caller = getattr(self.pm.hook, hook)
+            owner = self._owners.get(hook)
             found = self._impls[hook] = tuple(
                 Impl(i.plugin_name, i.function, tuple(i.argnames)) for i in reversed(caller.get_hookimpls())
+                if owner is None or i.plugin_name == owner
             )
         return found
+
+    def give_exclusively(self, owners: dict[str, str]) -> list[str]:
+        """From now on call only ``owners[hook]``'s implementation of each hook in ``owners``. Returns the
+        plugins left with nothing to do: no hook but those every plugin may have (see ``ksi_exclusive_hooks``)."""
+        self._owners.update(owners)
+        self.reset()
+        left = []
+        for name, plugin in self.pm.list_name_plugin():
+            hooks = {c.name for c in self.pm.get_hookcallers(plugin) or ()}
+            if not any(self.impls(h) and any(i.plugin == name for i in self.impls(h)) for h in hooks - _HOUSEKEEPING):
+                left.append(name)
+        return left
 
     def implemented(self, hook: str) -> bool:
         return bool(self.impls(hook))

@@ -117,6 +117,23 @@ def ksi_config_spec() -> tuple[str, type] | None:
 
 
 @hookspec
+def ksi_exclusive_hooks(host: Host) -> list[str] | None:
+    """Claim hooks that this plugin alone serves in this configuration.
+
+    Called once after the config is validated (``host.config`` is set) and
+    before start-up. Return the names of hooks this plugin takes over (for
+    example a shared queue and ledger: ``ksi_enqueue``, ``ksi_cancel``,
+    ``ksi_record_usage``, ...), or None. Other plugins' implementations of a
+    claimed hook are then never called; a plugin left with no hook but
+    ``ksi_config_spec``, ``ksi_exclusive_hooks``, ``ksi_startup``,
+    ``ksi_shutdown`` and ``ksi_status`` is not started at all (its config
+    table is still accepted). Two plugins claiming one hook stop start-up
+    (StartupError naming both). A plugin that is installed but not configured
+    returns None and changes nothing.
+    """
+
+
+@hookspec
 def ksi_startup(host: Host) -> None:
     """Open the plugin's resources.
 

@@ -122,6 +122,7 @@ class Host:
                 specs[table] = cls
         self.config = build_config(self._raw_config, specs)
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
+        await self._exclusive_hooks()
         self.db = await Database(self.db_path).open()
         try:
             for impl in reversed(self.hooks.impls("ksi_startup")):  # registration order
@@ -130,6 +131,21 @@ class Host:
         except BaseException:
             await self.stop()
             raise
+
+    async def _exclusive_hooks(self) -> None:
+        """``ksi_exclusive_hooks``: a plugin that takes hooks over; plugins left with nothing are unregistered."""
+        owners: dict[str, str] = {}
+        for impl in self.hooks.impls("ksi_exclusive_hooks"):
+            for hook in await self.hooks.call_impl(impl, "ksi_exclusive_hooks", {"host": self}) or ():
+                if hook in owners and owners[hook] != impl.plugin:
+                    raise StartupError(f"plugins {owners[hook]!r} and {impl.plugin!r} both claim {hook} for themselves")
+                owners[hook] = impl.plugin
+        if owners:
+            for name in self.hooks.give_exclusively(owners):
+                self.pm.unregister(name=name)
+                self.plugins = [p for p in self.plugins if p.name != name]
+                log.info("plugin %r is not started: its hooks are served by another plugin", name)
+            self.hooks.reset()
 
     async def stop(self) -> None:
         try:

@@ -266,3 +266,67 @@ async def test_the_result_model_is_what_answered(make_host: Any) -> None:
         r = await host.complete({"model": "m", "prompt": "hi"})
     assert r.model == "m-2024-08-06"
     assert Usage(1, 2, 3).total_tokens == 3
+
+
+class LocalQueue(DirectQueue):
+    """A queue with its own start-up, as ksi-queue has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = False
+
+    @hookimpl
+    def ksi_startup(self) -> None:
+        self.started = True
+
+
+class SharedQueue(DirectQueue):
+    """Takes the queue over when its table is configured, as a shared (Postgres) queue would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enqueued = 0
+
+    @hookimpl
+    def ksi_config_spec(self) -> tuple[str, type]:
+        @attrs.define
+        class SharedConfig:
+            dsn_env: str | None = None
+
+        return "shared", SharedConfig
+
+    @hookimpl
+    def ksi_exclusive_hooks(self, host: Any) -> list[str] | None:
+        return ["ksi_enqueue"] if host.config["shared"].dsn_env else None
+
+    @hookimpl
+    def ksi_enqueue(self, host: Any, request: CompletionRequest) -> Any:
+        self.enqueued += 1
+        return super().ksi_enqueue(host, request)
+
+
+async def test_a_configured_plugin_takes_hooks_over_and_the_plugin_left_idle_is_not_started(make_host: Any) -> None:
+    local, shared = LocalQueue(), SharedQueue()
+    async with make_host(local, shared, ScriptedProviders(FakeProvider("p")),
+                         config={"shared": {"dsn_env": "PG_DSN"}}) as host:
+        assert (await host.complete({"model": "m", "prompt": "hi"})).ok
+        assert [p.name for p in host.plugins] == ["SharedQueue", "ScriptedProviders"]
+    assert shared.enqueued == 1 and not local.tasks and not local.started
+
+
+async def test_an_unconfigured_plugin_takes_nothing_over(make_host: Any) -> None:
+    local, shared = LocalQueue(), SharedQueue()
+    async with make_host(shared, local, ScriptedProviders(FakeProvider("p"))) as host:  # local is asked first
+        assert (await host.complete({"model": "m", "prompt": "hi"})).ok
+    assert local.started and shared.enqueued == 0
+
+
+async def test_two_plugins_claiming_one_hook_stop_start_up(make_host: Any) -> None:
+    class Other(SharedQueue):
+        @hookimpl
+        def ksi_config_spec(self) -> None:  # shares SharedQueue's table
+            return None
+
+    with pytest.raises(Exception, match="both claim ksi_enqueue"):
+        async with make_host(SharedQueue(), Other(), config={"shared": {"dsn_env": "X"}}):
+            pass
