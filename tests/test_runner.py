@@ -1,4 +1,4 @@
-"""ksi_host.cli.runner.submit_all: in order, windowed, no task per request; refusals and programming errors."""
+"""ksi_host.cli.runner.submit_all: in order, windowed; refusals and programming errors."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ async def test_every_item_is_submitted_in_order_within_the_window_and_answered(m
     submitted: list[int] = []
     async with make_host(queue, ScriptedProviders(FakeProvider("p", script=[_answer_late]))) as host:
         await submit_all(host, _items(300), window=25, on_result=results.__setitem__,
-                         on_refused=lambda *a: pytest.fail(f"refused {a}"), on_submitted=submitted.append, submitters=8)
+                         on_refused=lambda *a: pytest.fail(f"refused {a}"), on_submitted=submitted.append)
     assert queue.order == [f"r{i:03d}" for i in range(300)]  # the queue saw the file's order
     assert sorted(submitted) == list(range(300)) and len(results) == 300
     assert all(results[i].text == f"answer r{i:03d}" for i in range(300))
@@ -86,6 +86,5 @@ async def test_a_programming_error_stops_the_submission_and_is_raised(make_host:
     results: dict[int, Any] = {}
     async with make_host(queue, ScriptedProviders(FakeProvider("p", script=[_answer_late]))) as host:
         with pytest.raises((ZeroDivisionError, RuntimeError), match="a bug"):
-            await submit_all(host, _items(500), window=4, on_result=results.__setitem__, on_refused=lambda *a: None,
-                             submitters=2)
+            await submit_all(host, _items(500), window=4, on_result=results.__setitem__, on_refused=lambda *a: None)
     assert len(queue.order) < 100  # it stopped submitting soon after

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from typing import IO, Any, TypeVar
 
 from ..errors import OperationalError, ValidationError
@@ -24,9 +23,6 @@ from .progress import BatchStats, ProgressBar
 
 #: Hooks a batch cannot run without (checked before anything runs).
 REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
-
-SUBMITTERS = 64
-"""How many requests :func:`submit_all` has being accepted at once (each acceptance waits for its group commit)."""
 
 K = TypeVar("K")
 
@@ -39,83 +35,42 @@ async def submit_all(
     on_result: Callable[[K, CompletionResult], None],
     on_refused: Callable[[K, Any, OperationalError], None],
     on_submitted: Callable[[K], None] | None = None,
-    submitters: int = SUBMITTERS,
 ) -> None:
     """Submit each ``(key, request)`` of ``items`` to ``host`` in their order, at most ``window``
     unfinished at once; return once every result is in.
 
     ``on_result(key, result)`` is called as each request finishes, ``on_refused(key, request,
     error)`` when ``host.submit`` raised an OperationalError (the queue refused it), and
-    ``on_submitted(key)`` once a request is accepted. No task per request: ``submitters``
-    coroutines take the next item in turn (so the queue sees the items in order) and each
-    ticket's future calls back when its result is in. A programming error (from ``submit``, a
+    ``on_submitted(key)`` once a request is accepted. A programming error (from ``submit``, a
     ticket, or a callback) stops the submission and is raised here.
+
+    One task per request, in a task group, each started once a window slot is free. Tasks start
+    in the order they are created and each runs into ``ksi_enqueue`` before its first suspension,
+    so the queue sees the items in order while their group commits overlap.
     """
     slots = asyncio.Semaphore(window)
-    work = iter(items)
-    loop = asyncio.get_running_loop()
-    idle: asyncio.Future[None] = loop.create_future()
-    crashed: list[BaseException] = []
-    pending = 0  # submitted, result not in yet
-    feeders = 0  # submitters still running
 
-    def wake() -> None:
-        if not idle.done():
-            idle.set_result(None)
-
-    def finished(key: K, future: asyncio.Future[CompletionResult]) -> None:
-        nonlocal pending
-        slots.release()
-        pending -= 1
-        if crashed:
-            return
+    async def submit(key: K, request: CompletionRequest | Mapping[str, Any]) -> None:
         try:
-            on_result(key, future.result())  # a ticket's exception is a programming error (or the host stopping)
-        except BaseException as e:
-            crashed.append(e)
-            wake()
-        if not pending and not feeders:
-            wake()
-
-    async def submitter() -> None:
-        nonlocal pending
-        while not crashed:
-            await slots.acquire()
-            item = next(work, None)  # taken right after the slot: the items reach host.submit in order
-            if item is None or crashed:
-                slots.release()
-                return
-            key, request = item
             try:
                 ticket = await host.submit(request)
             except OperationalError as e:
-                slots.release()
                 on_refused(key, request, e)
-                continue
-            pending += 1
+                return
             if on_submitted is not None:
                 on_submitted(key)
-            ticket.future.add_done_callback(partial(finished, key))
+            result = await ticket.future  # an exception here is a programming error (or the host stopping)
+        finally:
+            slots.release()
+        on_result(key, result)
 
-    def submitter_done(task: asyncio.Task[None]) -> None:
-        nonlocal feeders
-        feeders -= 1
-        if not task.cancelled() and task.exception() is not None:
-            crashed.append(task.exception())  # type: ignore[arg-type]
-        if crashed or not (feeders or pending):
-            wake()
-
-    tasks = [asyncio.ensure_future(submitter()) for _ in range(max(1, min(submitters, window)))]
-    feeders = len(tasks)
-    for task in tasks:
-        task.add_done_callback(submitter_done)
     try:
-        await idle
-        if crashed:
-            raise crashed[0]
-    finally:
-        for task in tasks:
-            task.cancel()
+        async with asyncio.TaskGroup() as group:
+            for key, request in items:
+                await slots.acquire()
+                group.create_task(submit(key, request))
+    except BaseExceptionGroup as failed:  # the first programming error, as it was raised
+        raise failed.exceptions[0] from None
 
 
 GC_GEN0_THRESHOLD = 50_000
