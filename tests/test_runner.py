@@ -158,16 +158,18 @@ async def test_a_stored_result_wins_over_a_model_nothing_serves_now(tmp_path: An
     assert stats.ok == 5 and stats.failed == 1
 
 
-def _nested(depth: int) -> str:
-    return json.dumps({"model": "m", "prompt": "deep", "metadata": {"k": "["}}).replace('"["', "[" * depth + "]" * depth)
+def _nested(where: str, depth: int) -> str:
+    line = {"metadata": {"model": "m", "prompt": "deep", "metadata": {"k": "["}},  # 2 KB and 1,000 deep: json gives up
+            "content": {"model": "m", "messages": [{"role": "user", "content": "["}]}}[where]  # json reads it, validation recurses
+    return json.dumps(line).replace('"["', "[" * depth + "]" * depth)
 
 
-@pytest.mark.parametrize("depth", [900, 1000, 100_000])
-async def test_a_deeply_nested_line_is_that_lines_error_and_the_others_run(make_host: Any, depth: int) -> None:
-    item = parse_line(2, _nested(depth))
+@pytest.mark.parametrize("where, depth", [("content", 900), ("metadata", 1000), ("metadata", 100_000)])
+async def test_a_deeply_nested_line_is_that_lines_error_and_the_others_run(make_host: Any, where: str, depth: int) -> None:
+    item = parse_line(2, _nested(where, depth))
     assert isinstance(item, CompletionResult) and item.error["message"].startswith("line 2: "), item
     async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("p"))) as host:
-        stats, got = await _run(host, _lines({"model": "m", "prompt": "a"}, _nested(depth), {"model": "m", "prompt": "b"}))
+        stats, got = await _run(host, _lines({"model": "m", "prompt": "a"}, _nested(where, depth), {"model": "m", "prompt": "b"}))
     assert [r["status"] for r in got].count("ok") == 2 and stats.failed == 1
     bad = next(r for r in got if r["status"] == "error")
     assert bad["error"]["type"] == "ValidationError" and bad["error"]["message"].startswith("line 2: ")
