@@ -151,8 +151,8 @@ async def _run(args: argparse.Namespace) -> int:
     from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests, tune_gc
 
     try:
-        requests = open_requests(args.requests)
         total = count_lines(args.requests)
+        requests = open_requests(args.requests)
     except OSError as e:
         _err(f"cannot read {args.requests}: {e.strerror}")
         return EXIT_USAGE

@@ -1,11 +1,14 @@
 """``ksi-host run``: a JSONL batch of requests through a Host.
 
-Each input line is one JSON request. Lines that fail validation become
-``error`` results naming the line and the field (a ``request_id`` that an
-earlier line of the file has too included); the others are submitted in
-input order (so each session keeps the order of its lines). A request without
-``request_id`` gets one derived from its line number and text, so running
-the same file again on the same database resumes instead of resending.
+Each input line is one JSON request, read as the window has room (the file's size does not
+bound memory). Lines that fail validation become ``error`` results naming the line and the
+field (a ``request_id`` that an earlier line of the file has too included); the others are
+submitted in input order (so each session keeps the order of its lines). A request without
+``request_id`` gets one derived from its line number and text, so running the same file again
+on the same database resumes instead of resending: the queue answers a request whose final
+result is stored from the store, before any provider is looked for. A request whose model
+nothing serves fails when it runs (``NoProviderError``); its result is written as the line's
+``model`` error.
 """
 
 from __future__ import annotations
@@ -126,8 +129,11 @@ def read_lines(stream: IO[str]) -> list[tuple[int, str]]:
 
 
 def count_lines(path: str) -> int | None:
-    """How many request lines the file at ``path`` holds (None for ``-``, stdin): the bar's total."""
-    if path == "-":
+    """How many request lines the file at ``path`` holds: the bar's total. None for what can be read
+    only once (``-``, stdin, a pipe): its total is known when it has been read."""
+    import os
+
+    if path == "-" or not os.path.isfile(path):
         return None
     with open_requests(path) as f:
         return sum(1 for line in f if line.strip())
