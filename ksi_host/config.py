@@ -8,6 +8,7 @@ the key (``litellm.deployments[1].timeout_s``) for unknown keys and wrong types.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 import types
@@ -18,9 +19,9 @@ from typing import Any
 import attrs
 
 from .errors import ConfigError
-from .hookspecs import TABLE_HINTS
 
 HOST_TABLE = "host"
+log = logging.getLogger("ksi_host.config")
 
 
 @attrs.define
@@ -150,17 +151,24 @@ def build_table(cls: type, data: Any, where: str) -> Any:
 def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
     """Validate every table of ``raw`` against ``specs`` (table name -> attrs class).
 
-    A table that no loaded plugin declares is an error naming it.
+    A table that no loaded plugin declares is ignored, with a warning, when it belongs to an
+    installed plugin that ``KSI_HOST_DISABLE`` or ``KSI_HOST_PLUGINS`` leaves out; otherwise it
+    is an error naming it (and the installed plugin it belongs to, if any).
     """
+    from .plugins import table_owner, why_not_loaded
+
     specs = {HOST_TABLE: HostConfig, **specs}
-    unknown = sorted(set(raw) - set(specs))
-    if unknown and unknown[0] in TABLE_HINTS:
-        dist = TABLE_HINTS[unknown[0]]
+    for table in sorted(set(raw) - set(specs)):
+        owner = table_owner(table)
+        why = why_not_loaded(owner.name) if owner is not None else None
+        if owner is not None and why is not None:
+            log.warning("config table [%s] is ignored: plugin %r (%s) is left out by %s", table, owner.name,
+                        owner.distribution, why)
+            continue
+        if owner is not None:
+            raise ConfigError(f"config table [{table}] belongs to plugin {owner.name!r} ({owner.distribution}), "
+                              "which is installed but not loaded (load it, or remove the table)")
         raise ConfigError(
-            f"config table [{unknown[0]}] belongs to {dist}, which is not loaded: pip install {dist} (or remove the table)"
-        )
-    if unknown:
-        raise ConfigError(
-            f"config table [{unknown[0]}]: unknown table, no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
+            f"config table [{table}]: unknown table, no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
         )
     return {name: build_table(cls, raw.get(name), name) for name, cls in specs.items()}

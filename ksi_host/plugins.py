@@ -2,13 +2,16 @@
 
 ``KSI_HOST_PLUGINS=a,b`` loads only the named plugins; ``KSI_HOST_DISABLE=a,b``
 skips the named ones. Names are the entry point names, as ``ksi-host plugins``
-prints them. A plugin that fails to import stops start-up with one line.
+prints them; a name that no installed plugin has is an error in either
+variable. A plugin that fails to import stops start-up with one line.
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -34,16 +37,34 @@ def _names(var: str) -> set[str] | None:
     return {n.strip() for n in value.split(",") if n.strip()}
 
 
+def _installed() -> list[EntryPoint]:
+    return sorted(entry_points(group=PROJECT), key=lambda ep: ep.name)
+
+
+def _check_names(var: str, names: set[str] | None, found: list[EntryPoint]) -> None:
+    missing = sorted((names or set()) - {ep.name for ep in found})
+    if missing:
+        known = ", ".join(ep.name for ep in found) or "none installed"
+        raise PluginLoadError(f"{var} names {missing[0]!r}, which is not installed (installed: {known})")
+
+
 def selected_entry_points() -> list[EntryPoint]:
     """Entry points of group ``ksi_host``, filtered by the two environment variables."""
     only, disabled = _names("KSI_HOST_PLUGINS"), _names("KSI_HOST_DISABLE") or set()
-    found = sorted(entry_points(group=PROJECT), key=lambda ep: ep.name)
-    if only is not None:
-        missing = sorted(only - {ep.name for ep in found})
-        if missing:
-            known = ", ".join(ep.name for ep in found) or "none installed"
-            raise PluginLoadError(f"KSI_HOST_PLUGINS names {missing[0]!r}, which is not installed (installed: {known})")
+    found = _installed()
+    _check_names("KSI_HOST_PLUGINS", only, found)
+    _check_names("KSI_HOST_DISABLE", disabled, found)
     return [ep for ep in found if (only is None or ep.name in only) and ep.name not in disabled]
+
+
+def why_not_loaded(name: str) -> str | None:
+    """Which variable leaves the installed plugin ``name`` out (``KSI_HOST_DISABLE`` or ``KSI_HOST_PLUGINS``), or None."""
+    only, disabled = _names("KSI_HOST_PLUGINS"), _names("KSI_HOST_DISABLE") or set()
+    if name in disabled:
+        return "KSI_HOST_DISABLE"
+    if only is not None and name not in only:
+        return "KSI_HOST_PLUGINS"
+    return None
 
 
 def instantiate(obj: Any) -> Any:
@@ -62,3 +83,57 @@ def load_plugins() -> list[PluginInfo]:
         dist = ep.dist
         plugins.append(PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, obj))
     return plugins
+
+
+def table_owner(table: str, loaded: set[str] | frozenset[str] = frozenset()) -> PluginInfo | None:
+    """The installed plugin (not among ``loaded``, by name) whose ``ksi_config_spec`` declares ``table``, or None.
+
+    For a config table no loaded plugin declares: each other installed plugin is imported and
+    asked (one that fails to import or to answer is passed over: this only names an owner).
+    """
+    for ep in _installed():
+        if ep.name in loaded:
+            continue
+        try:
+            obj = instantiate(ep.load())
+            spec = obj.ksi_config_spec() if hasattr(obj, "ksi_config_spec") else None
+        except Exception:  # it is not loaded: only the name of its table is looked for
+            continue
+        if isinstance(spec, tuple) and spec and spec[0] == table:
+            dist = ep.dist
+            return PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, obj)
+    return None
+
+
+@cache
+def _checkout_plugins() -> dict[str, Path]:
+    """Distribution name -> its folder, for the plugins of the KSI host checkout this package runs from (if it does)."""
+    import tomllib
+
+    folders: dict[str, Path] = {}
+    root = Path(__file__).resolve().parent.parent / "plugins"
+    for pyproject in sorted(root.glob("*/pyproject.toml")):
+        try:
+            with pyproject.open("rb") as f:
+                name = tomllib.load(f).get("project", {}).get("name")
+        except (OSError, ValueError):
+            continue
+        if isinstance(name, str):
+            folders[name] = pyproject.parent
+    return folders
+
+
+def install_hint(distribution: str) -> str:
+    """How to install ``distribution``: the plugins are not on a package index, so from a checkout of KSI host.
+
+    ``pip install -e plugins/retry`` when this package runs from a checkout that has it (the
+    path relative to the working directory when it is below it), else the general form.
+    """
+    folder = _checkout_plugins().get(distribution)
+    if folder is None:
+        return f"install {distribution} from a KSI host checkout (pip install -e plugins/<its folder>)"
+    try:
+        shown = folder.relative_to(Path.cwd())
+    except ValueError:
+        shown = folder
+    return f"install {distribution}: pip install -e {shown}"

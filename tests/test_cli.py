@@ -1,8 +1,9 @@
 """``ksi-host`` end to end in subprocesses, with in-test plugins installed as a fake distribution."""
 
 import json
+import re
 
-from conftest import make_dist, run_cli
+from conftest import ROOT, make_dist, run_cli
 
 ONLY = {"KSI_HOST_PLUGINS": "fakequeue,echo,fakeretry"}
 
@@ -96,19 +97,23 @@ def test_run_reads_stdin(tmp_path, fake_site):
     assert p.returncode == 0 and json.loads(p.stdout)["text"] == "echo: hey"
 
 
-def test_run_without_queue_plugin_exits_2_naming_hook_and_package(tmp_path, fake_site):
+def test_run_without_queue_plugin_exits_2_naming_hook_and_how_to_install_it(tmp_path, fake_site):
     f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
-    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "echo"})
+    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "echo"}, cwd=ROOT)
     assert p.returncode == 2
-    assert p.stderr.strip() == "ksi-host: no plugin implements ksi_enqueue: pip install ksi-queue"
+    # the plugins are not on a package index: the hint is what works from a checkout
+    assert p.stderr.strip() == "ksi-host: no plugin implements ksi_enqueue: install ksi-queue: pip install -e plugins/queue"
     assert p.stdout == ""
 
 
 def test_run_without_provider_plugin_exits_2(tmp_path, fake_site):
     f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
-    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "fakequeue"})
+    p = run_cli(["run", str(f), "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "fakequeue"},
+                cwd=tmp_path)
     assert p.returncode == 2
-    assert "no plugin implements ksi_select_provider: pip install ksi-provider-litellm" in p.stderr
+    # from elsewhere, the checkout's folder in full
+    assert (f"no plugin implements ksi_select_provider: install ksi-provider-litellm: pip install -e {ROOT / 'plugins' / 'provider'}"
+            in p.stderr)
 
 
 def test_programming_error_exits_nonzero_with_traceback_naming_plugin_and_hook(tmp_path, fake_site):
@@ -149,7 +154,7 @@ def test_missing_input_file_and_bad_concurrency_exit_2(tmp_path, fake_site):
 
 def test_usage_without_tokens_plugin_says_what_to_install(tmp_path, fake_site):
     p = run_cli(["usage", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
-    assert p.returncode == 2 and "no plugin implements ksi_usage_report: pip install ksi-tokens" in p.stderr
+    assert p.returncode == 2 and "no plugin implements ksi_usage_report: install ksi-tokens: pip install -e " in p.stderr
 
 
 def test_status_lists_providers(tmp_path, fake_site):
@@ -169,3 +174,109 @@ def test_host_log_level_logs_to_stderr_and_is_validated(tmp_path, fake_site):
     cfg.write_text('[host]\nlog_level = "LOUD"\n')
     p = run_cli(["run", str(f), "--config", str(cfg), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
     assert p.returncode == 2 and "log_level must be one of" in p.stderr
+
+
+def test_bad_argument_values_are_usage_errors_exit_2(tmp_path, fake_site):
+    db = ["--db", str(tmp_path / "k.db")]
+    p = run_cli(["usage", "--since", "yesterday", *db], site=fake_site, env={"KSI_HOST_PLUGINS": "fakeusage"})
+    assert p.returncode == 2 and "--since: expected a duration like 24h" in p.stderr and "usage:" in p.stderr
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    for bad in ("0", "many", "-3"):
+        p = run_cli(["run", str(f), "--concurrency", bad, *db], site=fake_site, env=ONLY)
+        assert p.returncode == 2 and "--concurrency" in p.stderr, (bad, p.stderr)
+    p = run_cli(["usage", "--by", "colour", *db], site=fake_site, env={"KSI_HOST_PLUGINS": "fakeusage"})
+    assert p.returncode == 2 and "--by" in p.stderr
+
+
+def test_version(fake_site):
+    from ksi_host import __version__
+
+    p = run_cli(["--version"], site=fake_site)
+    assert p.returncode == 0 and p.stdout.strip() == f"ksi-host {__version__}"
+
+
+def test_status_rounds_money_and_fits_the_terminal_json_keeps_everything(tmp_path, fake_site):
+    env = {"KSI_HOST_PLUGINS": "fakestatus,echo", "COLUMNS": "80"}
+    p = run_cli(["status", "--db", str(tmp_path / "k.db")], site=fake_site, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert "cost_usd: 0.0001215" in lines
+    assert max(map(len, lines)) <= 80, p.stdout
+    dep_a = next(line for line in lines if line.startswith("dep-a"))
+    assert dep_a.endswith("\u2026") and "ProviderUnavailable: xxx" in dep_a  # cut, with an ellipsis
+    p = run_cli(["status", "--json", "--db", str(tmp_path / "k.db")], site=fake_site, env=env)
+    status = json.loads(p.stdout)
+    assert status["circuits"][0]["last_error"] == "ProviderUnavailable: " + "x" * 280
+    assert status["usage"]["cost_usd"] == 0.00012150000000000001
+
+
+def test_usage_table_shows_unpriced_calls(tmp_path, fake_site):
+    p = run_cli(["usage", "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "fakeusage"})
+    assert p.returncode == 0, p.stderr
+    head, _, priced, free, total = p.stdout.splitlines()
+    assert head.split() == ["model", "calls", "requests", "prompt", "completion", "total", "cost_usd", "unpriced", "calls"]
+    assert priced.split()[-2:] == ["0.0021", "0"]
+    assert free.split()[-2:] == ["n/a", "3"]  # no cost known: said so, and how many calls
+    assert total.split()[-2:] == ["0.0021", "3"]  # a partial sum, with the calls it leaves out beside it
+
+
+def test_a_disabled_plugins_table_is_ignored_with_a_warning(tmp_path, fake_site):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[fakeretry]\nattempts = 3\n")
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    run = ["run", str(f), "--config", str(cfg), "--db", str(tmp_path / "k.db")]
+    for env, why in (({"KSI_HOST_PLUGINS": "fakequeue,echo,fakeretry", "KSI_HOST_DISABLE": "fakeretry"}, "KSI_HOST_DISABLE"),
+                     ({"KSI_HOST_PLUGINS": "fakequeue,echo"}, "KSI_HOST_PLUGINS")):
+        p = run_cli(run, site=fake_site, env=env)
+        assert p.returncode == 0, p.stderr
+        assert f"config table [fakeretry] is ignored: plugin 'fakeretry' (ksi-fake) is left out by {why}" in p.stderr
+        assert json.loads(p.stdout)["status"] == "ok"
+
+
+def test_an_unknown_plugin_name_is_an_error_in_both_variables(tmp_path, fake_site):
+    for var in ("KSI_HOST_PLUGINS", "KSI_HOST_DISABLE"):
+        p = run_cli(["status", "--db", str(tmp_path / "k.db")], site=fake_site, env={var: "fakequeue,bogus"})
+        assert p.returncode == 2 and f"{var} names 'bogus', which is not installed" in p.stderr, (var, p.stderr)
+
+
+def test_run_under_an_80_column_terminal_keeps_the_bar_on_one_line(tmp_path, fake_site):
+    """A pty of 80 columns as stderr: every redraw of the bar fits, and it is redrawn in place."""
+    import fcntl
+    import os
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": f"slow {i}", "session_id": f"s{i % 40}",
+                                           "agent_id": "an-agent-with-a-long-name"}) for i in range(400)])
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("KSI_HOST_PLUGINS", "KSI_HOST_DISABLE", "COLUMNS", "LINES")}
+    env.update(ONLY, PYTHONPATH=os.pathsep.join([str(fake_site), env.get("PYTHONPATH", "")]), TERM="xterm")
+    p = subprocess.Popen([sys.executable, "-m", "ksi_host.cli", "run", str(f), "--out", str(tmp_path / "out.jsonl"),
+                          "--db", str(tmp_path / "k.db"), "--concurrency", "16"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert p.wait(60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    lines = text.replace("\r\n", "\n").split("\n")
+    bar_line, summary = lines[0], lines[1]
+    assert summary.startswith("Done: 400 of 400 requests") and lines[2:] == [""]  # the bar took one line
+    draws = [d for d in bar_line.split("\r") if d]
+    assert len(draws) >= 3, draws  # redrawn in place
+    assert all(len(d) <= 80 for d in draws), [d for d in draws if len(d) > 80]
+    assert draws[-1].startswith("100%") and "400/400" in draws[-1]
+    running = [int(m) for d in draws for m in re.findall(r"(\d+) running", d)]
+    queued = [int(m) for d in draws for m in re.findall(r"(\d+) queued", d)]
+    assert running and max(running) <= 16 and max(queued) > 16  # running is what runs; the rest waits, queued

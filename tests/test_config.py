@@ -1,5 +1,8 @@
+import logging
+
 import attrs
 import pytest
+from conftest import make_dist
 
 from ksi_host import ConfigError
 from ksi_host.config import build_config, load_config
@@ -51,7 +54,6 @@ def test_nested_tables_and_lists():
     ({"queue": {"deployments": [{"name": "a", "timeout_s": "x"}]}}, "config key queue.deployments[0].timeout_s: expected a number"),
     ({"queue": {"concurrency": 0}}, "config table queue: concurrency must be > 0"),
     ({"queue": {"deployments": [{"timeout_s": 3}]}}, "config key queue.deployments[0].name: is required"),
-    ({"openai": {}}, "config table [openai] belongs to ksi-provider-openai, which is not loaded: pip install ksi-provider-openai"),
     ({"qeue": {}}, "config table [qeue]: unknown table"),
     ({"queue": {"label": 3}}, "config key queue.label: expected a string"),
 ])
@@ -71,3 +73,42 @@ def test_load_config_errors(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text("[queue]\nconcurrency = 4\n")
     assert load_config(good) == {"queue": {"concurrency": 4}}
+
+
+TABLED = """
+import attrs
+from ksi_host import hookimpl
+
+@attrs.define
+class Cfg:
+    level: int = 1
+
+class Plugin:
+    @hookimpl
+    def ksi_config_spec(self):
+        return ("tabled", Cfg)
+"""
+
+
+@pytest.fixture
+def tabled(tmp_path, monkeypatch):
+    """An installed plugin ``tabled`` (distribution ksi-tabled) declaring the table ``[tabled]``."""
+    monkeypatch.delenv("KSI_HOST_PLUGINS", raising=False)
+    monkeypatch.delenv("KSI_HOST_DISABLE", raising=False)
+    monkeypatch.syspath_prepend(str(make_dist(tmp_path / "site", "ksi-tabled", "ksi_tabled", TABLED, {"tabled": "ksi_tabled:Plugin"})))
+
+
+def test_the_table_of_an_installed_plugin_not_loaded_is_an_error_naming_it(tabled):
+    with pytest.raises(ConfigError) as e:
+        build_config({"tabled": {"level": 2}}, {"queue": Spec})
+    assert str(e.value) == ("config table [tabled] belongs to plugin 'tabled' (ksi-tabled), which is installed but not "
+                            "loaded (load it, or remove the table)")
+
+
+@pytest.mark.parametrize("var, value", [("KSI_HOST_DISABLE", "tabled"), ("KSI_HOST_PLUGINS", "queue")])
+def test_the_table_of_a_plugin_left_out_on_purpose_is_ignored_with_a_warning(tabled, monkeypatch, caplog, var, value):
+    monkeypatch.setenv(var, value)
+    with caplog.at_level(logging.WARNING, logger="ksi_host.config"):
+        cfg = build_config({"tabled": {"level": "not even checked"}, "queue": {"concurrency": 2}}, {"queue": Spec})
+    assert "tabled" not in cfg and cfg["queue"].concurrency == 2
+    assert caplog.messages == [f"config table [tabled] is ignored: plugin 'tabled' (ksi-tabled) is left out by {var}"]

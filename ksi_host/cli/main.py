@@ -32,10 +32,35 @@ def _common(top: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _since(text: str) -> str:
+    """``--since``, checked as it is parsed: a bad value is a usage error (exit 2) that argparse names."""
+    from ..errors import ValidationError
+    from .tables import parse_since
+
+    try:
+        parse_since(text)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(e.reason) from None
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="ksi-host", description="Run LLM completions for agent systems through plugins.", parents=[_common(True)]
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = _common(False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -47,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "Running the same command again with the same --db resumes the batch.")
     p.add_argument("requests", metavar="REQUESTS.jsonl", help="input file, or - for stdin")
     p.add_argument("--out", metavar="RESULTS.jsonl", default="-", help="results file, or - for stdout (default)")
-    p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most (overrides [queue] concurrency)")
+    p.add_argument("--concurrency", type=_positive, metavar="N", help="requests running at most (overrides [queue] concurrency)")
 
     p = sub.add_parser("status", parents=[common], help="queue depth per session, circuits")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("usage", parents=[common], help="tokens and cost per group")
     p.add_argument("--by", choices=USAGE_GROUPS, default="model", help="group by (default: model)")
-    p.add_argument("--since", metavar="WHEN", help="only calls since: 24h, 30m, 7d, or an ISO date")
+    p.add_argument("--since", metavar="WHEN", type=_since, help="only calls since: 24h, 30m, 7d, or an ISO date")
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
     p = sub.add_parser("cancel", parents=[common], help="cancel one queued request")
@@ -71,6 +96,15 @@ def _log_to_stderr(level: str) -> None:
 
 def _err(message: str) -> None:
     print(f"ksi-host: {message}", file=sys.stderr)
+
+
+def missing_plugin(hook: str) -> str:
+    """The message for a hook no loaded plugin implements, with how to install the plugin that does."""
+    from ..hookspecs import INSTALL_HINTS
+    from ..plugins import install_hint
+
+    dist = INSTALL_HINTS.get(hook)
+    return f"no plugin implements {hook}" + (f": {install_hint(dist)}" if dist else "")
 
 
 def _host(args: argparse.Namespace, *, serve: bool, concurrency: int | None = None) -> Any:
@@ -103,7 +137,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print("no plugins installed (pip install ksi-queue ksi-provider-litellm ksi-retry ksi-tokens)")
+        from ..plugins import install_hint
+
+        print("no plugins installed; the four of the project:\n" + "\n".join(
+            f"  {install_hint(d)}" for d in ("ksi-queue", "ksi-provider-litellm", "ksi-retry", "ksi-tokens")))
     else:
         for r in rows:
             print(f"{r['name']}  ({r['distribution']} {r['version']})\n    hooks: {', '.join(r['hooks'])}")
@@ -111,57 +148,69 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from ..errors import MissingPluginError
-    from ..hookspecs import INSTALL_HINTS
-    from .runner import REQUIRED_HOOKS, BatchRunner, open_requests, read_lines, tune_gc
+    from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests, tune_gc
 
     try:
-        with open_requests(args.requests) as f:
-            lines = read_lines(f)
+        total = count_lines(args.requests)
+        requests = open_requests(args.requests)
     except OSError as e:
         _err(f"cannot read {args.requests}: {e.strerror}")
         return EXIT_USAGE
-    if args.concurrency is not None and args.concurrency < 1:
-        _err("--concurrency must be at least 1")
-        return EXIT_USAGE
-    host = _host(args, serve=True, concurrency=args.concurrency)
-    async with host:
-        for hook in REQUIRED_HOOKS:
-            if not host.hooks.implemented(hook):
-                _err(str(MissingPluginError(hook, INSTALL_HINTS.get(hook))))
-                return EXIT_USAGE
-        out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
-        runner = BatchRunner(host, out, sys.stderr)
-        tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.cli.runner)
-        task = asyncio.ensure_future(runner.run(lines))
-        loop = asyncio.get_running_loop()
-        interrupted = False
-
-        def on_interrupt() -> None:
-            nonlocal interrupted
-            interrupted = True
-            loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C stops at once
-            task.cancel()
-
-        loop.add_signal_handler(signal.SIGINT, on_interrupt)
-        try:
-            stats = await task
-        except asyncio.CancelledError:
-            if not interrupted:
-                raise
-            stats = runner.stats
-        finally:
-            loop.remove_signal_handler(signal.SIGINT)
-            if out is not sys.stdout:
-                out.close()
+    with requests:
+        host = _host(args, serve=True, concurrency=args.concurrency)
+        async with host:
+            for hook in REQUIRED_HOOKS:
+                if not host.hooks.implemented(hook):
+                    _err(missing_plugin(hook))
+                    return EXIT_USAGE
+            out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            try:
+                # no bar when the results themselves scroll on the same terminal
+                bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
+                runner = BatchRunner(host, out, sys.stderr, total=total, progress=bar)
+                tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.cli.runner)
+                stats, interrupted = await _run_interruptible(runner, iter_lines(requests))
+            finally:
+                if out is not sys.stdout:
+                    out.close()
     print(stats.summary(interrupted), file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if stats.ok == stats.total else EXIT_FAILED
+    return EXIT_OK if stats.ok == stats.expected else EXIT_FAILED
+
+
+async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
+    """Run the batch; the first Ctrl-C stops it gently (the running requests finish, their results are
+    written), the second at once (the host stops; running requests stay stored unfinished)."""
+    task = asyncio.ensure_future(runner.run(lines))
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            running, _ = runner.in_flight()
+            runner.progress.note(f"ksi-host: stopping; {running} running request(s) finish first (Ctrl-C again: stop now)")
+            runner.stop()
+        else:
+            loop.remove_signal_handler(signal.SIGINT)  # a third Ctrl-C raises KeyboardInterrupt
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        stats = await task
+    except asyncio.CancelledError:
+        if not interrupts:
+            raise
+        stats = runner.stats
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return stats, interrupts > 0
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from .tables import render
+    from .tables import cut, fmt, render, terminal_width
 
     async with _host(args, serve=False) as host:
         status = await host.status()
@@ -172,27 +221,34 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return EXIT_OK
+    width = terminal_width()
+
+    def table(rows: list[dict[str, Any]]) -> str:
+        keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+        return render(rows, [(k, k) for k in keys], width=width)
+
+    def is_table(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+
     for section, data in status.items():
         print(f"== {section}")
-        if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
-            keys = list(dict.fromkeys(k for r in data for k in r if not isinstance(r[k], (dict, list))))
-            print(render(data, [(k, k) for k in keys]))
+        if is_table(data):
+            print(table(data))
         elif isinstance(data, dict):
-            scalars = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
-            for k, v in scalars.items():
-                print(f"{k}: {v}")
             for k, v in data.items():
-                if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
-                    keys = list(dict.fromkeys(kk for r in v for kk in r if not isinstance(r[kk], (dict, list))))
+                if not isinstance(v, (dict, list)):
+                    print(cut(f"{k}: {fmt(v, k)}", width))
+            for k, v in data.items():
+                if is_table(v):
                     print(f"-- {k}")
-                    print(render(v, [(kk, kk) for kk in keys]))
+                    print(table(v))
         else:
-            print(data if data not in (None, [], {}) else "(empty)")
+            print(cut(fmt(data), width) if data not in (None, [], {}) else "(empty)")
     return EXIT_OK
 
 
 async def _usage(args: argparse.Namespace) -> int:
-    from .tables import parse_since, render
+    from .tables import parse_since, render, terminal_width
 
     since = parse_since(args.since)
     async with _host(args, serve=False) as host:
@@ -207,10 +263,11 @@ async def _usage(args: argparse.Namespace) -> int:
         return EXIT_OK
     total: dict[str, Any] = {**(totals[0] if totals else {}), "key": "TOTAL"}
     shown = [{**r, "key": "(none)" if r.get("key") is None else r["key"]} for r in rows]
-    print(render(shown + [total], [
-        ("key", args.by), ("calls", "calls"), ("requests", "requests"), ("prompt_tokens", "prompt"),
-        ("completion_tokens", "completion"), ("total_tokens", "total"), ("cost_usd", "cost_usd"),
-    ]))
+    columns = [("key", args.by), ("calls", "calls"), ("requests", "requests"), ("prompt_tokens", "prompt"),
+               ("completion_tokens", "completion"), ("total_tokens", "total"), ("cost_usd", "cost_usd")]
+    if any("unpriced_calls" in r for r in rows):  # calls whose cost nobody knew: cost_usd leaves them out
+        columns.append(("unpriced_calls", "unpriced calls"))
+    print(render(shown + [total], columns, width=terminal_width(), missing={"cost_usd": "n/a"}))
     return EXIT_OK
 
 
@@ -245,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plugins":
             return cmd_plugins(args)
         return asyncio.run(COMMANDS[args.command](args))
-    except (StartupError, MissingPluginError) as e:
+    except MissingPluginError as e:
+        _err(missing_plugin(e.hook))
+        return EXIT_USAGE
+    except StartupError as e:
         _err(str(e))
         return EXIT_USAGE
     except OperationalError as e:

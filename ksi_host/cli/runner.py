@@ -1,11 +1,14 @@
 """``ksi-host run``: a JSONL batch of requests through a Host.
 
-Each input line is one JSON request. Lines that fail validation become
-``error`` results naming the line and the field (a ``request_id`` that an
-earlier line of the file has too included); the others are submitted in
-input order (so each session keeps the order of its lines). A request without
-``request_id`` gets one derived from its line number and text, so running
-the same file again on the same database resumes instead of resending.
+Each input line is one JSON request, read as the window has room (the file's size does not
+bound memory). Lines that fail validation become ``error`` results naming the line and the
+field (a ``request_id`` that an earlier line of the file has too included); the others are
+submitted in input order (so each session keeps the order of its lines). A request without
+``request_id`` gets one derived from its line number and text, so running the same file again
+on the same database resumes instead of resending: the queue answers a request whose final
+result is stored from the store, before any provider is looked for. A request whose model
+nothing serves fails when it runs (``NoProviderError``); its result is written as the line's
+``model`` error.
 """
 
 from __future__ import annotations
@@ -13,20 +16,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
-from functools import partial
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import IO, Any, TypeVar
+
+import attrs
 
 from ..errors import OperationalError, ValidationError
 from ..models import CompletionRequest, CompletionResult
 from ..service import Host
+from .gate import ExecuteGate
 from .progress import BatchStats, ProgressBar
 
 #: Hooks a batch cannot run without (checked before anything runs).
 REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
-
-SUBMITTERS = 64
-"""How many requests :func:`submit_all` has being accepted at once (each acceptance waits for its group commit)."""
 
 K = TypeVar("K")
 
@@ -39,83 +41,42 @@ async def submit_all(
     on_result: Callable[[K, CompletionResult], None],
     on_refused: Callable[[K, Any, OperationalError], None],
     on_submitted: Callable[[K], None] | None = None,
-    submitters: int = SUBMITTERS,
 ) -> None:
     """Submit each ``(key, request)`` of ``items`` to ``host`` in their order, at most ``window``
     unfinished at once; return once every result is in.
 
     ``on_result(key, result)`` is called as each request finishes, ``on_refused(key, request,
     error)`` when ``host.submit`` raised an OperationalError (the queue refused it), and
-    ``on_submitted(key)`` once a request is accepted. No task per request: ``submitters``
-    coroutines take the next item in turn (so the queue sees the items in order) and each
-    ticket's future calls back when its result is in. A programming error (from ``submit``, a
+    ``on_submitted(key)`` once a request is accepted. A programming error (from ``submit``, a
     ticket, or a callback) stops the submission and is raised here.
+
+    One task per request, in a task group, each started once a window slot is free. Tasks start
+    in the order they are created and each runs into ``ksi_enqueue`` before its first suspension,
+    so the queue sees the items in order while their group commits overlap.
     """
     slots = asyncio.Semaphore(window)
-    work = iter(items)
-    loop = asyncio.get_running_loop()
-    idle: asyncio.Future[None] = loop.create_future()
-    crashed: list[BaseException] = []
-    pending = 0  # submitted, result not in yet
-    feeders = 0  # submitters still running
 
-    def wake() -> None:
-        if not idle.done():
-            idle.set_result(None)
-
-    def finished(key: K, future: asyncio.Future[CompletionResult]) -> None:
-        nonlocal pending
-        slots.release()
-        pending -= 1
-        if crashed:
-            return
+    async def submit(key: K, request: CompletionRequest | Mapping[str, Any]) -> None:
         try:
-            on_result(key, future.result())  # a ticket's exception is a programming error (or the host stopping)
-        except BaseException as e:
-            crashed.append(e)
-            wake()
-        if not pending and not feeders:
-            wake()
-
-    async def submitter() -> None:
-        nonlocal pending
-        while not crashed:
-            await slots.acquire()
-            item = next(work, None)  # taken right after the slot: the items reach host.submit in order
-            if item is None or crashed:
-                slots.release()
-                return
-            key, request = item
             try:
                 ticket = await host.submit(request)
             except OperationalError as e:
-                slots.release()
                 on_refused(key, request, e)
-                continue
-            pending += 1
+                return
             if on_submitted is not None:
                 on_submitted(key)
-            ticket.future.add_done_callback(partial(finished, key))
+            result = await ticket.future  # an exception here is a programming error (or the host stopping)
+        finally:
+            slots.release()
+        on_result(key, result)
 
-    def submitter_done(task: asyncio.Task[None]) -> None:
-        nonlocal feeders
-        feeders -= 1
-        if not task.cancelled() and task.exception() is not None:
-            crashed.append(task.exception())  # type: ignore[arg-type]
-        if crashed or not (feeders or pending):
-            wake()
-
-    tasks = [asyncio.ensure_future(submitter()) for _ in range(max(1, min(submitters, window)))]
-    feeders = len(tasks)
-    for task in tasks:
-        task.add_done_callback(submitter_done)
     try:
-        await idle
-        if crashed:
-            raise crashed[0]
-    finally:
-        for task in tasks:
-            task.cancel()
+        async with asyncio.TaskGroup() as group:
+            for key, request in items:
+                await slots.acquire()
+                group.create_task(submit(key, request))
+    except BaseExceptionGroup as failed:  # the first programming error, as it was raised
+        raise failed.exceptions[0] from None
 
 
 GC_GEN0_THRESHOLD = 50_000
@@ -146,7 +107,7 @@ INPUT_ERRORS = "surrogateescape"
 
 
 def open_requests(path: str) -> IO[str]:
-    """A request file opened for :func:`read_lines` (``-``: stdin), decoded as above."""
+    """A request file opened for :func:`iter_lines` (``-``: stdin), decoded as above."""
     if path == "-":
         import io
         import sys
@@ -155,9 +116,37 @@ def open_requests(path: str) -> IO[str]:
     return open(path, encoding=INPUT_ENCODING, errors=INPUT_ERRORS)  # noqa: SIM115
 
 
+def iter_lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their 1-based line numbers, read as they are asked for."""
+    for n, line in enumerate(stream, 1):
+        if line.strip():
+            yield n, line
+
+
+def read_lines(stream: IO[str]) -> list[tuple[int, str]]:
+    """:func:`iter_lines` all at once (``ksi-host run`` streams its input instead)."""
+    return list(iter_lines(stream))
+
+
+def count_lines(path: str) -> int | None:
+    """How many request lines the file at ``path`` holds: the bar's total. None for what can be read
+    only once (``-``, stdin, a pipe): its total is known when it has been read."""
+    import os
+
+    if path == "-" or not os.path.isfile(path):
+        return None
+    with open_requests(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def line_request_id(lineno: int, text: str) -> str:
     """The request id given to a line that has none: stable across reruns of the same file."""
-    return f"line{lineno}-{hashlib.sha256(text.strip().encode('utf-8', INPUT_ERRORS)).hexdigest()[:16]}"
+    text = text.strip()
+    try:
+        raw = text.encode("utf-8", INPUT_ERRORS)  # the line's own bytes, as read
+    except UnicodeEncodeError:  # a lone surrogate that no undecodable byte made (one JSON could not carry either)
+        raw = text.encode("utf-8", "surrogatepass")
+    return f"line{lineno}-{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
@@ -167,6 +156,8 @@ def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         return _rejected(request_id, ValidationError("json", f"not valid JSON ({e.msg} at column {e.colno})", line=lineno))
+    except RecursionError:
+        return _rejected(request_id, ValidationError("json", "nested too deeply to read", line=lineno))
     if isinstance(data, dict) and _text(data.get("request_id")):
         request_id = data["request_id"]  # (an id that cannot be written out keeps the line's own)
     elif isinstance(data, dict) and data.get("request_id") is None:
@@ -177,6 +168,8 @@ def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
         return _rejected(request_id, e.at_line(lineno), data)
     except TypeError as e:  # a wrong shape attrs itself caught
         return _rejected(request_id, ValidationError("request", str(e), line=lineno), data)
+    except RecursionError:  # a value nested deeper than validation can walk
+        return _rejected(request_id, ValidationError("request", "nested too deeply to check", line=lineno), data)
 
 
 def _text(value: Any) -> str | None:
@@ -196,21 +189,67 @@ def _rejected(request_id: str, error: ValidationError, data: Any = None) -> Comp
     return CompletionResult.failed(request_id, error, model=_text(d.get("model")), session_id=_text(d.get("session_id")))
 
 
-def read_lines(stream: IO[str]) -> list[tuple[int, str]]:
-    """Non-blank lines with their 1-based line numbers."""
-    return [(n, line) for n, line in enumerate(stream, 1) if line.strip()]
+def _unserved_model(result: CompletionResult) -> bool:
+    """Did ``result`` fail because no provider serves its model at all (no attempt reached one)?"""
+    return (result.error is not None and result.error.get("type") == "NoProviderError"
+            and all(a.provider is None for a in result.attempts))
+
+
+class RequestIds:
+    """The request ids of a file's lines so far, to find a line that repeats an earlier one.
+
+    Holds each id's ``hash()`` (64 bits) and its line, not the id itself: about 115 bytes a line
+    (1M lines of 30-character ids: 115 MB instead of 190 MB). Two different ids share a hash with a
+    probability of about n^2 / 2^65 (3e-8 for a million lines); the later one is then reported as
+    a repeat.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, int] = {}
+
+    def first_line(self, request_id: str, lineno: int) -> int | None:
+        """The earlier line with ``request_id``, or None (and ``lineno`` is now its line)."""
+        earlier = self._lines.setdefault(hash(request_id), lineno)
+        return None if earlier == lineno else earlier
+
+
+SETTLE_POLL_S = 0.01
+"""After a stop, how often :meth:`BatchRunner.run` looks whether the running requests are written."""
 
 
 class BatchRunner:
-    """Runs parsed lines through ``host`` and writes one result per line to ``out``."""
+    """Runs request lines through ``host`` and writes one result per line to ``out``.
 
-    def __init__(self, host: Host, out: IO[str], progress_stream: IO[str], window: int = 2000) -> None:
+    Lines are read as the window has room, so a file of any size runs in memory bounded by
+    the window. :meth:`stop` (the first Ctrl-C) reads no more lines and lets the host start
+    no more requests; :meth:`run` then returns once the requests that were running have their
+    results stored and written. The others stay stored unfinished: a rerun finishes them.
+    """
+
+    def __init__(self, host: Host, out: IO[str], progress_stream: IO[str], window: int = 2000,
+                 total: int | None = None, progress: bool | None = None) -> None:
         self.host = host
         self.out = out
         self.window = window
-        self.stats = BatchStats(0)
-        self.progress = ProgressBar(self.stats, progress_stream)
-        self._served: dict[str, bool] = {}
+        self.gate = ExecuteGate(host, self._executed)
+        self.stats = BatchStats(total)
+        self.progress = ProgressBar(self.stats, progress_stream, self.in_flight, enabled=progress)
+        self.stopping = False
+        self._stopped = asyncio.Event()
+        self._ids = RequestIds()
+        self._unwritten: set[str] = set()  # request ids submitted whose result is not written yet
+        self._storing: set[str] = set()  # of those, the ones whose host.execute has returned
+        self._taken = self._answered = 0  # requests handed to host.submit; of those, accepted or refused
+
+    def stop(self) -> None:
+        """Read no more lines, start no more requests; the running ones finish (see the class docstring)."""
+        self.stopping = self.progress.stopping = True
+        self.gate.close()
+        self._stopped.set()
+
+    def in_flight(self) -> tuple[int, int]:
+        running = sum(1 for rid in self.gate.running if rid in self._unwritten)
+        return running, len(self._unwritten) - running
 
     def write(self, result: CompletionResult, *, rejected: bool = False) -> None:
         self.out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
@@ -218,11 +257,55 @@ class BatchRunner:
         self.stats.add(result, rejected=rejected)
         self.progress.update()
 
-    async def _served_model(self, model: str) -> bool:
-        served = self._served.get(model)
-        if served is None:
-            served = self._served[model] = bool(await self.host.providers(model))
-        return served
+    def _requests(self, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[tuple[int, str], CompletionRequest]]:
+        """The valid requests of ``lines``, keyed by (line, request id); bad lines are written as they are met."""
+        for lineno, text in lines:
+            if self.stopping:
+                return
+            self.stats.read += 1
+            item = parse_line(lineno, text)
+            if isinstance(item, CompletionRequest):
+                earlier = self._ids.first_line(item.request_id, lineno)
+                if earlier is not None:
+                    # the queue would answer it with the other line's result: this line would be lost unseen
+                    item = _rejected(item.request_id, ValidationError(
+                        "request_id", f"{item.request_id!r} is the request id of line {earlier} too "
+                        "(request ids must be unique within a file)", line=lineno),
+                        {"model": item.model, "session_id": item.session_id})
+            if isinstance(item, CompletionResult):
+                self.write(item, rejected=True)
+                continue
+            self._taken += 1
+            yield (lineno, item.request_id), item
+        if self.stats.total is None:
+            self.stats.total = self.stats.read  # the whole input was read: now the total is known
+
+    def _submitted(self, key: tuple[int, str]) -> None:
+        self._answered += 1
+        self._unwritten.add(key[1])
+        self.stats.submitted += 1
+
+    def _executed(self, request_id: str) -> None:
+        if request_id in self._unwritten:
+            self._storing.add(request_id)
+
+    def _finished(self, key: tuple[int, str], result: CompletionResult) -> None:
+        lineno, rid = key
+        self._unwritten.discard(rid)
+        self._storing.discard(rid)
+        if _unserved_model(result):
+            # a model nothing serves is the line's fault; it is found only after a stored result was looked for
+            error = ValidationError("model", result.error["message"], line=lineno)  # type: ignore[index]
+            result = attrs.evolve(result, error=error.to_dict())
+        self.write(result)
+
+    def _refused(self, key: tuple[int, str], request: CompletionRequest, e: OperationalError) -> None:
+        """The queue refused this request (ksi_enqueue may): its error result."""
+        self._answered += 1
+        if isinstance(e, ValidationError) and e.line is None:
+            e = e.at_line(key[0])
+        self.write(CompletionResult.failed(request.request_id, e, model=request.model, session_id=request.session_id),
+                   rejected=True)
 
     async def _tick(self) -> None:
         """Keep the bar moving (rate, ETA) while nothing finishes."""
@@ -230,42 +313,32 @@ class BatchRunner:
             await asyncio.sleep(self.progress.interval)
             self.progress.update()
 
-    def _refused(self, lineno: int, request: CompletionRequest, e: OperationalError) -> None:
-        """The queue refused this request (ksi_enqueue may): its error result."""
-        if isinstance(e, ValidationError) and e.line is None:
-            e = e.at_line(lineno)
-        self.write(CompletionResult.failed(request.request_id, e, model=request.model, session_id=request.session_id),
-                   rejected=True)
-
-    def _submitted(self, lineno: int) -> None:
-        self.stats.submitted += 1
+    async def _settled(self) -> None:
+        """After :meth:`stop`: return once no submission is under way, no request runs, and every
+        request of this batch that ran has its result (stored, then its ticket completed) written."""
+        while self._taken > self._answered or self.gate.running or self._storing:
+            await asyncio.sleep(SETTLE_POLL_S)
 
     async def run(self, lines: Iterable[tuple[int, str]]) -> BatchStats:
-        parsed = [(n, parse_line(n, text)) for n, text in lines]
-        self.stats.total = len(parsed)
+        if self.stats.total is None and isinstance(lines, Sized):
+            self.stats.total = len(lines)
         ticker = asyncio.ensure_future(self._tick()) if self.progress.enabled else None
+        submitting = asyncio.ensure_future(submit_all(
+            self.host, self._requests(lines), window=self.window, on_result=self._finished, on_refused=self._refused,
+            on_submitted=self._submitted))
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        waits = [submitting, stopped]
         try:
-            accepted = []
-            first_line: dict[str, int] = {}  # request id -> the line that has it
-            for lineno, item in parsed:
-                if isinstance(item, CompletionRequest) and first_line.setdefault(item.request_id, lineno) != lineno:
-                    # the queue would answer it with the other line's result: this line would be lost unseen
-                    item = _rejected(item.request_id, ValidationError(
-                        "request_id", f"{item.request_id!r} is the request id of line {first_line[item.request_id]} too "
-                        "(request ids must be unique within a file)", line=lineno),
-                        {"model": item.model, "session_id": item.session_id})
-                if isinstance(item, CompletionRequest) and not await self._served_model(item.model):
-                    known = sorted({p.model for p in await self.host.providers(None)})
-                    item = _rejected(item.request_id, ValidationError(
-                        "model", f"no provider serves model {item.model!r} (configured models: {', '.join(known) or 'none'})",
-                        line=lineno), {"model": item.model, "session_id": item.session_id})
-                if isinstance(item, CompletionResult):
-                    self.write(item, rejected=True)
-                else:
-                    accepted.append((lineno, item))
-            await submit_all(self.host, accepted, window=self.window, on_result=lambda _, result: self.write(result),
-                             on_refused=self._refused, on_submitted=self._submitted)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if not submitting.done():  # stopped: the requests still queued are left to the next run
+                waits.append(asyncio.ensure_future(self._settled()))
+                await asyncio.wait([submitting, waits[-1]], return_when=asyncio.FIRST_COMPLETED)
+            if submitting.done():
+                submitting.result()  # a programming error is raised here
         finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
             if ticker is not None:
                 ticker.cancel()
             self.progress.close()

@@ -30,9 +30,22 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
     return dt.timestamp()
 
 
-def fmt(value: Any) -> str:
+def money(value: float) -> str:
+    """US dollars rounded to what matters: cents from $1 up, else at most four significant digits (0.0001215)."""
+    import math
+
+    if value == 0 or abs(value) >= 1:
+        return f"{value:,.2f}"
+    decimals = min(12, 3 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def fmt(value: Any, key: str = "") -> str:
+    """A cell or a value for people: ``-`` for None, thousands separators, money (keys with ``cost``) rounded."""
     if value is None:
         return "-"
+    if isinstance(value, float) and "cost" in key:
+        return money(value)
     if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:,.2f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -40,15 +53,66 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def render(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A table of ``rows`` with ``columns`` given as (key, heading); numbers right-aligned."""
-    cells = [[fmt(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
+ELLIPSIS = "\u2026"
+
+
+def cut(text: str, width: int | None) -> str:
+    """``text`` cut to ``width`` characters, the last one an ellipsis when something was left out."""
+    if width is None or len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + ELLIPSIS
+
+
+def terminal_width() -> int | None:
+    """The terminal's columns when stdout is one (or ``$COLUMNS`` when set), else None: no limit."""
+    import os
+    import shutil
+    import sys
+
+    if os.environ.get("COLUMNS", "").isdigit() or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+MIN_TEXT_COLUMN = 8
+"""A text column narrowed to fit the terminal keeps at least this many characters (or its heading's)."""
+
+
+def _fit(widths: list[int], headings: Sequence[str], numeric: Sequence[bool], width: int) -> list[int]:
+    """Column widths that fit ``width`` (with two spaces between columns): the widest text column gives way first."""
+    widths = list(widths)
+    floor = [w if num else min(w, max(len(h), MIN_TEXT_COLUMN)) for w, h, num in zip(widths, headings, numeric, strict=True)]
+    excess = sum(widths) + 2 * (len(widths) - 1) - width
+    while excess > 0:
+        i = max(range(len(widths)), key=lambda j: widths[j] - floor[j])
+        room = widths[i] - floor[i]
+        if room <= 0:
+            break  # numbers and headings are not cut: the line stays wider
+        give = min(room, excess)
+        widths[i] -= give
+        excess -= give
+    return widths
+
+
+def render(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], width: int | None = None,
+           missing: dict[str, str] | None = None) -> str:
+    """A table of ``rows`` with ``columns`` given as (key, heading); numbers right-aligned.
+
+    With ``width``, text columns are narrowed (widest first) until a line fits, and cells cut with an
+    ellipsis. ``missing`` gives a column's text for None (default ``-``).
+    """
+    missing = missing or {}
+    cells = [[missing.get(k, "-") if r.get(k) is None else fmt(r.get(k), k) for k, _ in columns] for r in rows]
+    headings = [h for _, h in columns]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headings)]
     numeric = [all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in rows) for k, _ in columns]
+    if width is not None:
+        widths = _fit(widths, headings, numeric, width)
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+        return "  ".join(cut(v, w).rjust(w) if num else cut(v, w).ljust(w)
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    out = [line([h for _, h in columns]), line(["-" * w for w in widths])]
+    out = [line(headings), line(["-" * w for w in widths])]
     out += [line(c) for c in cells]
     return "\n".join(out)

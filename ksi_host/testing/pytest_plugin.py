@@ -1,13 +1,35 @@
-"""pytest fixtures of the KSI host testing kit (registered through ``pytest11``)."""
+"""pytest fixtures of the KSI host testing kit (registered through ``pytest11``).
+
+An ``async def`` test that takes ``make_host`` is marked ``asyncio`` (pytest-asyncio), so it runs
+as written in a project on pytest-asyncio's default strict mode, no marker or ``asyncio_mode``
+needed.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from ..service import Host
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: Any, name: str, obj: Any) -> None:
+    """Mark ``async def`` tests that take ``make_host`` as asyncio tests, before pytest-asyncio looks at them."""
+    if not (inspect.iscoroutinefunction(obj) and collector.funcnamefilter(name)):
+        return
+    if not collector.config.pluginmanager.hasplugin("asyncio"):
+        return  # without pytest-asyncio, pytest reports the coroutine as not run, as for any async test
+    try:
+        takes_host = "make_host" in inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return
+    marks = getattr(obj, "pytestmark", [])
+    if takes_host and not any(m.name == "asyncio" for m in marks):
+        pytest.mark.asyncio(obj)  # adds the mark to the function; collection goes on as usual
 
 
 @pytest.fixture

@@ -1,0 +1,55 @@
+"""The README's snippets that need the four plugins run as shown: "Using it from Python", the main
+job's shell command (past its install steps, whose folders must exist) and the example config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ksi_it import ROOT, results
+
+sys.path.insert(0, str(ROOT / "tests"))
+from readme import snippet  # noqa: E402
+
+PLUGINS = {"KSI_HOST_PLUGINS": "queue,litellm,retry,tokens", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_HOST_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # this venv's ksi-host
+    return {**env, **PLUGINS}
+
+
+def test_using_it_from_python_runs_as_shown(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-c", snippet("python", "asyncio.run(main())")], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("ok mock response to: hi") and lines[1] == "ok mock response to: and now?"
+    assert (tmp_path / "ksi-host.db").exists()
+
+
+def test_the_main_job_runs_as_shown(tmp_path: Path) -> None:
+    steps = snippet("sh", "examples/requests.jsonl").strip().split(" && ")
+    install = [s for s in steps if s.startswith(("python3 -m venv", ". .venv/bin/activate", "pip install"))]
+    assert steps[: len(install)] == install  # the set-up comes first ...
+    for folder in install[-1].split()[2:]:
+        if folder != "-e":
+            assert (ROOT / folder / "pyproject.toml").exists(), folder  # ... and installs folders of this checkout
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    p = subprocess.run(" && ".join(steps[len(install):]), shell=True, cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert len(results(tmp_path / "results.jsonl")) == len((ROOT / "examples" / "requests.jsonl").read_text().splitlines())
+    assert p.stdout.splitlines()[0].split()[:3] == ["agent", "calls", "requests"]  # the usage table
+
+
+def test_the_real_provider_config_is_valid(tmp_path: Path) -> None:
+    block = snippet("sh", "--config examples/ksi-host.toml")
+    assert "OPENAI_API_KEY" in block
+    p = subprocess.run([sys.executable, "-m", "ksi_host.cli", "status", "--config", str(ROOT / "examples" / "ksi-host.toml"),
+                        "--db", str(tmp_path / "k.db")], env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr

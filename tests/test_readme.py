@@ -1,0 +1,42 @@
+"""The README's Python snippets run as shown: the plugin-testing example in an outside project
+(its own pyproject, pytest-asyncio in its default strict mode), the provider example as a script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from readme import PYTHON_SNIPPETS, snippet, snippets
+
+
+def test_every_python_snippet_has_a_test_that_runs_it():
+    blocks = snippets("python")
+    assert len(blocks) == len(PYTHON_SNIPPETS)
+    for block in blocks:
+        assert sum(key in block for key in PYTHON_SNIPPETS) == 1, block
+
+
+def test_the_plugin_testing_example_passes_in_an_outside_project_in_strict_mode(tmp_path: Path):
+    project = tmp_path / "my-policy"
+    (project / "tests").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(textwrap.dedent("""\
+        [project]
+        name = "my-policy"
+        version = "0.1"
+
+        [tool.pytest.ini_options]
+        testpaths = ["tests"]
+        """))  # no asyncio_mode: pytest-asyncio's default, strict
+    (project / "tests" / "test_my_policy.py").write_text(snippet("python", "def test_my_policy(make_host)"))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"], cwd=project,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "asyncio: mode=Mode.STRICT" in p.stdout and "1 passed" in p.stdout
+
+
+def test_the_provider_example_runs(tmp_path: Path):
+    p = subprocess.run([sys.executable, "-c", snippet("python", "class EchoProvider")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
