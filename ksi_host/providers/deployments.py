@@ -65,11 +65,11 @@ class Deployment:
     allow_link_local: bool = False
 
     def matches(self, model: str) -> bool:
-        """Does this deployment serve requests for ``model``?"""
-        return self.model == model or (is_pattern(self.model) and fnmatchcase(model, self.model))
+        """Does this deployment serve requests for ``model``?
 
-    def covers(self, model: str) -> bool:
-        """Does this deployment serve every model name ``model`` (a name or a pattern) stands for?"""
+        Given a pattern (another deployment's ``model``), whether this one's pattern
+        covers it: ``gpt-*`` matches ``gpt-4o*`` (glob characters match themselves).
+        """
         return self.model == model or (is_pattern(self.model) and fnmatchcase(model, self.model))
 
     def key_missing(self) -> bool:
@@ -127,7 +127,7 @@ def check_keys(deployments: Sequence[Deployment], *, table: str, log: logging.Lo
                     table, d.name, d.api_key_env)
     uncovered: dict[str, list[Deployment]] = {}
     for d in missing:
-        if not any(u.covers(d.model) for u in usable):
+        if not any(u.matches(d.model) for u in usable):
             uncovered.setdefault(d.model, []).append(d)
     if uncovered:
         model, ds = next(iter(uncovered.items()))
