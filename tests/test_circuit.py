@@ -39,15 +39,15 @@ def test_closed_allows_and_counts_consecutive_failures() -> None:
 def test_open_refuses_until_cooldown_then_allows_one_trial() -> None:
     b, clock = breaker(failures=1, cooldown=10)
     b.record_failure()
-    assert not b.try_acquire() and not b.available()
+    assert not b.try_acquire()
     assert b.cooldown_left() == 10
     clock.t += 9.99
     assert not b.try_acquire()
     clock.t += 0.01
-    assert b.state == "half_open" and b.available()
+    assert b.state == "half_open" and b.cooldown_left() == 0
     assert b.try_acquire(lease_s=5)  # the trial
     assert b.state == "half_open"
-    assert not b.try_acquire(lease_s=5) and not b.available()  # only one trial at a time
+    assert not b.try_acquire(lease_s=5)  # only one trial at a time
     b.record_success(b.generation)
     assert b.state == "closed" and b.failures == 0
     assert b.try_acquire()
@@ -102,13 +102,11 @@ def test_neutral_outcome_frees_the_trial_without_deciding() -> None:
     assert b.try_acquire()  # another trial may go
 
 
-def test_reset_and_snapshot() -> None:
-    b, _ = breaker(failures=1)
+def test_what_status_and_the_store_read() -> None:
+    b, clock = breaker(failures=1)
     b.record_failure(error="RateLimited: x")
-    snap = b.snapshot()
-    assert snap == {"state": "open", "failures": 1, "cooldown_left_s": 10.0, "opens": 1, "last_error": "RateLimited: x"}
-    b.reset()
-    assert b.state == "closed" and b.failures == 0 and b.opens_until is None
+    assert (b.state, b.failures, b.cooldown_left(), b.opens, b.last_error) == ("open", 1, 10.0, 1, "RateLimited: x")
+    assert b.opens_until == clock.t + 10
 
 
 def test_zero_cooldown_is_half_open_at_once() -> None:
@@ -127,3 +125,12 @@ def test_from_config_and_validation() -> None:
         CircuitConfig(cooldown_s=-1)
     with pytest.raises(ValueError, match="failures_to_open"):
         CircuitBreaker(True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cooldown", [float("inf"), float("nan"), -0.5, 8 * 24 * 3600.0, "30", True])
+def test_cooldown_must_be_finite_and_in_range(cooldown: object) -> None:
+    """``cooldown_s = inf`` overflowed when status dated the circuit's end; ``nan`` never blocked a call."""
+    with pytest.raises(ValueError, match="cooldown_s must be a number of seconds >= 0 and at most"):
+        CircuitConfig(cooldown_s=cooldown)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cooldown_s"):
+        CircuitBreaker(1, cooldown)  # type: ignore[arg-type]

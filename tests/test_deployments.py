@@ -11,9 +11,16 @@ import pytest
 from ksi_host.config import build_table
 from ksi_host.errors import AuthFailed, BadRequest, ConfigError, OperationalError, ProviderUnavailable
 from ksi_host.models import CompletionRequest, ProviderResponse, Usage
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, DeploymentPool, check_unique_names, is_pattern
-from ksi_host.providers.plugin import ProviderPlugin
+from ksi_host.providers import (
+    DEFAULT_PRIORITY,
+    CircuitBreaker,
+    CircuitStore,
+    Deployment,
+    DeploymentPool,
+    ProviderPlugin,
+    check_unique_names,
+    is_pattern,
+)
 from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 
@@ -150,20 +157,23 @@ async def test_circuits_persist_and_restore(tmp_path: Any) -> None:
 
     async with Database(tmp_path / "c.db") as db:
         p = make()
-        await p.attach(db, "test_circuits")
+        store = CircuitStore(db, "test_circuits")
+        await store.attach(p)
         p.get("a").breaker.record_failure(error="ProviderUnavailable: down")
         p.get("a").breaker.record_failure(error="ProviderUnavailable: down")
         p.get("b").breaker.record_failure(error="RateLimited: slow")
-        await p.flush()
+        await store.flush()
         rows = {r[0]: tuple(r) for r in await db.fetchall("SELECT name, state, failures, opens_until, opens FROM test_circuits")}
         assert rows == {"a": ("a", "open", 2, wall[0] + 30, 1), "b": ("b", "closed", 1, None, 0)}
         p.get("b").breaker.record_success()
-        await p.detach()
+        await store.detach()
         assert (await db.fetchone("SELECT failures FROM test_circuits WHERE name = 'b'"))[0] == 0
+        p.get("b").breaker.record_failure()  # detached: no longer written
+        assert p.get("b").breaker.on_change is None
 
         wall[0] += 10  # another process, 10 s later
         q = make()
-        await q.attach(db, "test_circuits")
+        await CircuitStore(db, "test_circuits").attach(q)
         a = q.get("a").breaker
         assert a.state == "open" and a.failures == 2 and a.opens == 1
         assert a.cooldown_left() == pytest.approx(20)
@@ -171,19 +181,19 @@ async def test_circuits_persist_and_restore(tmp_path: Any) -> None:
         assert q.get("b").breaker.state == "closed"
         wall[0] += 60
         r = make()
-        await r.attach(db, "test_circuits")
+        await CircuitStore(db, "test_circuits").attach(r)
         assert r.get("a").breaker.state == "half_open"  # the cool-down ended while nobody ran: trial due
         with pytest.raises(ValueError, match="identifier"):
-            await r.attach(db, "bad table")
+            CircuitStore(db, "bad table")
 
 
-def test_describe_reports_the_pool_priority() -> None:
+def test_the_pool_priority_is_on_provider_info_not_in_detail() -> None:
     p = pool(("a", "m"))
-    assert p.priority == DEFAULT_PRIORITY and p.describe(p.members[0])["priority"] == DEFAULT_PRIORITY
+    assert p.priority == DEFAULT_PRIORITY and p.infos("m", "x")[0].priority == DEFAULT_PRIORITY
     ranked = DeploymentPool(p.members, priority=5)
-    assert ranked.describe(ranked.members[0])["priority"] == 5
-    assert ranked.status()[0]["priority"] == 5
-    assert ranked.infos("m", "x")[0].priority == 5
+    (info,) = ranked.infos("m", "x")
+    assert info.priority == 5 and "priority" not in info.detail
+    assert "priority" not in ranked.status()[0]
 
 
 # -- ProviderPlugin: the hooks every provider plugin shares ------------------------------
@@ -249,7 +259,7 @@ async def test_provider_plugin_hooks_are_found_on_a_subclass(make_host: Any) -> 
             ("down", "tiny", "open", 7), ("up", "tiny", "closed", 7)]
         status = await host.status()
         assert [c["name"] for c in status["circuits"]] == ["down", "up"]
-        await plugin.pool.flush()
+        await plugin.circuits.flush()
         rows = await host.db.fetchall("SELECT name, state FROM tiny_circuits ORDER BY name")
         assert [tuple(r) for r in rows] == [("down", "open")]
     assert plugin.stopped == 1

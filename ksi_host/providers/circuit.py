@@ -25,27 +25,23 @@ from typing import Any
 
 import attrs
 
+from .validators import cooldown, positive_int
+
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
 
 
-def _positive_int(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if type(value) is not int or value < 1:
-        raise ValueError(f"{a.name} must be an integer >= 1, got {value!r}")
-
-
-def _non_negative(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{a.name} must be a number of seconds >= 0, got {value!r}")
-
-
 @attrs.define(frozen=True)
 class CircuitConfig:
-    """The ``[<plugin>.circuit]`` table: when a deployment's circuit opens and for how long."""
+    """The ``[<plugin>.circuit]`` table: when a deployment's circuit opens and for how long.
 
-    failures_to_open: int = attrs.field(default=5, validator=_positive_int)
-    cooldown_s: float = attrs.field(default=30.0, validator=_non_negative)
+    ``failures_to_open``: consecutive failures (an integer >= 1). ``cooldown_s``:
+    seconds an open circuit refuses calls (finite, >= 0, at most a week).
+    """
+
+    failures_to_open: int = attrs.field(default=5, validator=positive_int)
+    cooldown_s: float = attrs.field(default=30.0, validator=cooldown)
 
 
 class CircuitBreaker:
@@ -56,8 +52,8 @@ class CircuitBreaker:
 
     def __init__(self, failures_to_open: int = 5, cooldown_s: float = 30.0, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        _positive_int(None, attrs.fields(CircuitConfig).failures_to_open, failures_to_open)
-        _non_negative(None, attrs.fields(CircuitConfig).cooldown_s, cooldown_s)
+        positive_int(None, attrs.fields(CircuitConfig).failures_to_open, failures_to_open)
+        cooldown(None, attrs.fields(CircuitConfig).cooldown_s, cooldown_s)
         self.failures_to_open = failures_to_open
         self.cooldown_s = float(cooldown_s)
         self.clock = clock
@@ -94,15 +90,6 @@ class CircuitBreaker:
         """Seconds until the trial call is allowed: 0 unless open and cooling down."""
         until = self.opens_until
         return 0.0 if until is None else max(0.0, until - self.clock())
-
-    def available(self) -> bool:
-        """Would :meth:`try_acquire` allow a call now? (Does not change anything.)"""
-        if self._state == CLOSED:
-            return True
-        now = self.clock()
-        if self._state == OPEN:
-            return now >= self.opens_until  # type: ignore[operator]
-        return self._trial_until is None or now >= self._trial_until
 
     # -- calls ------------------------------------------------------------------------
 
@@ -192,12 +179,6 @@ class CircuitBreaker:
         if self._state == HALF_OPEN:
             self._trial_until = None
 
-    def reset(self) -> None:
-        """Close the circuit and forget the failures (an operator's override)."""
-        self._close()
-        self.failures = 0
-        self._changed()
-
     def restore(self, *, state: str, failures: int, cooldown_left: float = 0.0, opens: int = 0,
                 last_error: str | None = None) -> None:
         """Take over a state saved earlier (another process, a previous run).
@@ -235,16 +216,6 @@ class CircuitBreaker:
         self.opened_at = None
         self._trial_until = None
         self.generation += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        """The state as JSON-ready data: state, failures, cooldown_left_s, opens, last_error."""
-        return {
-            "state": self.state,
-            "failures": self.failures,
-            "cooldown_left_s": round(self.cooldown_left(), 3),
-            "opens": self.opens,
-            "last_error": self.last_error,
-        }
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.state} failures={self.failures}/{self.failures_to_open}>"

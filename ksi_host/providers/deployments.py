@@ -12,55 +12,27 @@ A :class:`DeploymentPool` holds a plugin's deployments in the order written,
 each with its :class:`~ksi_host.providers.circuit.CircuitBreaker`, and implements the
 selection every provider plugin needs (:meth:`DeploymentPool.select`): the
 first deployment serving the model that is neither excluded nor behind an open
-circuit.
+circuit. :func:`check_keys` tells at start-up which deployments miss their key.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
-from ..errors import AuthFailed, ProviderUnavailable
+from ..errors import AuthFailed, ProviderUnavailable, StartupError
 from ..models import DEFAULT_PROVIDER_PRIORITY, ProviderInfo, iso
+from . import validators as v
 from .circuit import CircuitBreaker
 
-log = logging.getLogger("ksi_host.providers.deployments")
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _GLOB_CHARS = frozenset("*?[")
-
-
-def _non_empty(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{a.name} must be a non-empty string")
-
-
-def _opt_non_empty(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None:
-        _non_empty(inst, a, value)
-
-
-def _env_name(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    # The message never repeats the value: if someone pasted a key here, it must not reach a log.
-    if value is not None and (not isinstance(value, str) or not _ENV_NAME.match(value)):
-        raise ValueError(
-            f"{a.name} must be the name of the environment variable that holds the key "
-            "(like OPENAI_API_KEY), never the key itself"
-        )
-
-
-def _timeout(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{a.name} must be a positive number of seconds or absent, got {value!r}")
 
 
 def _to_float(value: Any) -> Any:
@@ -79,18 +51,30 @@ class Deployment:
     """One configured upstream endpoint (a TOML ``[[<plugin>.deployments]]`` entry).
 
     ``model`` may be a glob pattern (``gpt-4o*``, ``openai/*``), matched
-    case-sensitively with :func:`fnmatch.fnmatchcase`.
+    case-sensitively with :func:`fnmatch.fnmatchcase`. ``api_base`` must be an
+    http(s) URL without credentials and, unless ``allow_link_local`` is true, not
+    at a link-local or cloud metadata address (:func:`ksi_host.providers.validators.check_url`).
+    ``timeout_s``: seconds per attempt (finite, at most a week), or None for no limit.
     """
 
-    name: str = attrs.field(validator=_non_empty)
-    model: str = attrs.field(validator=_non_empty)
-    api_base: str | None = attrs.field(default=None, validator=_opt_non_empty)
-    api_key_env: str | None = attrs.field(default=None, validator=_env_name)
-    timeout_s: float | None = attrs.field(default=60.0, converter=_to_float, validator=_timeout)
+    name: str = attrs.field(validator=v.non_empty)
+    model: str = attrs.field(validator=v.non_empty)
+    api_base: str | None = attrs.field(default=None, validator=v.api_base)
+    api_key_env: str | None = attrs.field(default=None, validator=v.env_name)
+    timeout_s: float | None = attrs.field(default=60.0, converter=_to_float, validator=v.opt_timeout)
+    allow_link_local: bool = False
 
     def matches(self, model: str) -> bool:
-        """Does this deployment serve requests for ``model``?"""
+        """Does this deployment serve requests for ``model``?
+
+        Given a pattern (another deployment's ``model``), whether this one's pattern
+        covers it: ``gpt-*`` matches ``gpt-4o*`` (glob characters match themselves).
+        """
         return self.model == model or (is_pattern(self.model) and fnmatchcase(model, self.model))
+
+    def key_missing(self) -> bool:
+        """Does this deployment name a key variable that is unset (or empty) now?"""
+        return self.api_key_env is not None and not os.environ.get(self.api_key_env)
 
     def api_key(self) -> str | None:
         """The key from the environment variable ``api_key_env``, read now.
@@ -124,6 +108,34 @@ def check_unique_names(deployments: Iterable[Deployment], reserved: Mapping[str,
         seen.add(d.name)
 
 
+def check_keys(deployments: Sequence[Deployment], *, table: str, log: logging.Logger) -> None:
+    """Say at start-up what the first request would otherwise find out, call by call.
+
+    Every deployment whose ``api_key_env`` names an unset (or empty) variable is
+    logged as a warning on ``log`` (naming the deployment and the variable, never a
+    value): its calls fail with AuthFailed. When no deployment serving one of those
+    deployments' models (the same name or pattern, or a pattern covering it) has
+    its key, raises StartupError naming the model and the variables to set.
+    Deployments that name no variable need no key.
+    """
+    missing = [d for d in deployments if d.key_missing()]
+    if not missing:
+        return
+    usable = [d for d in deployments if not d.key_missing()]
+    for d in missing:
+        log.warning("[%s] deployment %r: environment variable %s is not set; its calls fail (AuthFailed) until it is",
+                    table, d.name, d.api_key_env)
+    uncovered: dict[str, list[Deployment]] = {}
+    for d in missing:
+        if not any(u.matches(d.model) for u in usable):
+            uncovered.setdefault(d.model, []).append(d)
+    if uncovered:
+        model, ds = next(iter(uncovered.items()))
+        need = " or ".join(f"{d.api_key_env} (deployment {d.name!r})" for d in ds)
+        more = f" ({len(uncovered) - 1} more model(s) like it)" if len(uncovered) > 1 else ""
+        raise StartupError(f"[{table}] no deployment serving model {model!r} has its API key: set {need}{more}")
+
+
 DEFAULT_PRIORITY = DEFAULT_PROVIDER_PRIORITY
 """The priority of a provider plugin that states none."""
 
@@ -147,7 +159,9 @@ class DeploymentPool(Generic[M]):
     the deployment's timeout plus one second). ``priority`` is the plugin's
     rank among provider plugins serving the same model (lower is tried first):
     :meth:`infos` reports it on each ProviderInfo, and the host orders the
-    plugins by it (:mod:`ksi_host.ranking`).
+    plugins by it (:mod:`ksi_host.ranking`). ``wall_clock`` (unix seconds) dates
+    the end of open circuits in :meth:`describe` (and in the
+    :class:`~ksi_host.providers.circuit_store.CircuitStore` that keeps them).
     """
 
     def __init__(self, members: Iterable[M], *, priority: int = DEFAULT_PRIORITY,
@@ -160,11 +174,7 @@ class DeploymentPool(Generic[M]):
         self._facts: dict[str, tuple[dict[str, Any], list[str]]] = {}
         self._serving: dict[str, tuple[M, ...]] = {}
         self._lease_s = lease_s or (lambda m: None if m.deployment.timeout_s is None else m.deployment.timeout_s + 1.0)
-        self._wall_clock = wall_clock
-        self._db: Any = None
-        self._table: str | None = None
-        self._dirty: dict[str, M] = {}
-        self._flusher: asyncio.Task[None] | None = None
+        self.wall_clock = wall_clock
 
     def __len__(self) -> int:
         return len(self.members)
@@ -226,7 +236,7 @@ class DeploymentPool(Generic[M]):
         ]
 
     def describe(self, m: M) -> dict[str, Any]:
-        """One deployment's public facts, circuit state and the pool's ``priority`` (no secrets: only the key's variable name)."""
+        """One deployment's public facts and circuit state (no secrets: only the key's variable name)."""
         b = m.breaker
         left = b.cooldown_left()
         cached = self._facts.get(m.deployment.name)
@@ -243,86 +253,10 @@ class DeploymentPool(Generic[M]):
             "failures": b.failures,
             "failures_to_open": b.failures_to_open,
             "cooldown_left_s": round(left, 3),
-            "opens_until": iso(self._wall_clock() + left) if left > 0 else None,
+            "opens_until": iso(self.wall_clock() + left) if left > 0 else None,
             "opens": b.opens,
             "last_error": b.last_error,
-            "priority": self.priority,
         }
-
-    # -- persistence ------------------------------------------------------------------
-
-    async def attach(self, db: Any, table: str) -> None:
-        """Keep the circuits in ``table`` of ``db`` (a :class:`ksi_host.db.Database`).
-
-        Creates the table (migrations owned by ``table``), restores each
-        configured deployment's saved circuit (an open circuit keeps the rest of
-        its cool-down, in wall-clock time), then writes every later change in
-        the background (:meth:`flush` waits for the writes). So ``ksi-host
-        status`` in another process shows the circuits of the running host,
-        and a restarted host does not hammer a deployment it knew was down.
-        """
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", table):
-            raise ValueError(f"table must be an SQL identifier, got {table!r}")
-        await db.migrate(table, [
-            f"CREATE TABLE {table} ("
-            " name TEXT PRIMARY KEY,"
-            " model TEXT NOT NULL,"
-            " state TEXT NOT NULL,"
-            " failures INTEGER NOT NULL,"
-            " opens_until REAL,"  # unix seconds when an open circuit allows its trial call; NULL unless open
-            " opens INTEGER NOT NULL,"
-            " last_error TEXT,"
-            " updated_at REAL NOT NULL)"
-        ])
-        rows = await db.fetchall(f"SELECT name, state, failures, opens_until, opens, last_error FROM {table}")
-        now = self._wall_clock()
-        for name, state, failures, opens_until, opens, last_error in rows:
-            m = self._by_name.get(name)
-            if m is not None:
-                left = max(0.0, opens_until - now) if opens_until is not None else 0.0
-                m.breaker.restore(state=state, failures=failures, cooldown_left=left, opens=opens, last_error=last_error)
-        self._db, self._table = db, table
-        for m in self.members:
-            m.breaker.on_change = lambda _b, m=m: self._mark(m)
-
-    def _mark(self, m: M) -> None:
-        self._dirty[m.deployment.name] = m
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_dirty())
-
-    async def _flush_dirty(self) -> None:
-        while self._dirty and self._db is not None:
-            batch = list(self._dirty.values())
-            self._dirty.clear()
-            now = self._wall_clock()
-            rows = []
-            for m in batch:
-                b = m.breaker
-                left = b.cooldown_left()
-                state = "closed" if b.state == "closed" else "open"  # half-open is open with its cool-down over
-                rows.append((m.deployment.name, m.deployment.model, state, b.failures,
-                             now + left if state == "open" else None, b.opens, b.last_error, now))
-            await self._db.executemany(
-                f"INSERT INTO {self._table} (name, model, state, failures, opens_until, opens, last_error, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET model = excluded.model,"
-                " state = excluded.state, failures = excluded.failures, opens_until = excluded.opens_until,"
-                " opens = excluded.opens, last_error = excluded.last_error, updated_at = excluded.updated_at",
-                rows,
-            )
-
-    async def flush(self) -> None:
-        """Wait until every circuit change so far is written."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
-        if self._dirty and self._db is not None:
-            await self._flush_dirty()
-
-    async def detach(self) -> None:
-        """Write pending changes and stop persisting (call before the database closes)."""
-        await self.flush()
-        for m in self.members:
-            m.breaker.on_change = None
-        self._db = None
 
     def status(self) -> list[dict[str, Any]]:
         """Every deployment's circuit, for ``ksi_status`` (``{"circuits": pool.status()}``)."""

@@ -16,11 +16,13 @@ anything else              ProviderUnavailable (an error at a success status: a 
 :func:`timeout_error` and :func:`connection_error` cover failures with no
 answer. :func:`parse_retry_after` reads ``retry-after-ms`` or ``Retry-After``
 (delta seconds or an HTTP date). Messages pass through :func:`redact`, which
-removes API keys.
+removes API keys, in every spelling an upstream may echo them in
+(:func:`secret_forms`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -28,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from ..errors import (
     AuthFailed,
@@ -54,11 +57,63 @@ _KEYLIKE = re.compile(
 )
 
 
+PIECE = 12
+"""Echoes cut short are caught too: no run of this many characters of a secret's spelling is left."""
+_MIN_FORM = 8
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+
+def _base64_forms(data: bytes) -> set[str]:
+    """``data`` in base64 (standard and URL-safe, with and without padding), and the characters
+    that spell ``data`` alone inside any longer base64 text (``user:<key>`` with any user: at each
+    of the three alignments, the complete 4-character groups that hold only bytes of ``data``)."""
+    forms: set[str] = set()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        for prefix in (b"", b":"):  # the key alone; Basic with an empty user name
+            text = encode(prefix + data).decode()
+            forms |= {text, text.rstrip("=")}
+        for offset in (1, 2):
+            text = encode(b"\0" * offset + data).decode()
+            forms.add(text[4:(offset + len(data)) // 3 * 4])
+        forms.add(encode(data).decode()[: len(data) // 3 * 4])
+    return forms
+
+
+def secret_forms(secret: str) -> list[str]:
+    """Every spelling of ``secret`` an error path may hold, longest first.
+
+    The secret itself; JSON-escaped (``\\/`` for ``/`` too, as some encoders write it);
+    percent-encoded (``quote`` and ``quote_plus``, ``/`` kept or not, upper- and
+    lower-case hex); base64 (standard and URL-safe, with and without padding, and
+    inside a Basic ``user:<key>`` credential whatever the user name). Derived
+    spellings shorter than 8 characters are left out (they would mangle text).
+    """
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret)[1:-1].replace("/", "\\/"),
+             json.dumps(secret, ensure_ascii=False)[1:-1]}
+    for encoded in (quote(secret, safe=""), quote(secret), quote_plus(secret), quote_plus(secret, safe="/")):
+        forms |= {encoded, _PERCENT.sub(lambda m: m.group().lower(), encoded)}
+    forms |= _base64_forms(secret.encode())
+    return sorted((f for f in forms if f == secret or len(f) >= _MIN_FORM), key=len, reverse=True)
+
+
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """``text`` with each of ``secrets`` and anything that looks like an API key replaced by ``***``."""
+    """``text`` with each of ``secrets`` and anything that looks like an API key replaced by ``***``.
+
+    Each secret is removed in every spelling of :func:`secret_forms`, and so is any
+    run of :data:`PIECE` characters of one (an echo cut short).
+    """
     for s in secrets:
-        if s:
-            text = text.replace(s, "***")
+        if not s:
+            continue
+        forms = secret_forms(s)
+        for form in forms:
+            if form in text:
+                text = text.replace(form, "***")
+        for form in forms:
+            for i in range(len(form) - PIECE + 1):
+                piece = form[i:i + PIECE]
+                if piece in text:
+                    text = text.replace(piece, "***")
     return _KEYLIKE.sub("***", text)
 
 

@@ -13,6 +13,12 @@ real OpenAI-shaped chat completion, usage included, and can be told to fail:
 * ``"malformed"``: HTTP 200 whose body is not valid JSON.
 * ``"disconnect"``: close the connection without answering.
 
+With ``echo_auth`` set, the ``"401"`` answer repeats the key it was sent (the
+``Authorization`` header without ``Bearer ``), like a careless upstream, to
+test redaction: ``True`` or ``"raw"`` as it came, or one of :data:`ECHO_FORMS`
+(percent-encoded, JSON-escaped, base64, a Basic ``user:key`` credential); a
+list of them is used in turn, one per echoing answer.
+
 Which fault a request gets, first match wins: ``faults_by_model[model]``;
 the next item of ``script`` (one item per request, in arrival order); a draw
 from ``rates`` (``{"429": 0.25, "500": 0.2, "hang": 0.03}``, seeded with
@@ -41,7 +47,7 @@ killed. A running server is controlled over HTTP too (control requests are not
 counted as hits): ``GET /_ksi/stats``, ``GET /_ksi/arrivals``, ``POST
 /_ksi/reset``, ``POST /_ksi/faults`` with a JSON body of any of ``script``,
 ``rates``, ``seed``, ``faults_by_model``, ``delay_s``, ``retry_after``,
-``hang_s``.
+``hang_s``, ``echo_auth``.
 
 The pytest fixture ``openai_server`` (function scope) yields a started server
 running in a background thread; its ``url`` ends in ``/v1``.
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -58,9 +65,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 FAULTS = frozenset(
     {"ok", "429", "400", "401", "403", "500", "502", "503", "context_length", "hang", "malformed", "disconnect"}
@@ -87,6 +95,31 @@ _ERRORS: dict[str, tuple[int, str, str, str | None]] = {
         "context_length_exceeded",
     ),
 }
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+ECHO_FORMS: dict[str, Any] = {
+    "raw": lambda key: key,
+    "json": lambda key: json.dumps(key)[1:-1].replace("/", "\\/"),  # as an encoder that escapes "/" writes it
+    "quote": lambda key: quote(key, safe=""),
+    "quote_lower": lambda key: quote(key, safe="").replace("%2F", "%2f").replace("%2B", "%2b").replace("%3D", "%3d"),
+    "quote_plus": lambda key: quote_plus(key),
+    "base64": _b64,
+    "base64_nopad": lambda key: _b64(key).rstrip("="),
+    "basic": lambda key: "Basic " + _b64(f"ksi-user:{key}"),
+    "basic_nopad": lambda key: "Basic " + _b64(f"u:{key}").rstrip("="),
+}
+"""How the ``401`` answer spells the key it echoes (``echo_auth``), by name."""
+
+
+def echo_form(key: str, how: str) -> str:
+    """``key`` spelt as :data:`ECHO_FORMS` names it."""
+    if how not in ECHO_FORMS:
+        raise ValueError(f"unknown echo form {how!r} (known: {', '.join(ECHO_FORMS)})")
+    return ECHO_FORMS[how](key)
 
 
 def _check_fault(fault: str) -> str:
@@ -141,7 +174,8 @@ class OpenAIServer:
     See the module docstring for the fault modes and how one is chosen.
     ``reply``: the answer text (None: ``"echo: <last user message>"``).
     ``keep_bodies``: keep each request's JSON body in its Arrival.
-    ``echo_auth``: the ``401`` answer repeats the key it was sent (to test redaction).
+    ``echo_auth``: the ``401`` answer repeats the key it was sent (to test redaction):
+    True or a name of :data:`ECHO_FORMS`, or a list of them used in turn.
     """
 
     def __init__(
@@ -158,7 +192,7 @@ class OpenAIServer:
         hang_s: float = 300.0,
         reply: str | None = None,
         keep_bodies: bool = True,
-        echo_auth: bool = False,
+        echo_auth: bool | str | Sequence[str] = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -168,6 +202,7 @@ class OpenAIServer:
         self.reply = reply
         self.keep_bodies = keep_bodies
         self.echo_auth = echo_auth
+        self._echoes = 0
         self.arrivals: list[Arrival] = []
         self.counts: Counter[str] = Counter()
         self._script: list[str] = []
@@ -438,7 +473,7 @@ class OpenAIServer:
             status, typ, message, code = _ERRORS[fault]
             if fault == "401" and self.echo_auth:  # like an upstream that repeats the key it got
                 token = (headers.get("authorization") or "").removeprefix("Bearer ")
-                message = f"Incorrect API key provided: {token}. You can find your API key at example.invalid."
+                message = f"Incorrect API key provided: {self._echo(token)}. You can find your API key at example.invalid."
             extra = {"Retry-After": str(self.retry_after)} if fault == "429" and self.retry_after is not None else None
             await self._send(writer, status, {"error": {"message": message, "type": typ, "param": None, "code": code}},
                              extra=extra, close=close)
@@ -465,6 +500,15 @@ class OpenAIServer:
         arrival.usage = usage
         return True
 
+    def _echo(self, token: str) -> str:
+        how = self.echo_auth
+        if how is True:
+            how = "raw"
+        elif not isinstance(how, str):
+            how = list(how)[self._echoes % len(how)]  # type: ignore[arg-type]
+        self._echoes += 1
+        return echo_form(token, how)
+
     async def _control(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter, close: bool) -> bool:
         if path == "/_ksi/stats" and method == "GET":
             await self._send(writer, 200, self.stats(), close=close)
@@ -476,7 +520,7 @@ class OpenAIServer:
         elif path == "/_ksi/faults" and method == "POST":
             try:
                 cfg = json.loads(raw or b"{}")
-                for key in ("delay_s", "retry_after", "hang_s"):
+                for key in ("delay_s", "retry_after", "hang_s", "echo_auth"):
                     if key in cfg:
                         setattr(self, key, cfg.pop(key))
                 self.set_faults(**{k: cfg[k] for k in ("script", "rates", "seed", "faults_by_model") if k in cfg})

@@ -39,15 +39,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ksi_host.errors import (
+from ksi_host import (
     AuthFailed,
     BadRequest,
+    CompletionRequest,
     ContextWindowExceeded,
     ProviderError,
     ProviderUnavailable,
     RateLimited,
+    Usage,
 )
-from ksi_host.models import CompletionRequest, Usage
 from ksi_host.providers.errormap import MAX_MESSAGE, error_for_status, is_context_length, malformed_response, redact
 
 _API_ERROR = re.compile(r"API Error:\s*(\d{3})\b\s*(.*)", re.DOTALL)

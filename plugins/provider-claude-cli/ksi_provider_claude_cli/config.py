@@ -6,6 +6,7 @@
     executable = "claude"             # a name looked up on PATH, or a path
     priority = 100                    # lower is tried first when another provider plugin serves the model too
     builtin = true                    # the deployment "claude-cli" serving "claude-cli/<model>"
+    max_output_bytes = 4194304        # a process writing more on stdout or stderr is stopped (BadRequest)
 
     [[claude_cli.deployments]]
     name = "claude-sonnet"            # unique across the host; shows in results as `provider`
@@ -13,7 +14,7 @@
     cli_model = "sonnet"              # the --model value; "{model}": the requested name; "{suffix}": after its first "/"
     timeout_s = 300                   # per attempt; the process (group) is killed at the deadline
     api_key_env = "ANTHROPIC_API_KEY" # optional: given to the process as ANTHROPIC_API_KEY (never on its command line)
-    api_base = "https://..."          # optional: given to the process as ANTHROPIC_BASE_URL
+    api_base = "https://..."          # optional: given to the process as ANTHROPIC_BASE_URL (http(s), no credentials)
     extra_args = ["--max-turns", "3"] # optional: more flags for the command line (no secrets)
 
     [claude_cli.circuit]
@@ -23,44 +24,63 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from ksi_host.providers.circuit import CircuitConfig
-from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
-from ksi_host.providers.errormap import redact
+from ksi_host.providers import Deployment, ProviderConfig, deployments_field, redact
+from ksi_host.providers.validators import no_control_chars, non_empty, opt_str, positive_int
 
 BUILTIN_NAME = "claude-cli"
 """The built-in deployment: serves ``claude-cli/<model>`` with ``--model <model>`` (``claude-cli/default``: no --model)."""
 BUILTIN_PATTERN = "claude-cli/*"
 BUILTIN_TIMEOUT_S = 600.0
 
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+"""How much a ``claude`` process may write on stdout (and on stderr) before it is stopped: 4 MiB."""
+MAX_OUTPUT_BYTES_LIMIT = 1024 * 1024 * 1024
+
 MANAGED_FLAGS = frozenset({"-p", "--print", "--output-format", "--resume", "-r", "--continue", "-c", "--model",
                            "--append-system-prompt", "--session-id"})
 """Flags the plugin sets itself; ``extra_args`` may not repeat them."""
 
 
-def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{a.name} must be a non-empty string or absent")
+def bad_model_arg(value: str) -> str | None:
+    """Why ``value`` may not be a ``--model`` value (it would read as a flag, or split), or None."""
+    if value.startswith("-"):
+        return "starts with '-' (it would read as a flag)"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "holds whitespace or control characters"
+    return None
+
+
+def _cli_model(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    opt_str(inst, a, value)
+    if value is not None and "{" not in value and (why := bad_model_arg(value)) is not None:
+        raise ValueError(f"{a.name} {why}")
 
 
 def _extra_args(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    no_control_chars(inst, a, value)
     for i, arg in enumerate(value):
-        if not isinstance(arg, str):
-            raise ValueError(f"extra_args[{i}] must be a string")
         if arg.split("=", 1)[0] in MANAGED_FLAGS:
             raise ValueError(f"extra_args[{i}]: {arg.split('=', 1)[0]} is set by the plugin itself")
         if redact(arg) != arg:  # never a key on a command line (ps shows it to every user)
             raise ValueError(f"extra_args[{i}] looks like it holds a secret; name an environment variable instead")
 
 
+def _max_output(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    positive_int(inst, a, value)
+    if not 1024 <= value <= MAX_OUTPUT_BYTES_LIMIT:
+        raise ValueError(f"{a.name} must be between 1024 and {MAX_OUTPUT_BYTES_LIMIT} bytes, got {value!r}")
+
+
 @attrs.define(frozen=True)
 class ClaudeCliDeployment(Deployment):
     """One ``[[claude_cli.deployments]]`` entry: the shared Deployment keys plus this plugin's own."""
 
-    cli_model: str | None = attrs.field(default=None, validator=_opt_str)
+    cli_model: str | None = attrs.field(default=None, validator=_cli_model)
     extra_args: list[str] = attrs.field(factory=list, validator=_extra_args)
 
     def model_arg(self, requested: str) -> str | None:
@@ -76,30 +96,25 @@ def builtin_deployment() -> ClaudeCliDeployment:
     return ClaudeCliDeployment(name=BUILTIN_NAME, model=BUILTIN_PATTERN, cli_model="{suffix}", timeout_s=BUILTIN_TIMEOUT_S)
 
 
-def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"priority must be an integer (lower is tried first), got {value!r}")
-
-
-def _deployments(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    why = f"for the built-in deployment serving {BUILTIN_PATTERN} (set builtin = false to use it)"
-    check_unique_names(value, {BUILTIN_NAME: why} if inst.builtin else None)
-
-
 @attrs.define(frozen=True)
-class ClaudeCliConfig:
-    """The ``[claude_cli]`` table.
+class ClaudeCliConfig(ProviderConfig):
+    """The ``[claude_cli]`` table: the keys of every provider plugin
+    (:class:`ksi_host.providers.ProviderConfig`: ``priority``, ``circuit``,
+    ``deployments`` tried in the order written) and this plugin's own.
 
     ``executable``: the ``claude`` command (looked up on PATH at call time).
-    ``priority``: this plugin's rank among provider plugins serving the same
-    model (lower first; plugins stating none rank at 100; ties by plugin
-    name). ``builtin``: add the deployment ``claude-cli`` serving
-    ``claude-cli/<model>`` after the configured ones. ``deployments``: tried
-    in the order written. ``circuit``: when a deployment's circuit opens.
+    ``builtin``: add the deployment ``claude-cli`` serving
+    ``claude-cli/<model>`` after the configured ones. ``max_output_bytes``:
+    how much one process may write on stdout (or stderr) before it is
+    stopped and the attempt fails (BadRequest naming this key).
     """
 
-    executable: str = attrs.field(default="claude", validator=_opt_str)
-    priority: int = attrs.field(default=DEFAULT_PRIORITY, validator=_priority)
+    executable: str = attrs.field(default="claude", validator=non_empty)
     builtin: bool = True
-    circuit: CircuitConfig = attrs.field(factory=CircuitConfig)
-    deployments: list[ClaudeCliDeployment] = attrs.field(factory=list, validator=_deployments)
+    max_output_bytes: int = attrs.field(default=DEFAULT_MAX_OUTPUT_BYTES, validator=_max_output)
+    deployments: list[ClaudeCliDeployment] = deployments_field()
+
+    def reserved_names(self) -> Mapping[str, str]:
+        if not self.builtin:
+            return {}
+        return {BUILTIN_NAME: f"for the built-in deployment serving {BUILTIN_PATTERN} (set builtin = false to use it)"}

@@ -9,14 +9,14 @@ deployment), ``ksi_shutdown`` (writes pending circuit changes),
 ``ksi_status`` (``{"claude_cli": {"executable": ..., "found": ..., "circuits": [...]}}``).
 
 Selection follows the rules every provider plugin shares
-(:class:`ksi_host.providers.deployments.DeploymentPool`): deployments serving the model in
+(:class:`ksi_host.providers.DeploymentPool`): deployments serving the model in
 the order written, then the built-in ``claude-cli`` (``claude-cli/*``);
-excluded and open-circuit ones skipped. Between provider plugins
-(:meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked`): the hook is
-``tryfirst`` and answers None while a better-ranked plugin (lower
-``priority``, then name) has an available deployment for the model that is
-not excluded, or while its own are all behind open circuits and another
-plugin's is usable.
+excluded and open-circuit ones skipped. Between provider plugins, the host
+orders them by ``priority`` (lower first, then plugin name; see
+``ksi_select_provider`` in :mod:`ksi_host.hookspecs`) and asks the next when
+this one answers None or raises ProviderUnavailable. At start-up (when the
+host serves) a deployment whose key variable is unset is logged as a warning,
+and a model no deployment with its key serves stops start-up.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import shutil
 from typing import Any
 
 from ksi_host import hookimpl
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployments import DeploymentPool
-from ksi_host.providers.plugin import ProviderPlugin
+from ksi_host.providers import CircuitBreaker, DeploymentPool, ProviderPlugin
 
 from .config import ClaudeCliConfig, builtin_deployment
-from .provider import ClaudeCliProvider
+from .provider import ClaudeCliProvider, log
 from .sessions import SessionStore
 
 TABLE = "claude_cli"
@@ -54,18 +52,19 @@ def build_pool(config: ClaudeCliConfig, sessions: SessionStore | None, *, clock:
     deployments = list(config.deployments) + ([builtin_deployment()] if config.builtin else [])
     return Pool(
         [ClaudeCliProvider(d, CircuitBreaker.from_config(config.circuit, clock=clock), executable=config.executable,
-                           sessions=sessions) for d in deployments],
+                           sessions=sessions, max_output_bytes=config.max_output_bytes) for d in deployments],
         priority=config.priority, executable=config.executable,
     )
 
 
 class Plugin(ProviderPlugin):
     """One instance per Host; holds the deployments, their circuits and the session store (the hooks:
-    :class:`ksi_host.providers.plugin.ProviderPlugin`)."""
+    :class:`ksi_host.providers.ProviderPlugin`)."""
 
     TABLE = TABLE
     CONFIG = ClaudeCliConfig
     CIRCUITS_TABLE = CIRCUITS_TABLE
+    log = log
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,9 +1,17 @@
 """One deployment, ready to call: :class:`ClaudeCliProvider` runs one ``claude`` process per attempt.
 
-``claude -p --output-format json [--model M] [--resume ID] [--append-system-prompt S] [extra args]``
-in its own process group, the prompt on stdin. At the attempt's deadline the
-whole group is killed (SIGKILL) and the attempt is a ProviderTimeout; a
-cancelled call kills it too. Outcomes:
+``claude -p --output-format json [--model M] [--resume ID] [--append-system-prompt S] [extra args]``,
+the prompt on stdin, started through :mod:`ksi_provider_claude_cli.reaper`: a
+small script in a session of its own that runs ``claude`` in its own process
+group and, whenever ``claude`` exits or the reaper gets SIGTERM, SIGKILLs that
+group and every process left below it (on Linux it is their child subreaper, so
+a grandchild that called ``setsid`` is caught too), and gets SIGTERM itself
+when the host dies (``PR_SET_PDEATHSIG``: a SIGKILLed ``ksi-host run`` too).
+The provider sends it SIGTERM on every other way out: the attempt's deadline
+(a ProviderTimeout), a cancelled call, an output past ``max_output_bytes``
+(a BadRequest; reading stops there). No process outlives its call.
+
+Outcomes:
 
 * exit with the CLI's JSON result, ``is_error: false``: the answer, its usage
   and cost, and the CLI's session id, remembered for the host's session;
@@ -14,12 +22,14 @@ cancelled call kills it too. Outcomes:
 * the executable missing or not executable: ProviderUnavailable naming it
   (retryable: the retry plugin fails over to another deployment first; the
   circuit opens after ``failures_to_open`` such calls, so requests then fail
-  fast until the cool-down ends).
+  fast until the cool-down ends);
+* a ``--model`` value that would read as a flag (it starts with ``-``) or holds
+  whitespace or control characters: BadRequest, before any process starts.
 
 The API key (``api_key_env``) reaches the process only through its
 environment (``ANTHROPIC_API_KEY``), never its command line; ``api_base``
 becomes ``ANTHROPIC_BASE_URL``. The circuit records every outcome
-(:meth:`ksi_host.providers.circuit.CircuitBreaker.record_error`).
+(:meth:`ksi_host.providers.CircuitBreaker.record_error`).
 """
 
 from __future__ import annotations
@@ -28,34 +38,45 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import sys
+from pathlib import Path
 from typing import Any
 
-from ksi_host.errors import ProviderUnavailable
-from ksi_host.models import CompletionRequest, ProviderResponse
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployment_provider import DeploymentProvider
-from ksi_host.providers.errormap import timeout_error
+from ksi_host import BadRequest, CompletionRequest, ProviderResponse, ProviderUnavailable
+from ksi_host.providers import CircuitBreaker, DeploymentProvider, timeout_error
 
-from . import cli
-from .config import ClaudeCliDeployment
+from . import cli, reaper
+from .config import DEFAULT_MAX_OUTPUT_BYTES, ClaudeCliDeployment, bad_model_arg
 from .sessions import SessionStore
 
 log = logging.getLogger("ksi_host.provider.claude_cli")
 
 
+REAPER = str(Path(reaper.__file__).resolve())
+STOP_GRACE_S = 5.0
+"""How long the reaper may take to clean up after SIGTERM before its own group is SIGKILLed."""
+READ_CHUNK = 64 * 1024
+
+
+class OutputTooLarge(Exception):
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+
+
 class ClaudeCliProvider(DeploymentProvider):
-    """A configured deployment: :class:`~ksi_host.providers.deployment_provider.DeploymentProvider` (the key, the
+    """A configured deployment: :class:`~ksi_host.providers.DeploymentProvider` (the key, the
     circuit, the outcome) around one ``claude`` process."""
 
-    plugin = "claude_cli"
     log = log
 
     def __init__(self, deployment: ClaudeCliDeployment, breaker: CircuitBreaker, *, executable: str,
-                 sessions: SessionStore | None) -> None:
+                 sessions: SessionStore | None, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
         super().__init__(deployment, breaker)
         self.executable = executable
         self.sessions = sessions
+        self.max_output_bytes = max_output_bytes
         self.calls = 0  # processes started (for status and tests)
 
     def _env(self, key: str | None) -> dict[str, str]:
@@ -67,11 +88,14 @@ class ClaudeCliProvider(DeploymentProvider):
         return env
 
     async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
-        """One ``claude`` process (killed at the timeout); its exit, output and result mapped (:mod:`.cli`)."""
+        """One ``claude`` process (stopped at the timeout); its exit, output and result mapped (:mod:`.cli`)."""
+        model = self.deployment.model_arg(request.model)
+        if model is not None and (why := bad_model_arg(model)) is not None:
+            raise BadRequest(f"{self.name}: the model name {model!r} {why}; no claude process was started",
+                             provider=self.name)
         resume = None
         if request.session_id is not None and self.sessions is not None:
             resume = await self.sessions.claude_session(request.session_id)
-        model = self.deployment.model_arg(request.model)
         argv = cli.command(self.executable, model=model, resume=resume, system=cli.system_prompt(request),
                            extra_args=self.deployment.extra_args)
         prompt = cli.prompt_of(request, resuming=resume is not None)
@@ -96,39 +120,97 @@ class ClaudeCliProvider(DeploymentProvider):
             await self.sessions.save(session_id, claude_session, self.name)
         return ProviderResponse(text, usage=usage, model=model, session_id=session_id)
 
+    def _resolve(self, env: dict[str, str]) -> str:
+        """The executable's path, looked up on the process's PATH now."""
+        found = shutil.which(self.executable, path=env.get("PATH"))
+        if found is not None:
+            return found
+        if os.sep in self.executable and os.path.exists(self.executable):
+            raise ProviderUnavailable(f"{self.name}: the claude executable {self.executable!r} is not executable",
+                                      provider=self.name, executable_missing=True)
+        raise ProviderUnavailable(
+            f"{self.name}: the claude executable {self.executable!r} was not found on PATH "
+            "(install Claude Code, or set [claude_cli] executable)", provider=self.name, executable_missing=True,
+        )
+
     async def _spawn(self, argv: list[str], stdin: bytes, env: dict[str, str],
                      timeout_s: float | None) -> tuple[bytes, bytes, int]:
+        executable = self._resolve(env)
         self.calls += 1
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env=env, start_new_session=True,  # its own process group: killed whole at the deadline
-            )
-        except FileNotFoundError:
-            raise ProviderUnavailable(
-                f"{self.name}: the claude executable {self.executable!r} was not found on PATH "
-                "(install Claude Code, or set [claude_cli] executable)", provider=self.name, executable_missing=True,
-            ) from None
-        except PermissionError:
-            raise ProviderUnavailable(f"{self.name}: the claude executable {self.executable!r} is not executable",
-                                      provider=self.name, executable_missing=True) from None
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", REAPER, str(os.getpid()), executable, *argv[1:],
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env, start_new_session=True,
+        )
         try:
             async with asyncio.timeout(timeout_s):
-                stdout, stderr = await proc.communicate(stdin)
+                stdout, stderr = await _communicate(proc, stdin, self.max_output_bytes)
+                returncode = await proc.wait()
         except TimeoutError:
-            await _kill(proc)
             raise timeout_error(self.name, timeout_s, "the claude process was killed") from None
+        except OutputTooLarge as e:
+            raise BadRequest(
+                f"{self.name}: the claude process wrote more than {self.max_output_bytes} bytes on {e.stream}; it was "
+                "stopped (raise [claude_cli] max_output_bytes if the answer really is that long)", provider=self.name,
+            ) from None
         finally:
-            if proc.returncode is None:  # cancelled: no process outlives its call
-                await _kill(proc)
-        assert proc.returncode is not None
-        return stdout, stderr, proc.returncode
+            if proc.returncode is None:  # the deadline, a cancel, too much output: no process outlives its call
+                await _stop(proc)
+        if returncode == reaper.CANNOT_RUN and stderr.startswith(reaper.CANNOT_RUN_PREFIX.encode()):
+            why = stderr.decode("utf-8", "replace").strip().rsplit(": ", 1)[-1]
+            raise ProviderUnavailable(f"{self.name}: the claude executable {executable!r} cannot be run: {why}",
+                                      provider=self.name, executable_missing=True)
+        return stdout, stderr, returncode
 
 
-async def _kill(proc: Any) -> None:
-    """SIGKILL the process's whole group, then reap it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+async def _communicate(proc: Any, data: bytes, limit: int) -> tuple[bytes, bytes]:
+    """Feed ``data`` on stdin; read stdout and stderr to their ends; OutputTooLarge when one passes ``limit`` bytes."""
+
+    async def feed() -> None:
+        try:
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):  # it stopped reading: its exit tells why
+            pass
+        finally:
+            proc.stdin.close()
+
+    async def read(stream: Any, name: str) -> bytes:
+        buf = bytearray()
+        while chunk := await stream.read(READ_CHUNK):
+            buf += chunk
+            if len(buf) > limit:
+                raise OutputTooLarge(name)
+        return bytes(buf)
+
+    tasks = [asyncio.ensure_future(feed()), asyncio.ensure_future(read(proc.stdout, "stdout")),
+             asyncio.ensure_future(read(proc.stderr, "stderr"))]
+    try:
+        _, out, err = await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return out, err
+
+
+async def _stop(proc: Any) -> None:
+    """SIGTERM the reaper (it kills claude's group and everything below it), wait; SIGKILL its group if it hangs.
+
+    Then read what is left in the pipes (at most a pipe's buffer: every writer is dead), so
+    that the transport sees their ends and closes now, not when it is collected."""
     with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    await proc.wait()
+        proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(STOP_GRACE_S):
+            await proc.wait()
+    except TimeoutError:
+        log.warning("the claude reaper (pid %d) did not finish within %gs of SIGTERM: SIGKILL", proc.pid, STOP_GRACE_S)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            for stream in (proc.stdout, proc.stderr):
+                while await stream.read(READ_CHUNK):
+                    pass

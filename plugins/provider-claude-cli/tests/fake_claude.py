@@ -19,8 +19,18 @@ the prompt's last line:
 ``!toolong``       JSON ``is_error: true``, result ``Prompt is too long``
 ``!array``         the older output: a JSON array of messages ending with the result
 ``!noresult``      JSON ``type: result`` without ``result``, exits 0
+``!linger``        starts a child with its own stdio that sleeps 60 s, answers, exits 0
+``!lingerpipe``    the same, but the child keeps stdout open
+``!setsid``        a child whose own child calls ``setsid`` (leaves the process group); sleeps 60 s
+``!setsidexit``    the same, then answers and exits 0
+``!huge``          writes ``$FAKE_CLAUDE_HUGE_MB`` MiB (default 300) on stdout, then answers
+``!hugeerr``       the same on stderr
 anything else      success: ``turn <n>: echo: <last line>``
 =================  ==========================================================
+
+The processes of the ``!linger``, ``!setsid`` and ``!hang`` modes note themselves in
+``$FAKE_CLAUDE_DIR/pids.log`` (``<role> <pid>`` lines; :func:`pids`), the ``setsid``
+grandchild after it left the group.
 
 Sessions live in ``$FAKE_CLAUDE_DIR/sessions/<id>`` (one prompt per line):
 ``--resume ID`` continues one (``No conversation found`` when it does not
@@ -65,10 +75,44 @@ def result(subtype="success", is_error=False, text=None, code=0, sid=None, **ext
         usage["output_tokens"] = len(text.split())
     print(json.dumps(obj))
     sys.exit(code)
+def note(role, pid):
+    with open(state / "pids.log", "a") as f:
+        f.write(f"{role} {pid}\n")
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 if last == "!hang":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen(SLEEPER)
     (state / "hang.pids").write_text(f"{os.getpid()} {child.pid}")
+    note("claude", os.getpid())
+    note("child", child.pid)
     time.sleep(60)
+if last in ("!linger", "!lingerpipe"):
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    child = subprocess.Popen(SLEEPER, **(quiet if last == "!linger" else {}))
+    note("claude", os.getpid())
+    note("child", child.pid)
+    result(text="left a child behind")
+if last in ("!setsid", "!setsidexit"):
+    grandchild = ("import os, sys, time; os.setsid(); "
+                  "open(sys.argv[1], 'a').write(f'grandchild {os.getpid()}\\n'); time.sleep(60)")
+    child_code = ("import subprocess, sys, time; d = subprocess.DEVNULL; "
+                  f"subprocess.Popen([sys.executable, '-c', {grandchild!r}, sys.argv[1]], stdin=d, stdout=d, stderr=d); "
+                  "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", child_code, str(state / "pids.log")])
+    note("claude", os.getpid())
+    note("child", child.pid)
+    deadline = time.monotonic() + 20
+    while "grandchild" not in (state / "pids.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if last == "!setsid":
+        time.sleep(60)
+    result(text="a grandchild left the group")
+if last in ("!huge", "!hugeerr"):
+    out = sys.stdout.buffer if last == "!huge" else sys.stderr.buffer
+    chunk = b"x" * (1 << 20)
+    for _ in range(int(os.environ.get("FAKE_CLAUDE_HUGE_MB", "300"))):
+        out.write(chunk)
+    out.flush()
+    result(text="that was a lot")
 if last == "!garbage":
     print("Welcome to Claude! <<this is not json>>")
     sys.exit(0)
@@ -140,6 +184,16 @@ def calls(state: Path) -> list[dict]:
 
     log = state / "calls.jsonl"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def pids(state: Path) -> dict[str, list[int]]:
+    """The pids the fake CLI noted, by role (``claude``, ``child``, ``grandchild``)."""
+    found: dict[str, list[int]] = {}
+    log = state / "pids.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        role, pid = line.split()
+        found.setdefault(role, []).append(int(pid))
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -138,11 +138,15 @@ async def test_key_and_base_url_reach_the_process_environment_only(
     assert not any("SECRET" in a for a in call["argv"])
 
 
-async def test_unset_key_variable_is_auth_failed_and_nothing_runs(cc_host: Any, fake_cli: Any) -> None:
-    table = {"deployments": [{"name": "keyed", "model": "claude-x", "api_key_env": "KSI_TEST_UNSET_KEY_VAR"}]}
+async def test_key_variable_unset_after_start_up_is_auth_failed_and_nothing_runs(
+    cc_host: Any, fake_cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KSI_TEST_LATER_UNSET_KEY", "sk-ant-test-0000000000")
+    table = {"deployments": [{"name": "keyed", "model": "claude-x", "api_key_env": "KSI_TEST_LATER_UNSET_KEY"}]}
     async with cc_host(table=table) as host:
+        monkeypatch.delenv("KSI_TEST_LATER_UNSET_KEY")  # the key is read at call time
         r = await host.complete(req(model="claude-x"))
-    assert r.error["type"] == "AuthFailed" and "KSI_TEST_UNSET_KEY_VAR" in r.error["message"]
+    assert r.error["type"] == "AuthFailed" and "KSI_TEST_LATER_UNSET_KEY" in r.error["message"]
     assert fake_cli.calls() == []
 
 

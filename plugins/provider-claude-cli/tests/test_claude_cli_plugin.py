@@ -63,7 +63,8 @@ async def test_list_providers_and_status(cc_host: Any, fake_cli: Any) -> None:
         infos = await host.providers(None)
         assert [(i.name, i.model, i.plugin) for i in infos] == [("haiku", "haiku-*", "claude_cli"),
                                                                ("claude-cli", "claude-cli/*", "claude_cli")]
-        assert infos[0].detail["priority"] == 3 and infos[0].detail["executable"] == "claude"
+        assert infos[0].priority == 3 and infos[0].detail["executable"] == "claude"
+        assert "priority" not in infos[0].detail  # a fact of the plugin, on ProviderInfo only
         assert infos[0].detail["timeout_s"] == 90 and infos[1].detail["timeout_s"] == 600
         await host.complete({**REQ, "session_id": "a"})
         status = (await host.status())["claude_cli"]

@@ -14,6 +14,7 @@
     api_base = "https://api.openai.com/v1"   # optional (this is the default); vLLM, Ollama, OpenRouter: their /v1
     api_key_env = "OPENAI_API_KEY"    # optional: the variable holding the key; never the key itself
     timeout_s = 60
+    allow_link_local = false          # true: api_base may be a link-local / cloud metadata address
     input_cost_per_mtok = 0.15        # optional: USD per million prompt tokens (else cost_usd is null)
     output_cost_per_mtok = 0.60       # optional: USD per million completion tokens
     headers = { "HTTP-Referer" = "https://example.org" }   # optional extra request headers (no secrets)
@@ -25,42 +26,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
-from ksi_host.providers.circuit import CircuitConfig
-from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
-from ksi_host.providers.errormap import redact
+from ksi_host.providers import Deployment, ProviderConfig, deployments_field
+from ksi_host.providers.validators import http_headers, opt_price, opt_str, positive_int
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
-_RESERVED_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "content-type",
-                               "content-length", "host"})
-
-
-def _opt_str(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{a.name} must be a non-empty string or absent")
-
-
-def _http_base(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ValueError(f"api_base must start with http:// or https:// (the endpoint's /v1 URL), got {value!r}")
-
-
-def _opt_price(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-        raise ValueError(f"{a.name} must be a number of USD per million tokens >= 0, or absent; got {value!r}")
-
-
-def _headers(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    for k, v in value.items():
-        if not isinstance(k, str) or not k or not isinstance(v, str):
-            raise ValueError("headers must be a table of header name = string value")
-        if k.lower() in _RESERVED_HEADERS:
-            raise ValueError(f"headers may not set {k!r} (the key comes from api_key_env, never from the file)")
-        if redact(v) != v:
-            raise ValueError(f"headers.{k} looks like it holds a secret; secrets never go in the config file")
 
 
 @attrs.define(frozen=True)
@@ -71,15 +42,13 @@ class OpenAIDeployment(Deployment):
     name is sent as is; ``{model}`` in it is replaced by the requested name
     (with a glob ``model = "llama-*"``, ``upstream_model = "meta/{model}"``).
     ``api_base`` defaults to OpenAI's. Prices are USD per million tokens.
+    ``headers``: extra request headers (printable ASCII values, no credentials).
     """
 
-    upstream_model: str | None = attrs.field(default=None, validator=_opt_str)
-    input_cost_per_mtok: float | None = attrs.field(default=None, validator=_opt_price)
-    output_cost_per_mtok: float | None = attrs.field(default=None, validator=_opt_price)
-    headers: dict[str, str] = attrs.field(factory=dict, validator=_headers)
-
-    def __attrs_post_init__(self) -> None:
-        _http_base(self, attrs.fields(OpenAIDeployment).api_base, self.api_base)
+    upstream_model: str | None = attrs.field(default=None, validator=opt_str)
+    input_cost_per_mtok: float | None = attrs.field(default=None, validator=opt_price)
+    output_cost_per_mtok: float | None = attrs.field(default=None, validator=opt_price)
+    headers: dict[str, str] = attrs.field(factory=dict, validator=http_headers)
 
     @property
     def url(self) -> str:
@@ -98,34 +67,16 @@ class OpenAIDeployment(Deployment):
         return (prompt_tokens * (self.input_cost_per_mtok or 0.0) + completion_tokens * (self.output_cost_per_mtok or 0.0)) / 1e6
 
 
-def _deployments(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    check_unique_names(value)
-
-
-def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"priority must be an integer (lower is tried first), got {value!r}")
-
-
-def _positive(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{a.name} must be an integer >= 1, got {value!r}")
-
-
 @attrs.define(frozen=True)
-class OpenAIConfig:
-    """The ``[openai]`` table.
-
-    ``deployments``: tried in the order written. ``circuit``: when a
-    deployment's circuit opens. ``priority``: this plugin's rank among
-    provider plugins serving the same model (lower first; plugins stating
-    none rank at 100; ties by plugin name). ``max_connections``: the HTTP
-    client's pool size. ``trust_env``: let the client read ``HTTPS_PROXY``
-    and friends (and ``~/.netrc``) from the environment.
+class OpenAIConfig(ProviderConfig):
+    """The ``[openai]`` table: the keys of every provider plugin
+    (:class:`ksi_host.providers.ProviderConfig`: ``priority``, ``circuit``,
+    ``deployments`` tried in the order written) and this plugin's own:
+    ``max_connections``, the HTTP client's pool size; ``trust_env``, let the
+    client read ``HTTPS_PROXY`` and friends (and ``~/.netrc``) from the
+    environment.
     """
 
-    priority: int = attrs.field(default=DEFAULT_PRIORITY, validator=_priority)
-    max_connections: int = attrs.field(default=100, validator=_positive)
+    max_connections: int = attrs.field(default=100, validator=positive_int)
     trust_env: bool = False
-    circuit: CircuitConfig = attrs.field(factory=CircuitConfig)
-    deployments: list[OpenAIDeployment] = attrs.field(factory=list, validator=_deployments)
+    deployments: list[OpenAIDeployment] = deployments_field()

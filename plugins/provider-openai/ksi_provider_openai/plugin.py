@@ -6,35 +6,32 @@ deployment, sharing one pooled HTTP client), ``ksi_shutdown`` (closes the
 client), ``ksi_select_provider``, ``ksi_list_providers`` and ``ksi_status``
 (``{"openai": {"priority": ..., "circuits": [...]}}``).
 
-Selection, the same rules as every provider plugin (:class:`ksi_host.providers.deployments.DeploymentPool`):
+Selection, the same rules as every provider plugin (:class:`ksi_host.providers.DeploymentPool`):
 the deployments serving the requested model (exact name or glob) in the
 order written; the first that is not in ``exclude`` and whose circuit allows
 a call wins; None when none serves the model or all that do are excluded;
 a fast, retryable ProviderUnavailable when the only ones left have open
 circuits.
 
-Between provider plugins (:meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked`):
-the hook is ``tryfirst``; when another provider plugin with a better rank
-(lower ``priority``, then plugin name) has an available deployment for the
-model that is not excluded, or when this plugin's deployments are all behind
-open circuits and another plugin's is usable, this plugin answers None and the
-host asks the next.
+Between provider plugins: the host orders them by ``priority`` (lower first,
+then plugin name; see ``ksi_select_provider`` in :mod:`ksi_host.hookspecs`),
+and asks the next when this one answers None or raises ProviderUnavailable.
 
 Circuits are kept in the host database (table ``openai_circuits``), as every
-provider plugin does (:meth:`ksi_host.providers.deployments.DeploymentPool.attach`).
+provider plugin does (:class:`ksi_host.providers.CircuitStore`). At start-up
+(when the host serves) a deployment whose key variable is unset is logged as a
+warning, and a model no deployment with its key serves stops start-up.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployments import DeploymentPool
-from ksi_host.providers.plugin import ProviderPlugin
+from ksi_host.providers import CircuitBreaker, DeploymentPool, ProviderPlugin
 
 from .client import HttpClient
 from .config import OpenAIConfig
-from .provider import OpenAIProvider
+from .provider import OpenAIProvider, log
 
 TABLE = "openai"
 CIRCUITS_TABLE = "openai_circuits"
@@ -57,11 +54,12 @@ def build_pool(config: OpenAIConfig, client: HttpClient, *, clock: Any) -> Pool:
 
 class Plugin(ProviderPlugin):
     """One instance per Host; holds the deployments, their circuits and the HTTP client (the hooks:
-    :class:`ksi_host.providers.plugin.ProviderPlugin`)."""
+    :class:`ksi_host.providers.ProviderPlugin`)."""
 
     TABLE = TABLE
     CONFIG = OpenAIConfig
     CIRCUITS_TABLE = CIRCUITS_TABLE
+    log = log
 
     def __init__(self) -> None:
         super().__init__()

@@ -29,10 +29,8 @@ import json
 import logging
 from typing import Any
 
-from ksi_host.models import CompletionRequest, ProviderResponse, Usage
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployment_provider import DeploymentProvider
-from ksi_host.providers.errormap import connection_error, error_for_status, malformed_response
+from ksi_host import CompletionRequest, ProviderResponse, Usage
+from ksi_host.providers import CircuitBreaker, DeploymentProvider, connection_error, error_for_status, malformed_response
 
 from . import client as _client
 from .client import HttpClient
@@ -45,10 +43,9 @@ _loads = json.loads
 
 
 class OpenAIProvider(DeploymentProvider):
-    """A configured deployment: :class:`~ksi_host.providers.deployment_provider.DeploymentProvider` (the key, the
+    """A configured deployment: :class:`~ksi_host.providers.DeploymentProvider` (the key, the
     circuit, the outcome) around one HTTP request."""
 
-    plugin = "openai"
     log = log
 
     def __init__(self, deployment: OpenAIDeployment, breaker: CircuitBreaker, client: HttpClient) -> None:

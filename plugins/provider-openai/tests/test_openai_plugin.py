@@ -91,7 +91,8 @@ async def test_list_providers_and_status_show_priority_and_no_secret(oa_host: An
     async with oa_host(table={"priority": 7}) as host:
         (info,) = await host.providers(None)
         assert (info.name, info.model, info.plugin, info.state) == ("main", "gpt-test", "openai", "closed")
-        assert info.detail["priority"] == 7 and info.detail["api_key_env"] == KEY_ENV
+        assert info.priority == 7 and info.detail["api_key_env"] == KEY_ENV
+        assert "priority" not in info.detail  # a fact of the plugin, on ProviderInfo only
         assert info.detail["url"] == openai_server.url + "/chat/completions"
         status = await host.status()
         assert status["openai"]["priority"] == 7
@@ -102,7 +103,7 @@ async def test_list_providers_and_status_show_priority_and_no_secret(oa_host: An
 @pytest.mark.parametrize(
     ("deployment_keys", "words"),
     [
-        ({"api_base": "localhost:8000/v1"}, "api_base must start with http"),
+        ({"api_base": "localhost:8000/v1"}, "api_base must be an http:// or https:// URL"),
         ({"api_key_env": "sk-live-abcdef0123456789"}, "name of the environment variable"),
         ({"headers": {"Authorization": "Bearer x"}}, "may not set 'Authorization'"),
         ({"headers": {"X-Api-Key": "abc"}}, "may not set 'X-Api-Key'"),
@@ -110,6 +111,13 @@ async def test_list_providers_and_status_show_priority_and_no_secret(oa_host: An
         ({"input_cost_per_mtok": -1}, "input_cost_per_mtok"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"surprise": 1}, "openai.deployments[0].surprise: unknown key"),
+        # values that validated, then crashed or misbehaved at run time
+        ({"headers": {"X-Title": "a\r\nX-Evil: 1"}}, "headers.X-Title must be printable ASCII"),
+        ({"api_base": "http://user:sk-live-pw@127.0.0.1:1/v1"}, "api_base must not hold credentials"),
+        ({"api_base": "http://[fe80::1]/v1"}, "api_base points at a link-local address"),
+        ({"timeout_s": float("inf")}, "timeout_s must be a number of seconds > 0"),
+        ({"input_cost_per_mtok": float("nan")}, "input_cost_per_mtok must be a number of USD"),
+        ({"output_cost_per_mtok": float("inf")}, "output_cost_per_mtok must be a number of USD"),
     ],
 )
 async def test_bad_config_stops_start_up_naming_the_key(make_host: Any, openai_server: Any, deployment_keys: dict,
@@ -118,7 +126,7 @@ async def test_bad_config_stops_start_up_naming_the_key(make_host: Any, openai_s
     with pytest.raises(ConfigError) as info:
         async with make_host(Plugin(), config={"openai": {"deployments": [d]}}):
             pass
-    assert words in str(info.value)
+    assert words in str(info.value) and "openai.deployments[0]" in str(info.value)
     assert "sk-live" not in str(info.value)
 
 

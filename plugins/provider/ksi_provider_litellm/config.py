@@ -6,9 +6,10 @@
     name = "openai-main"              # unique; shows in results as `provider`
     model = "gpt-4o-mini"             # the model name requests ask for; glob patterns allowed
     litellm_model = "openai/gpt-4o-mini"
-    api_base = "https://..."          # optional
+    api_base = "https://..."          # optional: an http(s) URL, no credentials in it
     api_key_env = "OPENAI_API_KEY"    # the variable holding the key; never the key itself
     timeout_s = 60
+    allow_link_local = false          # true: api_base may be a link-local / cloud metadata address
 
     [litellm.circuit]
     failures_to_open = 5
@@ -21,21 +22,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import attrs
 
-from ksi_host.providers.circuit import CircuitConfig
-from ksi_host.providers.deployments import DEFAULT_PRIORITY, Deployment, check_unique_names
+from ksi_host.providers import Deployment, ProviderConfig, deployments_field
+from ksi_host.providers.validators import opt_str
 
 MOCK_NAME = "mock"
 """The name of the built-in deployment that serves ``mock/<anything>``."""
 MOCK_PATTERN = "mock/*"
-
-
-def _opt_litellm_model(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ValueError(f"{a.name} must be a non-empty string or absent")
 
 
 @attrs.define(frozen=True)
@@ -48,7 +44,7 @@ class LitellmDeployment(Deployment):
     glob ``model``: ``model = "gpt-*"``, ``litellm_model = "openai/{model}"``).
     """
 
-    litellm_model: str | None = attrs.field(default=None, validator=_opt_litellm_model)
+    litellm_model: str | None = attrs.field(default=None, validator=opt_str)
 
     def upstream_model(self, requested: str) -> str:
         if self.litellm_model is None:
@@ -56,28 +52,19 @@ class LitellmDeployment(Deployment):
         return self.litellm_model.replace("{model}", requested) if "{model}" in self.litellm_model else self.litellm_model
 
 
-def _deployments(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    why = f"for the built-in deployment serving {MOCK_PATTERN} (set mock = false to use it)"
-    check_unique_names(value, {MOCK_NAME: why} if inst.mock else None)
-
-
-def _priority(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"priority must be an integer (lower is tried first), got {value!r}")
-
-
 @attrs.define(frozen=True)
-class LitellmConfig:
-    """The ``[litellm]`` table.
-
-    ``deployments``: tried in the order written. ``circuit``: when a
-    deployment's circuit opens. ``mock``: serve ``mock/<anything>`` with the
-    built-in offline deployment ``mock`` (litellm's ``mock_response``).
-    ``priority``: this plugin's rank among provider plugins serving the same
-    model (lower first; plugins stating none rank at 100; ties by plugin name).
+class LitellmConfig(ProviderConfig):
+    """The ``[litellm]`` table: the keys of every provider plugin
+    (:class:`ksi_host.providers.ProviderConfig`: ``priority``, ``circuit``,
+    ``deployments`` tried in the order written) and ``mock``: serve
+    ``mock/<anything>`` with the built-in offline deployment ``mock``
+    (litellm's ``mock_response``).
     """
 
-    priority: int = attrs.field(default=DEFAULT_PRIORITY, validator=_priority)
     mock: bool = True
-    circuit: CircuitConfig = attrs.field(factory=CircuitConfig)
-    deployments: list[LitellmDeployment] = attrs.field(factory=list, validator=_deployments)
+    deployments: list[LitellmDeployment] = deployments_field()
+
+    def reserved_names(self) -> Mapping[str, str]:
+        if not self.mock:
+            return {}
+        return {MOCK_NAME: f"for the built-in deployment serving {MOCK_PATTERN} (set mock = false to use it)"}

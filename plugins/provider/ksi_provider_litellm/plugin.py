@@ -14,10 +14,13 @@ that does is excluded (the host then raises NoProviderError). When the only
 deployments left have open circuits, selection fails fast with a retryable
 ProviderUnavailable whose ``retry_after`` is the shortest remaining cool-down.
 
-Between provider plugins (:meth:`ksi_host.providers.deployments.DeploymentPool.select_ranked`): the hook is
-``tryfirst``; when another provider plugin with a better rank (lower
-``priority``, then plugin name) has an available deployment for the model
-that is not excluded, this plugin answers None and the host asks the next.
+Between provider plugins: the host orders them by ``priority`` (lower first,
+then plugin name; see ``ksi_select_provider`` in :mod:`ksi_host.hookspecs`),
+and asks the next when this one answers None or raises ProviderUnavailable.
+
+At start-up (when the host serves) a deployment whose ``api_key_env`` names
+an unset variable is logged as a warning; a model no deployment with its key
+serves stops start-up (StartupError). The built-in ``mock`` needs no key.
 
 ``mock/<anything>`` is served by the built-in deployment ``mock`` (unless
 ``mock = false``) through litellm's ``mock_response``: no network, no key.
@@ -29,12 +32,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployments import DeploymentPool
-from ksi_host.providers.plugin import ProviderPlugin
+from ksi_host.providers import CircuitBreaker, DeploymentPool, ProviderPlugin
 
 from .config import MOCK_NAME, MOCK_PATTERN, LitellmConfig, LitellmDeployment
-from .provider import LitellmProvider
+from .provider import LitellmProvider, log
 
 TABLE = "litellm"
 CIRCUITS_TABLE = "litellm_circuits"
@@ -42,11 +43,12 @@ CIRCUITS_TABLE = "litellm_circuits"
 
 
 class Plugin(ProviderPlugin):
-    """One instance per Host; holds the deployments and their circuits (the hooks: :class:`ksi_host.providers.plugin.ProviderPlugin`)."""
+    """One instance per Host; holds the deployments and their circuits (the hooks: :class:`ksi_host.providers.ProviderPlugin`)."""
 
     TABLE = TABLE
     CONFIG = LitellmConfig
     CIRCUITS_TABLE = CIRCUITS_TABLE
+    log = log
 
     def build_pool(self, config: LitellmConfig, host: Any) -> DeploymentPool[LitellmProvider]:
         return build_pool(config, clock=host.clock)

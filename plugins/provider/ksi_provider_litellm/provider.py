@@ -16,11 +16,10 @@ import logging
 import os
 from typing import Any
 
-from ksi_host.errors import ProviderError
-from ksi_host.models import CompletionRequest, ProviderResponse, Usage
-from ksi_host.providers.circuit import CircuitBreaker
-from ksi_host.providers.deployment_provider import DeploymentProvider
-from ksi_host.providers.errormap import (
+from ksi_host import CompletionRequest, ProviderError, ProviderResponse, Usage
+from ksi_host.providers import (
+    CircuitBreaker,
+    DeploymentProvider,
     connection_error,
     context_window_error,
     error_detail,
@@ -158,10 +157,9 @@ def last_user_text(request: CompletionRequest) -> str:
 
 
 class LitellmProvider(DeploymentProvider):
-    """A configured deployment: :class:`~ksi_host.providers.deployment_provider.DeploymentProvider` (the key, the
+    """A configured deployment: :class:`~ksi_host.providers.DeploymentProvider` (the key, the
     circuit, the outcome) around one ``litellm.acompletion``."""
 
-    plugin = "litellm"
     log = log
 
     def __init__(self, deployment: LitellmDeployment, breaker: CircuitBreaker, *, mock: bool = False) -> None:

@@ -6,7 +6,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from provider_helpers import SECRET_KEY, FailOver, UsageRecorder, request
+import pytest
+from ksi_provider_litellm.config import LitellmConfig, LitellmDeployment
+from ksi_provider_litellm.plugin import build_pool
+from provider_helpers import KEY_ENV, SECRET_KEY, FailOver, FakeClock, UsageRecorder, deployment, request
+
+from ksi_host import AuthFailed
+from ksi_host.providers import CircuitConfig
+from ksi_host.testing.faults import leak
+from ksi_host.testing.server import ECHO_FORMS
 
 
 def files_of(db_path: Path) -> list[Path]:
@@ -42,3 +50,27 @@ async def test_key_never_written_anywhere_even_when_the_upstream_echoes_it(
         data = f.read_bytes()
         assert SECRET_KEY.encode() not in data
         assert SECRET_KEY[10:].encode() not in data
+
+
+KEYS = ["sk-ksi-test/SECRET+0123456789/abcdef+ghijkl=", "AbC/dEf+GhIjKlMnOpQrStUvWxYz0123456789/+ab="]
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("how", list(ECHO_FORMS))
+async def test_an_echoed_key_is_redacted_in_every_spelling(
+    openai_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str, how: str
+) -> None:
+    """A key holding "/" or "+" echoed percent-encoded left 36 of its 44 characters in results, db and stderr."""
+    monkeypatch.setenv(KEY_ENV, key)
+    openai_server.echo_auth = how
+    openai_server.script("401")
+    pool = build_pool(LitellmConfig(deployments=[LitellmDeployment(**deployment(openai_server))],
+                                    circuit=CircuitConfig(failures_to_open=1)), clock=FakeClock())
+    p = pool.get("main")
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(AuthFailed) as info:
+            await p.complete(request(), timeout_s=5)
+    assert openai_server.arrivals[0].authorization == f"Bearer {key}"  # sent, and echoed back
+    assert "***" in info.value.message
+    for text in (info.value.message, p.breaker.last_error, caplog.text):
+        assert leak(text, key) is None, text

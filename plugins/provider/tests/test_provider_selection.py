@@ -208,7 +208,8 @@ async def test_priority_between_provider_plugins(lit_host: Any, openai_server: A
         result = await host.complete(request())
         infos = await host.providers("gpt-test")
     assert result.ok and result.provider == winner
-    assert [i.detail.get("priority") for i in infos if i.plugin == "litellm"] == [priority]
+    assert [i.priority for i in infos if i.plugin == "litellm"] == [priority]
+    assert all("priority" not in i.detail for i in infos)
 
 
 async def test_outranked_plugin_still_serves_when_the_better_one_is_excluded(lit_host: Any, openai_server: Any) -> None:
