@@ -24,5 +24,6 @@ PYTHON_SNIPPETS = {
     "asyncio.run(main())": "tests/integration/test_readme.py (needs the four plugins)",
     "def test_my_policy(make_host)": "tests/test_readme.py (an outside project, strict mode)",
     "class EchoProvider": "tests/test_readme.py",
+    "from ksi_host.providers import (": "tests/test_readme.py (the provider kit's public names import)",
 }
 """Each Python block of the README, by a line it holds, and the test that runs it."""

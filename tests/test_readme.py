@@ -40,3 +40,9 @@ def test_the_provider_example_runs(tmp_path: Path):
     p = subprocess.run([sys.executable, "-c", snippet("python", "class EchoProvider")], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_provider_kits_imports_run():
+    p = subprocess.run([sys.executable, "-c", snippet("python", "from ksi_host.providers import (")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
