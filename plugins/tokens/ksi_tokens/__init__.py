@@ -1,8 +1,9 @@
 """ksi-tokens: the token usage ledger of KSI host.
 
-Implements ``ksi_record_usage`` (one durable row per upstream call that
-reported usage), ``ksi_usage_report`` (calls, requests, tokens and cost per
-group) and ``ksi_status`` (running totals). See ``README.md``.
+Implements ``ksi_attempt_started`` and ``ksi_record_usage`` (one durable row
+per upstream call, written before it is sent, completed when it ends),
+``ksi_usage_report`` (calls, requests, calls of unknown outcome, tokens and
+cost per group) and ``ksi_status`` (running totals). See ``README.md``.
 """
 
 from .reports import GROUPINGS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -10,22 +12,36 @@ from ksi_host.models import CompletionRequest, UpstreamCall
 
 from . import reports, schema
 
+log = logging.getLogger("ksi_host.tokens")
+
 
 class Plugin:
-    """Records every upstream call that reported usage; reports on the ledger."""
+    """One ledger row per upstream call, written before the call is sent; reports on the ledger."""
 
     @ksi_host.hookimpl
     async def ksi_startup(self, host: Any) -> None:
+        started = time.time()
         await host.db.migrate(schema.OWNER, schema.MIGRATIONS)
+        if host.serve:
+            # One serving process per database file (ksi-queue refuses a second one): a row still
+            # 'sent' from before this start belongs to a process that is gone. Read-only hosts
+            # (ksi-host usage, status) never do this: the serving host may be running.
+            n = await host.db.write_batch([(schema.MARK_UNKNOWN, (started,))], count=True)
+            if n:
+                log.warning("ksi-tokens: %d upstream call(s) sent by a process that stopped before they ended are "
+                            "recorded with outcome 'unknown' (they may have been answered and billed)", n)
 
     @ksi_host.hookimpl
-    def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> Awaitable[None] | None:
-        if call.usage is None:  # the ledger holds calls that reported usage
-            return None
-        # One group-committed statement. The host awaits the future this returns: it completes
-        # once the row's transaction is committed, so the row is durable before the request's
-        # result is final. (Returned, not awaited here: no coroutine of our own per call.)
-        return host.db.execute(schema.INSERT, schema.row(request, call))
+    def ksi_attempt_started(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> Awaitable[None]:
+        # One group-committed statement; the host awaits the future this returns, so the row is
+        # durable before the call is sent. (Returned, not awaited here: no coroutine per call.)
+        return host.db.execute(schema.INSERT_SENT, schema.sent_row(request, call))
+
+    @ksi_host.hookimpl
+    def ksi_record_usage(self, host: Any, request: CompletionRequest, call: UpstreamCall) -> Awaitable[None]:
+        # Completes the call's row (by call_id), with or without usage: every call sent has one row.
+        # Durable before the request's result is final, as above.
+        return host.db.execute(schema.RECORD_END, schema.end_row(request, call))
 
     @ksi_host.hookimpl
     async def ksi_usage_report(self, host: Any, by: str, since: float | None) -> list[dict[str, Any]]:
@@ -35,9 +51,4 @@ class Plugin:
 
     @ksi_host.hookimpl
     async def ksi_status(self, host: Any) -> dict[str, Any]:
-        r = await host.db.fetchone(
-            f"SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
-            f" COALESCE(SUM(total_tokens), 0), SUM(cost_usd) FROM {schema.TABLE}"
-        )
-        return {"usage": {"calls": r[0], "prompt_tokens": r[1], "completion_tokens": r[2],
-                          "total_tokens": r[3], "cost_usd": r[4]}}
+        return {"usage": reports.status(await host.db.fetchone(reports.STATUS))}

@@ -1,4 +1,4 @@
-"""The ledger: one durable row per upstream call that reported usage."""
+"""The ledger: one durable row per upstream call, with the usage it reported."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 from importlib.metadata import entry_points
 
 from ksi_tokens.plugin import Plugin
-from ksi_tokens.schema import INDEXES, MIGRATIONS
+from ksi_tokens.schema import INDEXES, MARK_UNKNOWN, MIGRATIONS
 from tokens_helpers import RetryPolicy, ledger, request
 
 import ksi_host
@@ -45,7 +45,7 @@ async def test_optional_request_fields_and_unknown_cost_are_null(make_host):
     assert (row["session_id"], row["agent_id"], row["originator_agent_id"], row["purpose"], row["cost_usd"]) == (None,) * 5
 
 
-async def test_failed_attempts_with_usage_are_rows_and_those_without_are_not(make_host):
+async def test_every_failed_attempt_is_a_row_with_the_usage_it_reported_or_none(make_host):
     a = FakeProvider("a", script=[ProviderUnavailable("502", usage=Usage(3, 0, 3, 0.001))])
     b = FakeProvider("b", script=[RateLimited("429"), ProviderTimeout("slow", usage=Usage(4, 1, 5, None)), "done"],
                      usage=Usage(20, 10, 30, 0.01))
@@ -55,15 +55,18 @@ async def test_failed_attempts_with_usage_are_rows_and_those_without_are_not(mak
         rows = await ledger(host)
     assert result.ok and result.provider == "b"
     assert [x.provider for x in result.attempts] == ["a", "b", "b", "b"]
-    # attempt 2 (RateLimited, no usage) left no row
-    assert cols(rows, "request_id", "attempt", "provider", "outcome", "total_tokens", "cost_usd") == [
-        (req.request_id, 1, "a", "ProviderUnavailable", 3, 0.001),
-        (req.request_id, 3, "b", "ProviderTimeout", 5, None),
-        (req.request_id, 4, "b", "ok", 30, 0.01),
+    # attempt 2 (a 429 that reported no usage) is a row without tokens: NULL, not zero
+    assert cols(rows, "request_id", "attempt", "provider", "outcome", "prompt_tokens", "total_tokens", "cost_usd") == [
+        (req.request_id, 1, "a", "ProviderUnavailable", 3, 3, 0.001),
+        (req.request_id, 2, "b", "RateLimited", None, None, None),
+        (req.request_id, 3, "b", "ProviderTimeout", 4, 5, None),
+        (req.request_id, 4, "b", "ok", 20, 30, 0.01),
     ]
-    assert sum(r["total_tokens"] for r in rows) == result.usage.total_tokens == 38
-    assert sum(r["prompt_tokens"] for r in rows) == result.usage.prompt_tokens
-    assert sum(r["completion_tokens"] for r in rows) == result.usage.completion_tokens
+    assert len(rows) == len(a.calls) + len(b.calls) == 4
+    assert all(r["latency_ms"] is not None and r["call_id"] for r in rows)
+    assert sum(r["total_tokens"] or 0 for r in rows) == result.usage.total_tokens == 38
+    assert sum(r["prompt_tokens"] or 0 for r in rows) == result.usage.prompt_tokens
+    assert sum(r["completion_tokens"] or 0 for r in rows) == result.usage.completion_tokens
     assert abs(sum(r["cost_usd"] or 0 for r in rows) - result.usage.cost_usd) < 1e-12
 
 
@@ -128,17 +131,21 @@ async def test_totals_equal_what_providers_reported_under_retries_and_failover(m
     assert any(a.provider == "spare" for r in results for a in r.attempts)
     assert any(len({a.provider for a in r.attempts}) == 1 and len(r.attempts) > 1 for r in results)
     assert any(r["outcome"] != "ok" for r in rows)
+    # one row per call the providers received, whether or not it reported usage
+    assert len(rows) == sum(len(p.calls) for p in sel.by_request.values()) + len(sel.spare.calls)
+    assert any(r["total_tokens"] is None for r in rows)
     for res in results:
         mine = [r for r in rows if r["request_id"] == res.request_id]
+        assert [r["attempt"] for r in mine] == list(range(1, len(res.attempts) + 1))
+        reported = [r for r in mine if r["total_tokens"] is not None]
         # the spare answers after a ProviderUnavailable failover: its usage counts too
-        reported = list(expected[res.request_id])
+        expect = list(expected[res.request_id])
         if any(a.provider == "spare" for a in res.attempts):
-            reported = reported[: len(mine) - 1] + [Usage(1, 1, 2, None)]
-        assert [(r["prompt_tokens"], r["completion_tokens"], r["total_tokens"], r["cost_usd"]) for r in mine] == [
-            (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd) for u in reported
+            expect = expect[: len(reported) - 1] + [Usage(1, 1, 2, None)]
+        assert [(r["prompt_tokens"], r["completion_tokens"], r["total_tokens"], r["cost_usd"]) for r in reported] == [
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd) for u in expect
         ]
-        assert sum(r["total_tokens"] for r in mine) == res.usage.total_tokens
-        assert [r["attempt"] for r in mine] == sorted(r["attempt"] for r in mine)
+        assert sum(r["total_tokens"] for r in reported) == res.usage.total_tokens
     assert sum(g["total_tokens"] for g in by_agent) == sum(r.usage.total_tokens for r in results)
     assert sum(g["prompt_tokens"] for g in by_agent) == sum(r.usage.prompt_tokens for r in results)
     assert sum(g["calls"] for g in by_agent) == len(rows)
@@ -184,8 +191,10 @@ async def test_indexes_exist(make_host):
         names = {r["name"] for r in await host.db.fetchall("PRAGMA index_list(token_usage)")}
         plan = " ".join(r[3] for r in await host.db.fetchall(
             "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM token_usage WHERE created_at >= 0"))
+        sent_plan = " ".join(r[3] for r in await host.db.fetchall("EXPLAIN QUERY PLAN " + MARK_UNKNOWN, (0.0,)))
     assert set(INDEXES) <= names
     assert "token_usage_created_at" in plan
+    assert "token_usage_sent" in sent_plan  # a start-up reads only the calls still 'sent'
 
 
 def test_entry_point_names_the_plugin_class():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ksi_tokens.plugin import Plugin
-from tokens_helpers import RetryPolicy, record, request
+from tokens_helpers import RetryPolicy, record, request, start
 
 from ksi_host.errors import MissingPluginError, ProviderUnavailable, ValidationError
 from ksi_host.models import Usage
@@ -12,7 +12,8 @@ from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 DAY1 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 DAY2 = DAY1 + 86_400  # 2023-11-15
-KEYS = {"key", "calls", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "unpriced_calls"}
+KEYS = {"key", "calls", "requests", "unknown_calls", "in_flight_calls", "prompt_tokens", "completion_tokens", "total_tokens",
+        "cost_usd", "unpriced_calls"}
 
 
 async def seed(host):
@@ -49,6 +50,7 @@ async def test_every_grouping(make_host, by, expected):
         report = await host.usage_report(by)
     assert all(set(g) == KEYS for g in report)
     assert table(report) == expected
+    assert all(g["unknown_calls"] == g["in_flight_calls"] == 0 for g in report)
 
 
 async def test_order_is_most_tokens_first_and_days_in_order(make_host):
@@ -86,8 +88,8 @@ async def test_cost_is_null_only_when_no_call_of_the_group_had_a_known_cost(make
 async def test_empty_ledger_reports_nothing(make_host):
     async with make_host(Plugin()) as host:
         assert await host.usage_report("model") == []
-        assert await host.status() == {"usage": {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                 "total_tokens": 0, "cost_usd": None}}
+        assert await host.status() == {"usage": {"calls": 0, "unknown_calls": 0, "in_flight_calls": 0, "prompt_tokens": 0,
+                                                 "completion_tokens": 0, "total_tokens": 0, "cost_usd": None}}
 
 
 @pytest.mark.parametrize("by", ["models", "agent_id", "", None, "day; DROP TABLE token_usage"])
@@ -116,6 +118,38 @@ async def test_status_sums_the_ledger(make_host):
     assert status["calls"] == 5 and status["total_tokens"] == 297
     assert (status["prompt_tokens"], status["completion_tokens"]) == (231, 66)
     assert round(status["cost_usd"], 9) == 0.33
+
+
+async def seed_unsettled(host):
+    """Calls without usage beside the seed: a 429, a call the host stopped waiting for, one still in flight."""
+    r5 = request(model="small", agent_id="bob", session_id="s2", purpose="chat")
+    r6 = request(model="big", agent_id="carol")
+    await record(host, r5, provider="p2", usage=None, outcome="RateLimited", created_at=DAY2 + 2)
+    await record(host, r5, attempt=2, provider="p2", usage=None, outcome="unknown", created_at=DAY2 + 3)
+    await record(host, r5, attempt=3, provider="p1", usage=Usage(7, 3, 10, 0.01), created_at=DAY2 + 4)
+    await start(host, r6, provider="p1", created_at=DAY2 + 5)
+
+
+@pytest.mark.parametrize("by, expected", [
+    # (calls, requests, unknown_calls, in_flight_calls, total_tokens, unpriced_calls)
+    ("model", {"big": (3, 2, 1, 1, 250, 0), "small": (6, 4, 1, 0, 57, 2)}),
+    ("agent", {"alice": (3, 2, 0, 0, 265, 1), "bob": (4, 2, 1, 0, 40, 0), "carol": (1, 1, 1, 1, 0, 0),
+               None: (1, 1, 0, 0, 2, 1)}),
+    ("provider", {"p1": (5, 5, 1, 1, 127, 2), "p2": (4, 3, 1, 0, 180, 0)}),
+    ("day", {"2023-11-14": (3, 2, 0, 0, 265, 1), "2023-11-15": (6, 4, 2, 1, 42, 1)}),
+    ("total", {None: (9, 6, 2, 1, 307, 2)}),
+])
+async def test_calls_of_unknown_outcome_and_in_flight_are_counted(make_host, by, expected):
+    async with make_host(Plugin(), serve=False) as host:
+        await seed(host)
+        await seed_unsettled(host)
+        report = await host.usage_report(by)
+        status = (await host.status())["usage"]
+    assert {g["key"]: (g["calls"], g["requests"], g["unknown_calls"], g["in_flight_calls"], g["total_tokens"],
+                       g["unpriced_calls"]) for g in report} == expected
+    assert (status["calls"], status["unknown_calls"], status["in_flight_calls"], status["total_tokens"]) == (9, 2, 1, 307)
+    # a group whose calls reported no usage sums to 0 tokens (the tokens reported), and no cost
+    assert all(isinstance(g[k], int) for g in report for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
 
 
 async def test_report_through_the_host_after_retries(make_host):
