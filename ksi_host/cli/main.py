@@ -268,6 +268,9 @@ async def _usage(args: argparse.Namespace) -> int:
     if any("unpriced_calls" in r for r in rows):  # calls whose cost nobody knew: cost_usd leaves them out
         columns.append(("unpriced_calls", "unpriced calls"))
     print(render(shown + [total], columns, width=terminal_width(), missing={"cost_usd": "n/a"}))
+    unknown, in_flight = total.get("unknown_calls") or 0, total.get("in_flight_calls") or 0
+    if unknown:  # sent, and nobody saw how they ended: a timeout, a cancel, a killed process
+        print(f"{unknown:,} calls of unknown outcome, possibly billed" + (f" ({in_flight:,} still in flight)" if in_flight else ""))
     return EXIT_OK
 
 

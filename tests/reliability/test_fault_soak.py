@@ -10,9 +10,10 @@ a loaded machine). Checked:
   call of a session's n-th request arrived after the OK answer to its
   (n-1)-th was sent;
 * the ledger (``ksi-host usage --json`` and the ``token_usage`` table) equals
-  what the server reported: one row per OK answer, with its tokens; errors
-  reported no usage and have no rows (a hang's late answer, sent after the
-  client's timeout closed the connection, reaches nobody and is not counted);
+  what the server did: one row per call it received, the OK answers with their
+  tokens, the errors without (they reported no usage), the hangs as calls of
+  unknown outcome (a hang's late answer, sent after the client's timeout closed
+  the connection, reaches nobody and its tokens are not counted);
 * the results' attempts match the server's log call for call, and the call
   after a 429 came no sooner than its Retry-After (0.1 s).
 """
@@ -79,16 +80,19 @@ def test_fault_soak_all_ok_in_order_and_ledger_equals_server(tmp_path: Path, ser
     answered = answered_usage(server.arrivals)
     assert answered["calls"] == counts["ok"] == N
     rows = ledger(db)
-    assert len(rows) == answered["calls"]
+    assert len(rows) == server.hits
+    assert Counter(r["outcome"] for r in rows) == {
+        "ok": counts["ok"], "RateLimited": counts["429"], "ProviderUnavailable": counts["500"], "unknown": counts["hang"]}
     for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        assert sum(r[k] for r in rows) == answered[k]
-    assert Counter(r["request_id"] for r in rows) == {r["request_id"]: 1 for r in reqs}
+        assert sum(r[k] or 0 for r in rows) == answered[k]
+    assert Counter(r["request_id"] for r in rows if r["outcome"] == "ok") == {r["request_id"]: 1 for r in reqs}
     usage = ksi([sys.executable, "-m", "ksi_host.cli", "usage", "--db", str(db), "--by", "session", "--json"],
                 environ=environ)
     assert usage.returncode == 0, usage.stderr
     report = json.loads(usage.stdout)
     assert len(report) == SESSIONS
-    assert sum(g["calls"] for g in report) == answered["calls"]
+    assert sum(g["calls"] for g in report) == server.hits
+    assert sum(g["unknown_calls"] for g in report) == counts["hang"]
     assert sum(g["requests"] for g in report) == N
     for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
         assert sum(g[k] for g in report) == answered[k]

@@ -135,6 +135,8 @@ def test_every_call_the_upstream_received_is_a_ledger_row_across_kills(tmp_path:
     assert (total["unknown_calls"], total["in_flight_calls"]) == (KILLS * CONCURRENCY, 0)
     assert total["total_tokens"] == answered["total_tokens"]
     assert sum(g["requests"] for g in report) == N
+    table = ksi([sys.executable, "-m", "ksi_host.cli", "usage", "--db", str(db)], environ=environ)
+    assert f"{KILLS * CONCURRENCY} calls of unknown outcome, possibly billed" in table.stdout, table.stdout
 
 
 def _sum(report: list[dict[str, Any]]) -> dict[str, int]:
