@@ -22,7 +22,8 @@ from .config import OtelConfig
 
 TABLE = "otel"
 FLUSH_TIMEOUT_MS = 10_000
-"""How long shut-down waits for the last spans to be exported (an unreachable collector must not hold ksi-host)."""
+"""How long shut-down waits for the batch processors to export the last spans (a collector that is down must not
+hold ksi-host for long; the OTLP exporter gives up on its own after ``OTEL_EXPORTER_OTLP_TIMEOUT``, 10 s)."""
 REMEMBERED_CANCELS = 1024
 """How many cancelled requests' spans are kept for attempts reported after the cancel (the attempt that was cut short)."""
 

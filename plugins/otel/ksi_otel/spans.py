@@ -17,8 +17,9 @@ across an ``await``, and a process that dies leaves nothing half-recorded:
   conventions' ``gen_ai.provider.name`` is required on a call's span.
 
 A request the sampler leaves out (``OTEL_TRACES_SAMPLER``) gets no child spans.
-Building spans through the SDK costs about 20 us each (mostly the SDK's checks
-of every attribute), so each carries only what the README's table lists.
+Building a span through the SDK's tracer costs about 20 us (its own work in
+``start_span`` and its checks of every attribute), so each span carries only
+what the README's tables list.
 
 This module imports the OpenTelemetry API: :mod:`ksi_otel.plugin` imports it at start-up only.
 """
