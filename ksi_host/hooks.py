@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pluggy
 
-from .errors import KsiError, OperationalError, PluginLoadError
+from .errors import KsiError, OperationalError, PluginLoadError, StartupError
 
 log = logging.getLogger("ksi_host.hooks")
 
@@ -82,6 +82,36 @@ class HookCaller:
                 if owner is None or i.plugin_name == owner
             )
         return found
+
+    async def config_specs(self) -> dict[str, type]:
+        """``ksi_config_spec`` of every plugin: table name -> attrs class."""
+        specs: dict[str, type] = {}
+        for impl in self.impls("ksi_config_spec"):
+            spec = await self.call_impl(impl, "ksi_config_spec", {})
+            if spec is not None:
+                table, cls = spec
+                if table in specs:
+                    raise StartupError(f"config table [{table}] is declared by two plugins (second: {impl.plugin})")
+                specs[table] = cls
+        return specs
+
+    async def claim_exclusive(self, host: Any) -> list[str]:
+        """``ksi_exclusive_hooks``: the plugins that take hooks over get them; the plugins that are left with
+        nothing to do are unregistered (their names are returned)."""
+        owners: dict[str, str] = {}
+        for impl in self.impls("ksi_exclusive_hooks"):
+            for hook in await self.call_impl(impl, "ksi_exclusive_hooks", {"host": host}) or ():
+                if hook in owners and owners[hook] != impl.plugin:
+                    raise StartupError(f"plugins {owners[hook]!r} and {impl.plugin!r} both claim {hook} for themselves")
+                owners[hook] = impl.plugin
+        if not owners:
+            return []
+        idle = self.give_exclusively(owners)
+        for name in idle:
+            self.pm.unregister(name=name)
+            log.info("plugin %r is not started: its hooks are served by another plugin", name)
+        self.reset()
+        return idle
 
     def give_exclusively(self, owners: dict[str, str]) -> list[str]:
         """From now on call only ``owners[hook]``'s implementation of each hook in ``owners``. Returns the

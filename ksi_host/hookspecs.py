@@ -63,6 +63,7 @@ if TYPE_CHECKING:
         FailureDecision,
         Provider,
         ProviderInfo,
+        RequestQuery,
         Ticket,
         UpstreamCall,
     )
@@ -82,6 +83,7 @@ INSTALL_HINTS: dict[str, str] = {
     "ksi_usage_report": "ksi-tokens",
     "ksi_cancel": "ksi-queue",
     "ksi_clear_session": "ksi-queue",
+    "ksi_list_requests": "ksi-queue",
 }
 
 #: Which distribution declares a config table, for a table left behind by an uninstalled plugin.
@@ -406,6 +408,38 @@ def ksi_status(host: Host) -> dict[str, Any] | None:
     Return a dict ``{section_name: json_serialisable_data}`` (for example
     ``{"queue": {...}}`` or ``{"circuits": [...]}``), or None. The host merges
     the sections of every plugin.
+    """
+
+
+@hookspec
+def ksi_request_details(host: Host, request_id: str) -> dict[str, Any] | None:
+    """What this plugin knows of one request, for ``ksi-host show``, ``host.request_details`` and an HTTP
+    ``GET /v1/requests/{id}``.
+
+    Return ``{section: json_serialisable_data}``, or None when this plugin
+    does not know the request. A queue answers ``request`` (the request's
+    fields as ``CompletionRequest.to_dict`` gives them, messages included),
+    ``state`` (``queued``, ``running`` or the final status), ``submitted_at``
+    and ``result`` (``CompletionResult.to_dict``, attempts included; None
+    while unfinished); a ledger answers ``calls`` (its rows for the request).
+    The host merges every plugin's sections; no section at all means nobody
+    knows the request. Read only: no network, no writes.
+    """
+
+
+@hookspec(firstresult=True)
+def ksi_list_requests(host: Host, query: RequestQuery) -> list[dict[str, Any]] | None:
+    """Recent requests, newest first, for ``ksi-host logs``.
+
+    ``query`` is a :class:`~ksi_host.models.RequestQuery`: at most ``limit``
+    requests, only those of ``session_id``, ``agent_id``, ``model`` or with
+    ``status`` (``queued``, ``running``, ``ok``, ``error``, ``cancelled``) when
+    set, submitted at or after ``since`` (unix seconds). Return a list of dicts
+    with at least ``request_id``, ``session_id``, ``agent_id``, ``model``,
+    ``status``, ``attempts`` (a count), ``total_tokens``, ``cost_usd``,
+    ``latency_ms`` (submission to final result; None while unfinished),
+    ``submitted_at``. Must stay fast on a database of a million requests.
+    firstresult. Reference implementation: ``ksi-queue``.
     """
 
 

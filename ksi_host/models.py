@@ -565,6 +565,20 @@ class CompletionResult:
         )
 
 
+@attrs.frozen
+class RequestQuery:
+    """Which requests ``ksi_list_requests`` lists (``ksi-host logs``): newest first, at most ``limit``."""
+
+    limit: int = attrs.field(default=20, validator=attrs.validators.and_(attrs.validators.instance_of(int),
+                                                                        attrs.validators.ge(1)))
+    session_id: str | None = None
+    agent_id: str | None = None
+    model: str | None = None
+    status: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.in_(("queued", "running", *sorted(STATUSES)))))
+    since: float | None = None  # unix seconds
+
+
 class Ticket:
     """A handle on a submitted request: ``await ticket.result()``.
 

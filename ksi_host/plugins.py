@@ -137,3 +137,22 @@ def install_hint(distribution: str) -> str:
     except ValueError:
         shown = folder
     return f"install {distribution}: pip install -e {shown}"
+
+
+def register(pm: Any, explicit: list[Any] | None) -> list[PluginInfo]:
+    """Register the plugins with ``pm``: the selected entry points, or ``explicit`` objects (classes are
+    instantiated; a name already taken gets ``-2``, ``-3``, ...). Returns them as registered."""
+    if explicit is None:
+        found = load_plugins()
+    else:
+        found = [PluginInfo(getattr(p, "__name__", type(p).__name__), None, None, p) for p in explicit]
+    registered = []
+    for info in found:
+        obj = instantiate(info.obj)
+        name, n = info.name, 1
+        while pm.has_plugin(name):
+            n += 1
+            name = f"{info.name}-{n}"
+        pm.register(obj, name=name)
+        registered.append(PluginInfo(name, info.distribution, info.version, obj))
+    return registered

@@ -28,7 +28,6 @@ from .db import Database, default_db_path
 from .errors import (
     MissingPluginError,
     OperationalError,
-    StartupError,
 )
 from .hooks import HookCaller, check_hook_names
 from .models import (
@@ -36,10 +35,11 @@ from .models import (
     CompletionRequest,
     CompletionResult,
     ProviderInfo,
+    RequestQuery,
     Ticket,
     Usage,
 )
-from .plugins import PluginInfo, instantiate, load_plugins
+from .plugins import PluginInfo, register
 from .streaming import CompletionStream, StreamSink
 
 log = logging.getLogger("ksi_host")
@@ -94,35 +94,14 @@ class Host:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _register(self) -> None:
-        if self._explicit is None:
-            found = load_plugins()
-        else:
-            found = [PluginInfo(getattr(p, "__name__", type(p).__name__), None, None, p) for p in self._explicit]
-        for info in found:
-            obj = instantiate(info.obj)
-            name, n = info.name, 1
-            while self.pm.has_plugin(name):
-                n += 1
-                name = f"{info.name}-{n}"
-            self.pm.register(obj, name=name)
-            self.plugins.append(PluginInfo(name, info.distribution, info.version, obj))
+    async def start(self) -> None:
+        self.plugins = register(self.pm, self._explicit)
         check_hook_names(self.pm)
         self.hooks.reset()
-
-    async def start(self) -> None:
-        self._register()
-        specs: dict[str, type] = {}
-        for impl in self.hooks.impls("ksi_config_spec"):
-            spec = await self.hooks.call_impl(impl, "ksi_config_spec", {})
-            if spec is not None:
-                table, cls = spec
-                if table in specs:
-                    raise StartupError(f"config table [{table}] is declared by two plugins (second: {impl.plugin})")
-                specs[table] = cls
-        self.config = build_config(self._raw_config, specs)
+        self.config = build_config(self._raw_config, await self.hooks.config_specs())
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
-        await self._exclusive_hooks()
+        for name in await self.hooks.claim_exclusive(self):  # plugins left idle by ksi_exclusive_hooks
+            self.plugins = [p for p in self.plugins if p.name != name]
         self.db = await Database(self.db_path).open()
         try:
             for impl in reversed(self.hooks.impls("ksi_startup")):  # registration order
@@ -131,21 +110,6 @@ class Host:
         except BaseException:
             await self.stop()
             raise
-
-    async def _exclusive_hooks(self) -> None:
-        """``ksi_exclusive_hooks``: a plugin that takes hooks over; plugins left with nothing are unregistered."""
-        owners: dict[str, str] = {}
-        for impl in self.hooks.impls("ksi_exclusive_hooks"):
-            for hook in await self.hooks.call_impl(impl, "ksi_exclusive_hooks", {"host": self}) or ():
-                if hook in owners and owners[hook] != impl.plugin:
-                    raise StartupError(f"plugins {owners[hook]!r} and {impl.plugin!r} both claim {hook} for themselves")
-                owners[hook] = impl.plugin
-        if owners:
-            for name in self.hooks.give_exclusively(owners):
-                self.pm.unregister(name=name)
-                self.plugins = [p for p in self.plugins if p.name != name]
-                log.info("plugin %r is not started: its hooks are served by another plugin", name)
-            self.hooks.reset()
 
     async def stop(self) -> None:
         try:
@@ -218,6 +182,17 @@ class Host:
     async def providers(self, model: str | None = None) -> list[ProviderInfo]:
         """Every provider plugin's deployments serving ``model`` (all if None), in try order."""
         return [p for found in await self.hooks.call("ksi_list_providers", host=self, model=model) for p in found]
+
+    async def request_details(self, request_id: str) -> dict[str, Any] | None:
+        """Every plugin's sections about one request (``ksi_request_details``), merged; None if none knows it."""
+        merged: dict[str, Any] = {}
+        for sections in await self.hooks.call("ksi_request_details", host=self, request_id=request_id):
+            merged.update(sections)
+        return merged or None
+
+    async def list_requests(self, query: RequestQuery | None = None) -> list[dict[str, Any]]:
+        """Recent requests, newest first (``ksi_list_requests``)."""
+        return list(await self._need("ksi_list_requests", query=query or RequestQuery()))
 
     def stream(self, request: CompletionRequest | Mapping[str, Any]) -> CompletionStream:
         """Submit a request and stream its answer: ``async for delta in host.stream(r)``, then

@@ -330,3 +330,37 @@ async def test_two_plugins_claiming_one_hook_stop_start_up(make_host: Any) -> No
     with pytest.raises(Exception, match="both claim ksi_enqueue"):
         async with make_host(SharedQueue(), Other(), config={"shared": {"dsn_env": "X"}}):
             pass
+
+
+async def test_request_details_merge_every_plugins_sections_and_none_when_nobody_knows(make_host: Any) -> None:
+    class Store:
+        @hookimpl
+        def ksi_request_details(self, request_id: str) -> dict[str, Any] | None:
+            return {"request": {"request_id": request_id}, "state": "ok"} if request_id == "r1" else None
+
+    class Ledger:
+        @hookimpl
+        def ksi_request_details(self, request_id: str) -> dict[str, Any] | None:
+            return {"calls": [{"request_id": request_id, "outcome": "ok"}]} if request_id == "r1" else None
+
+    async with make_host(DirectQueue(), Store(), Ledger()) as host:
+        details = await host.request_details("r1")
+        assert details == {"request": {"request_id": "r1"}, "state": "ok", "calls": [{"request_id": "r1", "outcome": "ok"}]}
+        assert await host.request_details("nope") is None
+
+
+async def test_listing_requests_needs_a_plugin_that_keeps_them(make_host: Any) -> None:
+    from ksi_host import MissingPluginError, RequestQuery
+
+    class Keeper:
+        @hookimpl
+        def ksi_list_requests(self, query: RequestQuery) -> list[dict[str, Any]]:
+            return [{"request_id": f"r{i}", "status": query.status} for i in range(query.limit)]
+
+    async with make_host(DirectQueue(), Keeper()) as host:
+        assert [r["request_id"] for r in await host.list_requests(RequestQuery(limit=2, status="error"))] == ["r0", "r1"]
+    async with make_host(DirectQueue()) as host:
+        with pytest.raises(MissingPluginError, match="ksi_list_requests"):
+            await host.list_requests()
+    with pytest.raises(ValueError):
+        RequestQuery(status="weird")
