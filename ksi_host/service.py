@@ -114,7 +114,7 @@ class Host:
                 specs[table] = cls
         self.config = build_config(self._raw_config, specs)
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
-        self.db = await Database(self.db_path).open()
+        self.db = await Database(self.db_path, create=self.serve).open()
         try:
             for plugin, fn, argnames in reversed(self.hooks.impls("ksi_startup")):  # registration order
                 await self._call_one(plugin, fn, argnames, "ksi_startup")

@@ -148,11 +148,13 @@ def test_missing_input_file_and_bad_concurrency_exit_2(tmp_path, fake_site):
 
 
 def test_usage_without_tokens_plugin_says_what_to_install(tmp_path, fake_site):
+    (tmp_path / "k.db").touch()  # an existing (empty) database: read-only commands create none
     p = run_cli(["usage", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
     assert p.returncode == 2 and "no plugin implements ksi_usage_report: pip install ksi-tokens" in p.stderr
 
 
 def test_status_lists_providers(tmp_path, fake_site):
+    (tmp_path / "k.db").touch()  # an existing (empty) database: read-only commands create none
     p = run_cli(["status", "--json", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["providers"] == [{"name": "echo-main", "model": "echo*", "plugin": "fake", "state": "closed"}]

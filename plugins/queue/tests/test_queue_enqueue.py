@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from ksi_queue import Plugin
-from queue_helpers import GatedProvider, req, rows, settle, status_of
+from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
 from ksi_host import Database
 from ksi_host.errors import ConfigError, ProviderUnavailable
@@ -126,6 +126,7 @@ async def test_host_concurrency_overrides_the_queue_table(make_host: Any) -> Non
 
 async def test_serve_false_stores_but_does_not_run(make_host: Any, ksi_db_path: Any) -> None:
     provider = FakeProvider("p1")
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), ScriptedProviders(provider), serve=False) as host:
         ticket = await host.submit(req("later", "s1"))
         await settle()

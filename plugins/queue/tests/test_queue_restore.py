@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from ksi_queue import Plugin
-from queue_helpers import GatedProvider, req, rows, settle, status_of
+from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
 from ksi_host.errors import Cancelled
 from ksi_host.testing import ScriptedProviders
@@ -35,8 +35,9 @@ async def test_unfinished_requests_run_again_after_a_restart_in_their_order(make
     assert rows(ksi_db_path, "SELECT COUNT(*) FROM ksi_queue_requests") == [(6,)]
 
 
-async def test_restored_requests_keep_their_fields_and_priority(make_host: Any) -> None:
+async def test_restored_requests_keep_their_fields_and_priority(make_host: Any, ksi_db_path: Any) -> None:
     seen: list[Any] = []
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.submit(req("low", priority="low", agent_id="a1", purpose="p", max_tokens=9, temperature=0.5,
                               timeout_s=30.0, metadata={"x": "y", "n": 2}))
@@ -71,7 +72,8 @@ async def test_a_programming_error_reaches_the_waiter_and_leaves_the_request_sto
     assert fixed.calls == ["bug"]
 
 
-async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(make_host: Any) -> None:
+async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(make_host: Any, ksi_db_path: Any) -> None:
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.submit(req("orphan"))
     reported: list[dict[str, Any]] = []
@@ -90,6 +92,7 @@ async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(
 
 
 async def test_a_restored_request_can_be_cancelled_before_it_runs(make_host: Any, ksi_db_path: Any) -> None:
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.submit(req("first", "A"))
         await host.submit(req("second", "A"))
