@@ -342,7 +342,10 @@ def _commit_sync(conn: sqlite3.Connection, work: list[tuple[list[Statement], int
 
 
 def _run_grouped(conn: sqlite3.Connection, statements: list[Statement]) -> None:
-    """Run ``statements`` in order, each run of consecutive same-SQL statements as one ``executemany``."""
+    """Run ``statements`` in order, each run of consecutive same-SQL statements as one ``executemany``.
+
+    Measured with benchmarks/host_only.py (5 rounds interleaved, one CPU): against one ``execute`` per
+    statement, 3.5 us less CPU on the database thread per request (33.2 -> 29.8 us; ~5% of the total)."""
     if len(statements) == 1:
         conn.execute(*statements[0])
         return
