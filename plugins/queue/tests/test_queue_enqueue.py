@@ -155,7 +155,9 @@ async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_a
         other = sqlite3.connect(ksi_db_path, isolation_level=None)  # another process's writes
         now = 1_700_000_000.0
         for seq, rid in ((900, "done-elsewhere"), (901, "queued-elsewhere")):
-            other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now))
+            # (no request hash, as in rows stored before migration 3: their messages differ from req(rid)'s, and pass)
+            other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now,
+                                                  None))
             other.execute(schema.INSERT_PAYLOAD_NEW, (seq, '[{"role":"user","content":"from elsewhere"}]', "{}"))
         other.execute(schema.STORE_RESULT, ("ok", now, now, "answered elsewhere", "m", "p0", None, 1, 1, 2, None, None,
                                             None, 900))
