@@ -12,6 +12,9 @@ Two families, and the difference matters:
 
 Start-up problems (bad config, a plugin that fails to import) are
 :class:`StartupError`: ``ksi-host`` prints them as one line and exits 2.
+A database that cannot do its job (cannot be opened, read-only, damaged, full)
+is a :class:`DatabaseError`, an OperationalError (exit 1), or, found while the
+host starts, a :class:`DatabaseStartupError`, also a StartupError (exit 2).
 """
 
 from __future__ import annotations
@@ -71,6 +74,26 @@ class ValidationError(OperationalError):
     def at_line(self, line: int) -> ValidationError:
         """The same error, located at input line ``line``."""
         return ValidationError(self.field, self.reason, line=line)
+
+
+class DatabaseError(OperationalError):
+    """The database cannot do its job: it cannot be opened, is not a database, is read-only,
+    damaged or full, or its schema is newer than the code. Raised by :mod:`ksi_host.db`;
+    ``path`` names the file and ``problem`` says what is wrong, in SQLite's own words."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"database {path}: {problem}")
+
+    def at_startup(self) -> DatabaseStartupError:
+        """The same problem, found while the host starts (before any request ran)."""
+        return DatabaseStartupError(self.path, self.problem)
+
+
+class DatabaseStartupError(StartupError, DatabaseError):
+    """A :class:`DatabaseError` found while the host starts: opening the file, migrating the
+    tables. ``ksi-host`` prints it as one line and exits 2."""
 
 
 class MissingPluginError(OperationalError):
@@ -149,6 +172,8 @@ __all__ = [
     "Cancelled",
     "ConfigError",
     "ContextWindowExceeded",
+    "DatabaseError",
+    "DatabaseStartupError",
     "DeadlineExceeded",
     "KsiError",
     "MissingPluginError",

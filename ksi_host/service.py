@@ -26,8 +26,10 @@ from .attempts import AttemptRunner
 from .config import HOST_TABLE, build_config, load_config
 from .db import Database, default_db_path
 from .errors import (
+    DatabaseError,
     MissingPluginError,
     OperationalError,
+    StartupError,
 )
 from .hooks import HookCaller, check_hook_names
 from .models import (
@@ -102,10 +104,13 @@ class Host:
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
         for name in await self.hooks.claim_exclusive(self):  # plugins left idle by ksi_exclusive_hooks
             self.plugins = [p for p in self.plugins if p.name != name]
-        self.db = await Database(self.db_path).open()
+        self.db = await Database(self.db_path, create=self.serve).open()
         try:
             for impl in reversed(self.hooks.impls("ksi_startup")):  # registration order
-                await self.hooks.call_impl(impl, "ksi_startup", {"host": self})
+                try:
+                    await self.hooks.call_impl(impl, "ksi_startup", {"host": self})
+                except DatabaseError as e:  # found before any request ran: a start-up error (exit 2)
+                    raise (e if isinstance(e, StartupError) else e.at_startup()) from None
                 self._started.append(impl.plugin)
         except BaseException:
             await self.stop()

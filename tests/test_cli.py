@@ -153,11 +153,13 @@ def test_missing_input_file_and_bad_concurrency_exit_2(tmp_path, fake_site):
 
 
 def test_usage_without_tokens_plugin_says_what_to_install(tmp_path, fake_site):
+    (tmp_path / "k.db").touch()  # an existing (empty) database: read-only commands create none
     p = run_cli(["usage", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
     assert p.returncode == 2 and "no plugin implements ksi_usage_report: install ksi-tokens: pip install -e " in p.stderr
 
 
 def test_status_lists_providers(tmp_path, fake_site):
+    (tmp_path / "k.db").touch()  # an existing (empty) database: read-only commands create none
     p = run_cli(["status", "--json", "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["providers"] == [{"name": "echo-main", "model": "echo*", "plugin": "fake", "state": "closed"}]
@@ -197,6 +199,7 @@ def test_version(fake_site):
 
 def test_status_rounds_money_and_fits_the_terminal_json_keeps_everything(tmp_path, fake_site):
     env = {"KSI_HOST_PLUGINS": "fakestatus,echo", "COLUMNS": "80"}
+    (tmp_path / "k.db").touch()  # an empty database: read-only commands open only what exists
     p = run_cli(["status", "--db", str(tmp_path / "k.db")], site=fake_site, env=env)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -211,6 +214,7 @@ def test_status_rounds_money_and_fits_the_terminal_json_keeps_everything(tmp_pat
 
 
 def test_usage_table_shows_unpriced_calls(tmp_path, fake_site):
+    (tmp_path / "k.db").touch()
     p = run_cli(["usage", "--db", str(tmp_path / "k.db")], site=fake_site, env={"KSI_HOST_PLUGINS": "fakeusage"})
     assert p.returncode == 0, p.stderr
     head, _, priced, free, total = p.stdout.splitlines()

@@ -1,10 +1,12 @@
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
 from ksi_host import Database
 from ksi_host.db import WAL_AUTOCHECKPOINT_PAGES
+from ksi_host.errors import DatabaseError, DatabaseStartupError, OperationalError, StartupError
 
 
 async def test_pragmas(tmp_path):
@@ -28,7 +30,8 @@ async def test_migrations_are_recorded_per_owner_and_run_once(tmp_path):
         assert await db.migrate("one", [v1, v2]) == 2  # v1 is not run again (it would fail)
         assert await db.schema_version("one") == 2 and await db.schema_version("two") == 1
         assert [r["name"] for r in await db.fetchall("SELECT name FROM t")] == ["x"]
-        with pytest.raises(RuntimeError, match="newer"):
+        with pytest.raises(DatabaseStartupError, match=r"the tables of one are at schema version 2, newer than this "
+                                                       r"code knows \(1\)"):
             await db.migrate("one", [v1])
 
 
@@ -57,17 +60,19 @@ async def test_a_failing_statement_fails_only_its_writer(tmp_path):
 
 async def test_reader_does_not_block_writer(tmp_path):
     path = tmp_path / "a.db"
-    async with Database(path) as writer, Database(path) as reader:
+    async with Database(path) as writer:
         await writer.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY)"])
         await writer.execute("INSERT INTO t(id) VALUES (1)")
-        # the reader holds an open read transaction (a snapshot) ...
-        await reader.conn.execute("BEGIN")
-        assert (await reader.fetchone("SELECT COUNT(*) FROM t"))[0] == 1
+        # another connection holds an open read transaction (a snapshot) ...
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
         # ... and the writer still commits at once (no busy wait: WAL)
         await asyncio.wait_for(writer.execute("INSERT INTO t(id) VALUES (2)"), timeout=1.0)
-        assert (await reader.fetchone("SELECT COUNT(*) FROM t"))[0] == 1  # snapshot isolation
-        await reader.conn.execute("COMMIT")
-        assert (await reader.fetchone("SELECT COUNT(*) FROM t"))[0] == 2
+        assert reader.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1  # snapshot isolation
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2
+        reader.close()
 
 
 async def test_write_batch_is_atomic(tmp_path):
@@ -115,8 +120,8 @@ async def test_a_migration_that_breaks_a_foreign_key_or_fails_is_rolled_back(tmp
         assert await db.schema_version("t") == 1
         assert (await db.fetchone("SELECT COUNT(*) FROM p"))[0] == 1
         assert await db.fetchone("SELECT name FROM sqlite_master WHERE name = 'x'") is None
-        assert not db.conn.in_transaction and await db.pragma("foreign_keys") == 1
-        await db.execute("INSERT INTO p(id, kind) VALUES (2, 'b')")  # the connection still writes
+        assert await db.pragma("foreign_keys") == 1
+        await db.execute("INSERT INTO p(id, kind) VALUES (2, 'b')")  # no transaction left open: the connection still writes
 
 
 async def test_a_counted_batch_answers_the_rows_it_changed_beside_other_writers(tmp_path):
@@ -132,3 +137,132 @@ async def test_a_counted_batch_answers_the_rows_it_changed_beside_other_writers(
         assert (plain, counted, other, update) == (None, 2, None, 2)  # the conflict is not counted
         assert [tuple(r) for r in await db.fetchall("SELECT id, v FROM t ORDER BY id")] == [
             (1, "x"), (2, "old"), (3, "x"), (10, "new"), (11, "new")]
+
+
+# -- a database that cannot do its job -------------------------------------------------------------
+
+
+def _db_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ksi-db")]
+
+
+async def test_a_file_that_is_not_a_database_fails_to_open_naming_it_and_leaves_no_thread(tmp_path):
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not an SQLite database, only text " * 200)
+    before = _db_threads()
+    with pytest.raises(DatabaseStartupError) as caught:
+        await Database(path).open()
+    assert str(caught.value) == f"database {path}: file is not a database"
+    assert isinstance(caught.value, StartupError) and isinstance(caught.value, OperationalError)
+    assert _db_threads() == before  # a thread left running would keep the process from exiting
+
+
+async def test_a_path_that_cannot_be_opened_fails_to_open_naming_it(tmp_path):
+    (tmp_path / "a-folder.db").mkdir()
+    with pytest.raises(DatabaseStartupError, match=r"a-folder\.db: unable to open database file \(does its folder exist"):
+        await Database(tmp_path / "a-folder.db").open()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DatabaseStartupError, match=r"a-file/x\.db: cannot create its folder .*a-file: File exists"):
+        await Database(tmp_path / "a-file" / "x.db").open()
+    assert _db_threads() == []
+
+
+async def test_create_false_opens_an_existing_file_only_and_creates_nothing(tmp_path):
+    missing = tmp_path / "sub" / "missing.db"
+    with pytest.raises(DatabaseStartupError, match=r"missing\.db: no such file"):
+        await Database(missing, create=False).open()
+    assert not (tmp_path / "sub").exists()
+    async with Database(tmp_path / "a.db") as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY)"])
+        await db.execute("INSERT INTO t(id) VALUES (1)")
+    async with Database(tmp_path / "a.db", create=False) as db:
+        await db.execute("INSERT INTO t(id) VALUES (2)")  # opened read-write
+        assert [r[0] for r in await db.fetchall("SELECT id FROM t ORDER BY id")] == [1, 2]
+        assert await db.pragma("journal_mode") == "wal"
+
+
+async def test_a_full_database_fails_its_writers_with_sqlites_reason_and_keeps_what_was_committed(tmp_path):
+    path = tmp_path / "a.db"
+    async with Database(path) as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, filler TEXT)"])
+        pages = await db.pragma("page_count")
+        await db.pragma(f"max_page_count = {pages + 3}")  # a disk with three pages left
+        committed = 0
+        with pytest.raises(DatabaseError) as caught:
+            for i in range(100):
+                await db.execute("INSERT INTO t(id, filler) VALUES (?, ?)", (i, "x" * 1000))
+                committed += 1
+        # SQLite rolled the transaction back itself: its reason is not hidden behind a failed ROLLBACK
+        assert str(caught.value) == f"database {path}: database or disk is full"
+        assert not isinstance(caught.value, StartupError)
+        assert 0 < committed < 100
+        # a batch of writers, one transaction: each of them gets the error
+        many = await asyncio.gather(*(db.execute("INSERT INTO t(id, filler) VALUES (?, ?)", (1000 + i, "x" * 1000))
+                                      for i in range(5)), return_exceptions=True)
+        assert all(isinstance(r, DatabaseError) for r in many)
+        await db.pragma(f"max_page_count = {pages + 1000}")  # space again: the connection writes on
+        await db.execute("INSERT INTO t(id, filler) VALUES (?, ?)", (5000, "y"))
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM t").fetchone()[0] == committed + 1
+    con.close()
+
+
+async def test_a_read_only_database_is_a_database_error_and_a_startup_error_while_migrating(tmp_path):
+    async with Database(tmp_path / "a.db") as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY)"])
+        await db.pragma("query_only = 1")  # SQLite answers writes as it does on a read-only file
+        with pytest.raises(DatabaseError, match=r"a\.db: attempt to write a readonly database \(the file or its folder"):
+            await db.execute("INSERT INTO t(id) VALUES (1)")
+        with pytest.raises(DatabaseStartupError, match="attempt to write a readonly database"):
+            await db.migrate("u", ["CREATE TABLE u (id INTEGER PRIMARY KEY)"])
+        assert await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY)"]) == 1  # up to date: only reads
+
+
+async def test_a_damaged_page_is_a_database_error_naming_the_file(tmp_path):
+    path = tmp_path / "a.db"
+    async with Database(path) as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, filler TEXT)"])
+        await db.executemany("INSERT INTO t(id, filler) VALUES (?, ?)", [(i, "x" * 500) for i in range(200)])
+        await db.pragma("wal_checkpoint(TRUNCATE)")
+        page_size = await db.pragma("page_size")
+    with open(path, "r+b") as f:  # the header and the schema (pages 1-2) stay; table pages are overwritten
+        f.seek(3 * page_size)
+        f.write(b"\xff" * (5 * page_size))
+    async with Database(path) as db:  # the header is fine: it opens
+        with pytest.raises(DatabaseError, match=r"a\.db: database disk image is malformed \(the file is damaged\)"):
+            await db.fetchall("SELECT * FROM t")
+
+
+async def test_migrations_started_together_apply_each_script_once(tmp_path):
+    """Two connections (two processes) migrate at once while a third holds the write lock: both read
+    version 0 first; the version is read again under the write lock, so the script runs once."""
+    path = tmp_path / "a.db"
+    async with Database(path):
+        pass
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    scripts = ["CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t(id) VALUES (1)"]
+    async with Database(path) as a, Database(path) as b:
+        both = asyncio.gather(a.migrate("t", scripts), b.migrate("t", scripts), return_exceptions=True)
+        await asyncio.sleep(0.5)  # both are waiting for the write lock now
+        lock.execute("COMMIT")
+        assert await both == [1, 1]
+        assert (await a.fetchone("SELECT COUNT(*) FROM t"))[0] == 1
+    lock.close()
+
+
+def test_migration_scripts_split_at_statement_ends_only():
+    from ksi_host.db import _statements
+
+    script = """
+        CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT DEFAULT 'a;b');  -- a comment; with a semicolon
+        CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN UPDATE t SET v = 'c;d' WHERE id = new.id; END;
+        INSERT INTO t(id) VALUES (1)
+    """
+    parts = _statements(script)
+    assert len(parts) == 3 and parts[1].strip().startswith("-- a comment; with a semicolon\n        CREATE TRIGGER")
+    assert parts[1].rstrip().endswith("END;") and parts[2].strip().rstrip(";").strip() == "INSERT INTO t(id) VALUES (1)"
+    con = sqlite3.connect(":memory:")
+    for statement in parts:
+        con.execute(statement)
+    assert con.execute("SELECT v FROM t").fetchall() == [("c;d",)]

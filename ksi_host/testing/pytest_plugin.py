@@ -34,8 +34,11 @@ def pytest_pycollect_makeitem(collector: Any, name: str, obj: Any) -> None:
 
 @pytest.fixture
 def ksi_db_path(tmp_path: Any) -> Any:
-    """A fresh database path for one test."""
-    return tmp_path / "ksi-test.db"
+    """A fresh, empty database for one test (an empty file is an empty SQLite database: read-only hosts,
+    ``serve=False``, open it too; only serving hosts create a missing one)."""
+    path = tmp_path / "ksi-test.db"
+    path.touch()
+    return path
 
 
 @pytest.fixture

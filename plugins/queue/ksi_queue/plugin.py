@@ -21,14 +21,14 @@ from collections import deque
 from typing import Any
 
 import ksi_host
-from ksi_host.errors import Cancelled, OperationalError, StartupError
+from ksi_host.errors import Cancelled, DatabaseError, OperationalError, StartupError, ValidationError
 from ksi_host.models import PRIORITIES, CompletionRequest, CompletionResult, Ticket, iso
 
 from . import schema
 from .config import QueueConfig
 from .owner import alive, process_start
 from .scheduler import ACCEPTING, DONE, QUEUED, RUNNING, STORING, Entry, Scheduler
-from .store import QueueStore, request_params
+from .store import QueueStore, Stored, differences, hash_of, request_params
 
 COMMAND_POLL_S = 0.2  # how often the serving process looks for commands from other processes
 COMMAND_WAIT_S = 10.0  # how long another process waits for the serving process to answer
@@ -39,6 +39,23 @@ _SERVING: dict[str, Plugin] = {}
 
 class ServedElsewhere(OperationalError):
     """Another process serves this queue; the operation must go through it."""
+
+
+_OWNER_CHANGED = object()  # _cancel_row's answer when another process started serving meanwhile
+
+
+def _owner_key(row: Any) -> tuple[Any, Any]:
+    """What identifies an owner row in the statements that check it is unchanged: (pid, started_at), or (None, None)."""
+    return (None, None) if row is None else (row["pid"], row["started_at"])
+
+
+def _check_same_request(stored: CompletionRequest, request: CompletionRequest) -> None:
+    """Raise ValidationError naming the request id and the fields in which ``request`` differs from ``stored``."""
+    differ = differences(stored, request)
+    if differ:
+        raise ValidationError("request_id", f"{request.request_id!r} is already stored with a different request "
+                              f"(differs in {', '.join(differ)}): a request id names one request; give this one its own "
+                              "request_id")
 
 
 def _db_key(path: str) -> str | None:
@@ -79,36 +96,49 @@ class Plugin:
             raise StartupError(f"config key host.concurrency: must be a positive integer, got {limit!r}")
         self.host = host
         self.store = QueueStore(host.db, self._saved, self._save_failed)
-        await self.store.migrate()
         self.sched = Scheduler(limit, cfg.model_limits)
-        self.seq = await self.store.max_seq()
+        try:
+            await self.store.migrate()
+            if host.serve:
+                await self._claim()
+                try:
+                    self.seq = await self.store.max_seq()  # after the claim: no other process adds rows now
+                    await self._restore()
+                except BaseException:
+                    await self._release()
+                    raise
+        except DatabaseError as e:  # found before any request ran: a start-up failure (ksi-host exits 2)
+            if isinstance(e, StartupError):
+                raise
+            raise e.at_startup() from e
         if not host.serve:
             return
-        await self._claim()
-        try:
-            await self._restore()
-        except BaseException:
-            await self._release()
-            raise
         self.serving = True
         self._pump()
         self._commands = asyncio.ensure_future(self._command_loop())
 
     async def _claim(self) -> None:
-        """Become the one process serving this database."""
+        """Become the one process serving this database. The owner row seen (none, or a process that is
+        gone) is replaced by ours in one counted transaction: if another process claimed the queue since
+        it was read, nothing changes, and that process is named."""
         db = self.host.db
         key = _db_key(db.path)
         if key is not None and key in _SERVING:
             raise StartupError(f"ksi-queue: another Host of this process already serves the queue in {db.path}")
         pid = os.getpid()
-        row = await db.fetchone(schema.SELECT_OWNER)
-        if row is not None and row["pid"] != pid and alive(row["pid"], row["process_start"]):
-            raise StartupError(
-                f"ksi-queue: the queue in {db.path} is served by process {row['pid']} (since {iso(row['started_at'])}); "
-                "stop it first: two serving processes would send the same requests twice"
-            )
-        started = time.time()
-        await db.execute(schema.SET_OWNER, (pid, process_start(pid), started))
+        while True:
+            row = await db.fetchone(schema.SELECT_OWNER)
+            if row is not None and row["pid"] != pid and alive(row["pid"], row["process_start"]):
+                raise StartupError(
+                    f"ksi-queue: the queue in {db.path} is served by process {row['pid']} (since {iso(row['started_at'])}); "
+                    "stop it first: two serving processes would send the same requests twice"
+                )
+            started = time.time()
+            claim = [(schema.CLAIM_OWNER, (pid, process_start(pid), started))]
+            if row is not None:
+                claim.insert(0, (schema.DELETE_OWNER, (row["pid"], row["started_at"])))
+            if await db.write_batch(claim, count=True):
+                break
         await db.execute(schema.EXPIRE_COMMANDS, (started,))
         await db.execute(schema.PURGE_COMMANDS, (started - 86400,))
         self._owner = (pid, started)
@@ -175,7 +205,15 @@ class Plugin:
     async def ksi_enqueue(self, host: Any, request: CompletionRequest) -> Ticket:
         rid = request.request_id
         e = self.entries.get(rid)
-        if e is not None:
+        if e is not None:  # queued or running here: the same run, if it is the same request
+            if e.request is None:  # restored: its request is still in the database
+                stored = await self.store.lookup(rid)
+                if stored is not None:
+                    await self._check_same(request, hash_of(request), stored)
+                if self.entries.get(rid) is not e:  # it finished meanwhile: answer from its stored row
+                    return await self.ksi_enqueue(host, request)
+            elif e.request is not request:
+                _check_same_request(e.request, request)
             return self._attach(e)
         if self.closing:
             raise Cancelled(f"the queue is shutting down; request {rid} was not accepted")
@@ -197,6 +235,14 @@ class Plugin:
                 t.set_exception(exc)
             raise
         if stored is not None:
+            try:
+                await self._check_same(request, params[0][-1], stored)
+            except BaseException as exc:  # another request under this id: refused; the stored one stays as it is
+                self._forget(e)
+                for t in e.tickets[1:]:
+                    t.set_exception(exc)
+                self._pump()
+                raise
             if stored.final:  # idempotency: never run again
                 self._forget(e)
                 for t in e.tickets:
@@ -232,13 +278,28 @@ class Plugin:
     async def _enqueue_unserved(self, request: CompletionRequest) -> Ticket:
         """``serve=False``: store the request for the next serving process; its ticket completes only there."""
         params = request_params(None, request, time.time())
-        await self._refuse_if_served("submit requests")
-        stored = await self.store.accept(request.request_id, params)
-        if stored is not None and stored.final:
-            return Ticket.done(stored.result)
+        while True:
+            row = await self._owner_row()
+            if self._serves(row):
+                raise ServedElsewhere(f"the queue in {self.host.db.path} is served by process {row['pid']}: "
+                                      "submit requests through it")
+            stored = await self.store.accept_unserved(params, _owner_key(row))
+            if stored is not False:  # else a process started serving since the owner row was read: look again
+                break
+        if stored is not None:
+            await self._check_same(request, params[0][-1], stored)
+            if stored.final:
+                return Ticket.done(stored.result)
         ticket = Ticket(request.request_id)
         self._unserved_tickets.append(ticket)
         return ticket
+
+    async def _check_same(self, request: CompletionRequest, new_hash: str, stored: Stored) -> None:
+        """Raise ValidationError if the request stored under ``request``'s id asks something else
+        (rows stored before migration 3 have no hash: accepted)."""
+        if stored.request_hash is None or stored.request_hash == new_hash:
+            return
+        _check_same_request(await self.store.load(stored.seq), request)
 
     # -- running -------------------------------------------------------------------------
 
@@ -304,6 +365,11 @@ class Plugin:
             error.__cause__ = exc
             self._crashed(e, error)
             return
+        except DatabaseError as exc:  # a table (the ledger's, ...) could not be written: no result is stored either; the
+            # request stays stored unfinished (it runs again at the next start) and its tickets get the error
+            if e.state == RUNNING:  # (else it was cancelled meanwhile: the cancelled result stands)
+                self._crashed(e, exc, "stopped: the database failed")
+            return
         except OperationalError as err:  # host.execute turns these into results; keep that promise for it
             result = CompletionResult.failed(e.request_id, err, model=e.model, session_id=e.session_id)
         except Exception as exc:
@@ -319,14 +385,14 @@ class Plugin:
         self.store.save_result(e, result)
         self._pump()
 
-    def _crashed(self, e: Entry, exc: BaseException) -> None:
-        """A programming error ended the run of ``e``: its tickets get the exception;
-        the request stays stored unfinished (it runs again at the next start)."""
+    def _crashed(self, e: Entry, exc: BaseException, what: str = "stopped with a programming error") -> None:
+        """A programming error (or a database failure) ended the run of ``e``: its tickets get the
+        exception; the request stays stored unfinished (it runs again at the next start)."""
         if e.state == RUNNING:
             self.sched.executed(e)
         self.sched.done(e)
         e.error = exc
-        self._deliver_error(e, exc, "stopped with a programming error")
+        self._deliver_error(e, exc, what)
         self._pump()
 
     def _deliver_error(self, e: Entry, exc: BaseException, what: str) -> None:
@@ -384,7 +450,8 @@ class Plugin:
     async def _cancel_local(self, request_id: str) -> bool | None:
         e = self.entries.get(request_id)
         if e is None:
-            return await self._cancel_row(request_id)
+            outcome = await self._cancel_row(request_id, self._owner)
+            return False if outcome is _OWNER_CHANGED else outcome  # (we own it: the row became final meanwhile)
         if e.error is not None:
             e.state = QUEUED
         if e.state == ACCEPTING:
@@ -422,53 +489,61 @@ class Plugin:
     async def ksi_cancel(self, host: Any, request_id: str) -> bool | None:
         if self.serving:
             return await self._cancel_local(request_id)
-        owner = await self._live_owner()
-        if owner is not None:
-            outcome = await self._send_command("cancel", request_id, owner)
-            return None if outcome is None else bool(outcome)
-        return await self._cancel_row(request_id)
+        while True:
+            row = await self._owner_row()
+            if self._serves(row):
+                outcome = await self._send_command("cancel", request_id, row)
+                return None if outcome is None else bool(outcome)
+            outcome = await self._cancel_row(request_id, _owner_key(row))
+            if outcome is not _OWNER_CHANGED:
+                return outcome
 
-    async def _cancel_row(self, request_id: str) -> bool | None:
-        """Cancel a request known only by its row (not in this process's memory): None if unknown,
-        False if final, True once its cancelled result is stored."""
+    async def _cancel_row(self, request_id: str, owner: tuple[Any, Any] | None) -> Any:
+        """Cancel a request known only by its row (not in this process's memory), if the owner row is
+        still ``owner``: None if unknown, False if final, True once its cancelled result is stored,
+        ``_OWNER_CHANGED`` if another process started serving since (nothing changed: ask it)."""
         stored = await self.store.lookup(request_id)
         if stored is None:
             return None
         if stored.final:
             return False
-        await self.store.cancel_stored([request_id], time.time(), "cancelled before it ran")
-        return True
+        if await self.store.cancel_stored(request_id, "cancelled before it ran", owner or (None, None)):
+            return True
+        return _OWNER_CHANGED  # (or the row became final meanwhile: the caller looks again and finds out)
 
     @ksi_host.hookimpl
     async def ksi_clear_session(self, host: Any, session_id: str) -> int:
         if self.serving:
             return await self._clear_local(session_id)
-        owner = await self._live_owner()
-        if owner is not None:
-            return int(await self._send_command("clear_session", session_id, owner) or 0)
-        rows = await host.db.fetchall(schema.SELECT_SESSION_QUEUED, (session_id,))
-        ids = [r[0] for r in rows]
-        if ids:
-            await self.store.cancel_stored(ids, time.time(), f"cancelled: session {session_id} was cleared")
-        return len(ids)
+        while True:
+            row = await self._owner_row()
+            if self._serves(row):
+                return int(await self._send_command("clear_session", session_id, row) or 0)
+            owner = _owner_key(row)
+            n = await self.store.clear_stored(session_id, f"cancelled: session {session_id} was cleared", owner)
+            if n or _owner_key(await self._owner_row()) == owner:
+                return n
 
     # -- other processes ---------------------------------------------------------------------
 
-    async def _live_owner(self) -> Any:
-        """The owner row of a process (or another Host of this one) serving this database, or None."""
-        row = await self.host.db.fetchone(schema.SELECT_OWNER)
+    async def _owner_row(self) -> Any:
+        """The row of ``ksi_queue_owner`` (the process that serves or served this database), or None."""
+        return await self.host.db.fetchone(schema.SELECT_OWNER)
+
+    def _serves(self, row: Any) -> bool:
+        """Does the owner ``row`` name a process (or another Host of this one) that serves the database now?"""
         if row is None:
-            return None
+            return False
         if row["pid"] == os.getpid():
             key = _db_key(self.host.db.path)
             other = _SERVING.get(key) if key is not None else None
-            return row if other is not None and other is not self else None
-        return row if alive(row["pid"], row["process_start"]) else None
+            return other is not None and other is not self
+        return alive(row["pid"], row["process_start"])
 
-    async def _refuse_if_served(self, what: str) -> None:
-        owner = await self._live_owner()
-        if owner is not None:
-            raise ServedElsewhere(f"the queue in {self.host.db.path} is served by process {owner['pid']}: {what} through it")
+    async def _live_owner(self) -> Any:
+        """The owner row of a process (or another Host of this one) serving this database, or None."""
+        row = await self._owner_row()
+        return row if self._serves(row) else None
 
     async def _send_command(self, kind: str, target: str, owner: Any) -> int | None:
         """Ask the serving process to cancel / clear; wait for its answer."""
@@ -531,6 +606,12 @@ class Plugin:
                 per[sid] = [queued or 0, running or 0, oldest]
             owner = await self._live_owner()
             served_by = owner["pid"] if owner is not None else None
+        if self.serving:
+            in_flight = self.sched.in_flight
+        elif served_by is not None:  # the rows marked running (a request gets its mark MARK_DELAY_S after it started)
+            in_flight = sum(r[1] for r in per.values())
+        else:  # rows left running by a process that is gone run again at the next start: nothing is in flight
+            in_flight = 0
         now = time.time()
 
         def wait(created: float | None) -> float | None:
@@ -543,7 +624,7 @@ class Plugin:
             "sessions": sum(1 for sid in per if sid is not None),
             "oldest_wait_s": wait(oldest),
             "concurrency": self.sched.limit,
-            "in_flight": self.sched.in_flight if self.serving else None,
+            "in_flight": in_flight,
             "served_by_pid": served_by,
             "model_limits": dict(self.sched.model_limits),
             "by_session": [

@@ -9,6 +9,12 @@ changes. ``ksi_queue_attempts`` holds the attempts of final results, one row
 each. ``ksi_queue_owner`` names the process that
 serves the queue; ``ksi_queue_commands`` carries cancel / clear-session
 requests from other processes (``ksi-host cancel``) to that process.
+
+Every write that depends on who serves the queue (claiming it; a process that
+does not serve storing or cancelling rows) carries its check in the statement
+itself (``WHERE`` on ``ksi_queue_owner``) and is counted, so the check and the
+write are one transaction: a process that starts serving in between makes the
+write change nothing, and the writer looks again.
 """
 
 from __future__ import annotations
@@ -122,6 +128,12 @@ MIGRATIONS = [
     ALTER TABLE ksi_queue_requests_v2 RENAME TO ksi_queue_requests;
     CREATE INDEX ksi_queue_requests_unfinished ON ksi_queue_requests(seq) WHERE status IN ('queued', 'running');
     """,
+    # v3: a hash of what the request asks (model, messages, max_tokens, temperature: see store.request_hash), so
+    # a request id submitted again with a different request is refused instead of answered with the old result.
+    # Rows stored before have none (NULL) and are accepted as before.
+    """
+    ALTER TABLE ksi_queue_requests ADD COLUMN request_hash TEXT
+    """,
 ]
 
 REQUEST_COLUMNS = (
@@ -129,13 +141,16 @@ REQUEST_COLUMNS = (
     " r.max_tokens, r.temperature, r.timeout_s"
 )
 RESULT_COLUMNS = (
-    "status, started_at, finished_at, result_text, result_model, result_provider, result_session_id,"
+    "request_hash, status, started_at, finished_at, result_text, result_model, result_provider, result_session_id,"
     " prompt_tokens, completion_tokens, total_tokens, cost_usd, error_type, error_message"
 )
 
+_REQUEST_INSERT_COLUMNS = (
+    "seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority, max_tokens, temperature,"
+    " timeout_s, status, created_at, request_hash"
+)
 INSERT_REQUEST = (
-    "INSERT INTO ksi_queue_requests (seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority,"
-    " max_tokens, temperature, timeout_s, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)"
+    f"INSERT INTO ksi_queue_requests ({_REQUEST_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)"
 )
 # Accepting in one transaction without looking first: a request id stored before is skipped
 # (not counted in the transaction's changes), and so is the payload of a row that was not inserted.
@@ -144,10 +159,19 @@ INSERT_PAYLOAD_NEW = (
     "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"
     " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM ksi_queue_requests WHERE seq = ?1)"
 )
-# For rows numbered by SQLite (a process that does not serve): the payload finds its row by request id.
-INSERT_PAYLOAD_BY_ID = (
+
+# The owner row is absent, or is the one the writer saw (a process that is gone); two parameters: its pid and
+# started_at, or NULL and NULL. `IS` compares NULL as a value: an owner row written since never matches.
+OWNER_UNCHANGED = "NOT EXISTS (SELECT 1 FROM ksi_queue_owner WHERE NOT (pid IS ? AND started_at IS ?))"
+# A process that does not serve stores a request only while no process serves (SQLite numbers the row; the
+# serving process reads the highest seq after it claimed the queue, so the numbers never collide).
+INSERT_REQUEST_UNSERVED = (
+    f"INSERT INTO ksi_queue_requests ({_REQUEST_INSERT_COLUMNS})"
+    f" SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ? WHERE {OWNER_UNCHANGED} ON CONFLICT(request_id) DO NOTHING"
+)
+INSERT_PAYLOAD_UNSERVED = (  # (messages_json, metadata_json, request_id): the payload of the row just inserted, if any
     "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"
-    " VALUES ((SELECT seq FROM ksi_queue_requests WHERE request_id = ?), ?, ?)"
+    " SELECT seq, ?, ? FROM ksi_queue_requests WHERE request_id = ? ON CONFLICT(seq) DO NOTHING"
 )
 MARK_RUNNING = "UPDATE ksi_queue_requests SET status = 'running', started_at = ? WHERE seq = ? AND status = 'queued'"
 STORE_RESULT = (
@@ -159,11 +183,15 @@ INSERT_ATTEMPT = (
     "INSERT INTO ksi_queue_attempts (request_id, number, provider, error_type, error_message, delay_s, latency_ms)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-# Used when no process serves the queue (``ksi-host cancel`` on a stopped queue).
-CANCEL_STORED = (
+# Cancelling a row no process has in memory (``ksi-host cancel`` on a stopped queue), while the owner row is
+# unchanged: (now, now, message, request_id or session_id, owner pid, owner started_at).
+_CANCEL_ROWS = (
     "UPDATE ksi_queue_requests SET status = 'cancelled', started_at = COALESCE(started_at, ?), finished_at = ?,"
     " error_type = 'Cancelled', error_message = ?, prompt_tokens = 0, completion_tokens = 0, total_tokens = 0"
-    " WHERE request_id = ? AND status IN ('queued', 'running')"
+)
+CANCEL_STORED = _CANCEL_ROWS + f" WHERE request_id = ? AND status IN ('queued', 'running') AND {OWNER_UNCHANGED}"
+CLEAR_STORED = (
+    _CANCEL_ROWS + f" WHERE status IN ('queued', 'running') AND session_id = ? AND status = 'queued' AND {OWNER_UNCHANGED}"
 )
 
 SELECT_UNFINISHED = (
@@ -174,10 +202,6 @@ SELECT_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM ksi_queue_requests"
 SELECT_STATUS = (
     "SELECT session_id, SUM(status = 'queued'), SUM(status = 'running'), MIN(CASE WHEN status = 'queued' THEN created_at END)"
     " FROM ksi_queue_requests WHERE status IN ('queued', 'running') GROUP BY session_id"
-)
-SELECT_SESSION_QUEUED = (
-    "SELECT request_id FROM ksi_queue_requests WHERE status IN ('queued', 'running') AND session_id = ? AND status = 'queued'"
-    " ORDER BY seq"
 )
 
 
@@ -205,7 +229,12 @@ def select_attempts(n: int) -> str:
 
 
 SELECT_OWNER = "SELECT pid, process_start, started_at FROM ksi_queue_owner WHERE id = 1"
-SET_OWNER = "INSERT OR REPLACE INTO ksi_queue_owner (id, pid, process_start, started_at) VALUES (1, ?, ?, ?)"
+# Claiming the queue, in one transaction: the owner row seen (a process that is gone) is deleted, and ours is
+# inserted unless a row is there. Counted: nothing changed means another process claimed it meanwhile.
+DELETE_OWNER = "DELETE FROM ksi_queue_owner WHERE id = 1 AND pid = ? AND started_at = ?"
+CLAIM_OWNER = (
+    "INSERT INTO ksi_queue_owner (id, pid, process_start, started_at) VALUES (1, ?, ?, ?) ON CONFLICT(id) DO NOTHING"
+)
 CLEAR_OWNER = "DELETE FROM ksi_queue_owner WHERE id = 1 AND pid = ? AND started_at = ?"
 
 INSERT_COMMAND = "INSERT INTO ksi_queue_commands (command_id, kind, target, requested_at) VALUES (?, ?, ?, ?)"

@@ -13,10 +13,10 @@ kind through one ``executemany`` in one transaction.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from ksi_host.db import Database
@@ -31,13 +31,15 @@ MARK_DELAY_S = 0.05  # a request still running this long after it started gets i
 
 
 class Stored:
-    """A request found in the table: its ``seq``, and its ``result`` if final."""
+    """A request found in the table: its ``seq``, its ``request_hash`` (None in rows stored before
+    migration 3), and its ``result`` if final."""
 
-    __slots__ = ("seq", "status", "result")
+    __slots__ = ("seq", "status", "request_hash", "result")
 
-    def __init__(self, seq: int, status: str, result: CompletionResult | None) -> None:
+    def __init__(self, seq: int, status: str, request_hash: str | None, result: CompletionResult | None) -> None:
         self.seq = seq
         self.status = status
+        self.request_hash = request_hash
         self.result = result
 
     @property
@@ -48,16 +50,12 @@ class Stored:
 # -- conversions ----------------------------------------------------------------
 
 
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_encode = _encoder.encode
-if c_make_encoder is not None:
-    # The C encoder JSONEncoder.encode builds at every call, built once: ~4 us less per request.
-    # No circular-reference markers: a validated request cannot hold a cycle (its validation walks
-    # every string under messages, and metadata holds only scalars).
-    _c_encode = c_make_encoder(None, _encoder.default, encode_basestring, None, ":", ",", False, False, True)
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-    def _encode(value: Any) -> str:
-        return "".join(_c_encode(value, 0))
+HASHED_FIELDS = ("model", "messages", "max_tokens", "temperature")
+"""What a request asks, for the check of a request id submitted again: the same id with any of these
+different is refused. Who asks and how it is scheduled (session, agent, purpose, priority, timeout,
+metadata) may differ: the stored result still answers the question."""
 
 
 def _json(value: Any, field: str) -> str:
@@ -69,13 +67,29 @@ def _json(value: Any, field: str) -> str:
         raise ValidationError(field, f"must be JSON-serialisable to be queued ({e})") from None
 
 
-def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The ``ksi_queue_requests`` row and the ``ksi_queue_payloads`` row of ``r``.
+def request_hash(r: CompletionRequest, messages_json: str) -> str:
+    """A hash of the ``HASHED_FIELDS`` of ``r`` (``messages_json``: its messages as stored)."""
+    text = f"{r.model}\x00{r.max_tokens!r}\x00{r.temperature!r}\x00{messages_json}"
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
-    With ``seq`` None SQLite numbers the row and the payload finds it by request id."""
+
+def hash_of(r: CompletionRequest) -> str:
+    """The request hash of ``r`` (as :func:`request_params` stores it)."""
+    return request_hash(r, _json(r.messages, "messages"))
+
+
+def differences(stored: CompletionRequest, new: CompletionRequest) -> list[str]:
+    """The ``HASHED_FIELDS`` whose values differ (by value: key order in a message, 1 or 1.0, do not count)."""
+    return [name for name in HASHED_FIELDS if getattr(stored, name) != getattr(new, name)]
+
+
+def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The ``ksi_queue_requests`` row (its last value: the request hash) and the ``ksi_queue_payloads`` row
+    (seq, messages, metadata) of ``r``. With ``seq`` None SQLite numbers the row."""
+    messages = _json(r.messages, "messages")
     row = (seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,
-           r.max_tokens, r.temperature, r.timeout_s, created_at)
-    payload = (r.request_id if seq is None else seq, _json(r.messages, "messages"), _json(r.metadata, "metadata"))
+           r.max_tokens, r.temperature, r.timeout_s, created_at, request_hash(r, messages))
+    payload = (seq, messages, _json(r.metadata, "metadata"))
     return row, payload
 
 
@@ -170,9 +184,29 @@ class QueueStore:
         """``(seq, request_id, session_id, model, priority, created_at)`` of every queued or running row, by seq."""
         return await self.db.fetchall(schema.SELECT_UNFINISHED)
 
-    async def cancel_stored(self, request_ids: Sequence[str], now: float, message: str) -> None:
-        """Cancel unfinished rows directly (only when no process serves the queue)."""
-        await self.db.executemany(schema.CANCEL_STORED, [(now, now, message, rid) for rid in request_ids])
+    async def cancel_stored(self, request_id: str, message: str, owner: tuple[Any, Any]) -> bool:
+        """Cancel the unfinished row of ``request_id`` if the owner row is still ``owner`` ((pid, started_at)
+        of a process that is gone, or (None, None): no owner). True if it was cancelled."""
+        now = time.time()
+        return bool(await self.db.write_batch([(schema.CANCEL_STORED, (now, now, message, request_id, *owner))], count=True))
+
+    async def clear_stored(self, session_id: str, message: str, owner: tuple[Any, Any]) -> int:
+        """Cancel the queued rows of ``session_id`` if the owner row is still ``owner``; how many."""
+        now = time.time()
+        return await self.db.write_batch([(schema.CLEAR_STORED, (now, now, message, session_id, *owner))], count=True)
+
+    async def accept_unserved(self, params: tuple[tuple[Any, ...], tuple[Any, ...]],
+                              owner: tuple[Any, Any]) -> Stored | None | bool:
+        """Store a request (``request_params`` with seq None) for the next serving process, if the owner row is
+        still ``owner``. None once stored; the row found if its id was stored before; False if the owner row
+        changed (a process started serving: nothing was stored)."""
+        row, (_, messages, metadata) = params
+        rid = row[1]
+        inserted = await self.db.write_batch([(schema.INSERT_REQUEST_UNSERVED, (*row, *owner)),
+                                              (schema.INSERT_PAYLOAD_UNSERVED, (messages, metadata, rid))], count=True)
+        if inserted:
+            return None
+        return (await self._fetch_stored([rid])).get(rid, False)
 
     # -- batched reads ---------------------------------------------------------
 
@@ -225,13 +259,6 @@ class QueueStore:
         new = {rid: params for rid, (_, params) in batch.items() if params is not None}
         if not new:
             return await self._fetch_stored(list(batch))
-        if any(row[0] is None for row, _ in new.values()):  # rows SQLite numbers (not serving): look first
-            found = await self._fetch_stored(list(batch))
-            fresh = [params for rid, params in new.items() if rid not in found]
-            if fresh:  # rows first, then their payloads: two executemany runs in one transaction
-                await self.db.write_batch([(schema.INSERT_REQUEST, row) for row, _ in fresh]
-                                          + [(schema.INSERT_PAYLOAD_BY_ID, payload) for _, payload in fresh])
-            return found
         statements = [(schema.INSERT_REQUEST_NEW, row) for row, _ in new.values()]
         statements += [(schema.INSERT_PAYLOAD_NEW, payload) for _, payload in new.values()]
         inserted = await self.db.write_batch(statements, count=True)
@@ -251,7 +278,7 @@ class QueueStore:
                 if row["status"] in schema.FINAL:
                     final_rows.append(row)
                 else:
-                    found[row["request_id"]] = Stored(row["seq"], row["status"], None)
+                    found[row["request_id"]] = Stored(row["seq"], row["status"], row["request_hash"], None)
         if final_rows:
             attempts: dict[str, list[Attempt]] = {}
             final_ids = [row["request_id"] for row in final_rows]
@@ -261,7 +288,7 @@ class QueueStore:
                     attempts.setdefault(a["request_id"], []).append(_attempt_from_row(a))
             for row in final_rows:
                 rid = row["request_id"]
-                found[rid] = Stored(row["seq"], row["status"], result_from_row(row, attempts.get(rid, ())))
+                found[rid] = Stored(row["seq"], row["status"], row["request_hash"], result_from_row(row, attempts.get(rid, ())))
         return found
 
     def load(self, seq: int) -> asyncio.Future[CompletionRequest]:

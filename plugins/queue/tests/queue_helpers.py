@@ -88,6 +88,13 @@ async def settle(rounds: int = 20) -> None:
         await asyncio.sleep(0)
 
 
+def stored_only(db_path: Any) -> Any:
+    """Create ``db_path`` empty, for a host that does not serve (``serve=False`` opens an existing database only)
+    and stores requests for a later serving host."""
+    open(db_path, "ab").close()
+    return db_path
+
+
 def rows(db_path: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Read the database file through a separate connection (what another process would see)."""
     conn = sqlite3.connect(str(db_path))

@@ -8,7 +8,7 @@ from typing import Any
 import ksi_queue.plugin as queue_plugin
 import pytest
 from ksi_queue import Plugin
-from queue_helpers import GatedProvider, req, rows, settle, status_of
+from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
 from ksi_host.testing import FakeProvider, ScriptedProviders
 
@@ -119,6 +119,7 @@ async def test_status_per_session_and_totals(make_host: Any) -> None:
 
 
 async def test_status_from_a_reading_host_reads_the_tables(make_host: Any, ksi_db_path: Any) -> None:
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:  # store only: nobody serves
         for i in range(3):
             await host.submit(req(f"a{i}", "A"))
@@ -131,6 +132,7 @@ async def test_status_from_a_reading_host_reads_the_tables(make_host: Any, ksi_d
 
 async def test_cancel_and_clear_on_a_stopped_queue_edit_the_rows(make_host: Any, ksi_db_path: Any) -> None:
     provider = FakeProvider("p1")
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         for i in range(3):
             await host.submit(req(f"a{i}", "A"))
@@ -184,6 +186,7 @@ async def test_the_owner_row_of_a_dead_process_is_taken_over(make_host: Any, ksi
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.db.execute("INSERT INTO ksi_queue_owner (id, pid, process_start, started_at) VALUES (1, ?, NULL, 0)",
                               (dead.pid,))

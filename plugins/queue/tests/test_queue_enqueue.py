@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from ksi_queue import Plugin
-from queue_helpers import GatedProvider, req, rows, settle, status_of
+from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
 from ksi_host import Database
 from ksi_host.errors import ConfigError, ProviderUnavailable
@@ -126,6 +126,7 @@ async def test_host_concurrency_overrides_the_queue_table(make_host: Any) -> Non
 
 async def test_serve_false_stores_but_does_not_run(make_host: Any, ksi_db_path: Any) -> None:
     provider = FakeProvider("p1")
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), ScriptedProviders(provider), serve=False) as host:
         ticket = await host.submit(req("later", "s1"))
         await settle()
@@ -154,7 +155,9 @@ async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_a
         other = sqlite3.connect(ksi_db_path, isolation_level=None)  # another process's writes
         now = 1_700_000_000.0
         for seq, rid in ((900, "done-elsewhere"), (901, "queued-elsewhere")):
-            other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now))
+            # (no request hash, as in rows stored before migration 3: their messages differ from req(rid)'s, and pass)
+            other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now,
+                                                  None))
             other.execute(schema.INSERT_PAYLOAD_NEW, (seq, '[{"role":"user","content":"from elsewhere"}]', "{}"))
         other.execute(schema.STORE_RESULT, ("ok", now, now, "answered elsewhere", "m", "p0", None, 1, 1, 2, None, None,
                                             None, 900))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from ksi_queue import Plugin
-from queue_helpers import GatedProvider, req, rows, settle, status_of
+from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
 from ksi_host.errors import Cancelled
 from ksi_host.testing import ScriptedProviders
@@ -29,14 +29,15 @@ async def test_unfinished_requests_run_again_after_a_restart_in_their_order(make
     async with make_host(Plugin(), ScriptedProviders(again), config={"queue": {"concurrency": 1}}) as host:
         q = (await host.status())["queue"]
         assert q["queued"] + q["running"] == 5
-        results = await asyncio.gather(*(host.complete(req(rid, sid)) for rid, sid in order))
+        results = await asyncio.gather(*(host.complete(req(rid, sid, temperature=0.25)) for rid, sid in order))
     assert again.calls == ["r1", "r2", "r3", "r4", "r5"]  # r0's stored result was not sent again
     assert [r.status for r in results] == ["ok"] * 6
     assert rows(ksi_db_path, "SELECT COUNT(*) FROM ksi_queue_requests") == [(6,)]
 
 
-async def test_restored_requests_keep_their_fields_and_priority(make_host: Any) -> None:
+async def test_restored_requests_keep_their_fields_and_priority(make_host: Any, ksi_db_path: Any) -> None:
     seen: list[Any] = []
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.submit(req("low", priority="low", agent_id="a1", purpose="p", max_tokens=9, temperature=0.5,
                               timeout_s=30.0, metadata={"x": "y", "n": 2}))
@@ -44,7 +45,9 @@ async def test_restored_requests_keep_their_fields_and_priority(make_host: Any) 
         await host.submit(req("plain"))
     gate = GatedProvider(open=True, on_call=seen.append)
     async with make_host(Plugin(), ScriptedProviders(gate), config={"queue": {"concurrency": 1}}) as host:
-        await asyncio.gather(*(host.complete(req(rid)) for rid in ("low", "critical", "plain")))
+        # the same requests (what they ask: max_tokens and temperature too; who asks and how may differ)
+        await asyncio.gather(host.complete(req("low", max_tokens=9, temperature=0.5)), host.complete(req("critical")),
+                             host.complete(req("plain")))
     # restored at once with one free slot: the first runs, then priority decides
     assert gate.calls == ["low", "critical", "plain"] or gate.calls == ["critical", "plain", "low"]
     low = next(r for r in seen if r.request_id == "low")
@@ -71,7 +74,8 @@ async def test_a_programming_error_reaches_the_waiter_and_leaves_the_request_sto
     assert fixed.calls == ["bug"]
 
 
-async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(make_host: Any) -> None:
+async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(make_host: Any, ksi_db_path: Any) -> None:
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.submit(req("orphan"))
     reported: list[dict[str, Any]] = []
@@ -90,6 +94,7 @@ async def test_a_programming_error_with_nobody_waiting_goes_to_the_loop_handler(
 
 
 async def test_a_restored_request_can_be_cancelled_before_it_runs(make_host: Any, ksi_db_path: Any) -> None:
+    stored_only(ksi_db_path)
     async with make_host(Plugin(), serve=False) as host:
         await host.submit(req("first", "A"))
         await host.submit(req("second", "A"))
@@ -132,12 +137,15 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
 
     from ksi_host import Database
 
+    v1_insert = ("INSERT INTO ksi_queue_requests (seq, request_id, session_id, agent_id, originator_agent_id, purpose, model,"
+                 " priority, max_tokens, temperature, timeout_s, status, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)")
     async with Database(ksi_db_path) as db:  # a database a version-1 ksi-queue left behind
         await db.migrate(schema.OWNER, schema.MIGRATIONS[:1])
         now = 1_700_000_000.0
         await db.write_batch([
-            (schema.INSERT_REQUEST, (1, "done", "A", None, None, None, "m", "normal", None, None, None, now)),
-            (schema.INSERT_REQUEST, (2, "waiting", "A", "ag", None, "p", "m", "high", 7, 0.5, None, now)),
+            (v1_insert, (1, "done", "A", None, None, None, "m", "normal", None, None, None, now)),
+            (v1_insert, (2, "waiting", "A", "ag", None, "p", "m", "high", 7, 0.5, None, now)),
             (schema.INSERT_PAYLOAD_NEW, (1, '[{"role":"user","content":"one"}]', "{}")),
             (schema.INSERT_PAYLOAD_NEW, (2, '[{"role":"user","content":"two"}]', '{"k":1}')),
             (schema.STORE_RESULT, ("ok", now, now + 1, "stored answer", "m", "p1", "A", 1, 2, 3, None, None, None, 1)),
@@ -151,7 +159,10 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
         "stored answer", 3, [("p1", 12.5)])
     assert waiting.ok
     con = sqlite3.connect(ksi_db_path)
-    assert con.execute("SELECT version FROM ksi_schema_versions WHERE owner = ?", (schema.OWNER,)).fetchone() == (2,)
+    assert con.execute("SELECT version FROM ksi_schema_versions WHERE owner = ?", (schema.OWNER,)).fetchone() == (3,)
+    # rows stored before migration 3 have no request hash: "done" and "waiting" were accepted although
+    # req()'s messages differ from the ones stored
+    assert con.execute("SELECT COUNT(*) FROM ksi_queue_requests WHERE request_hash IS NULL").fetchone() == (2,)
     table_sql = con.execute("SELECT sql FROM sqlite_master WHERE name = 'ksi_queue_requests'").fetchone()[0]
     assert "status = 'queued' OR" in table_sql and " IN (" not in table_sql
     assert con.execute("SELECT name FROM sqlite_master WHERE name = 'ksi_queue_requests_unfinished'").fetchone()
