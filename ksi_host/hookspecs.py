@@ -150,6 +150,18 @@ def ksi_startup(host: Host) -> None:
 
 
 @hookspec
+def ksi_drain(host: Host) -> None:
+    """Start no more requests; return once the running ones have their final results stored.
+
+    Called by ``host.drain()`` (the first Ctrl-C of ``ksi-host run``, a server
+    told to stop). A queue stops starting queued requests (they stay stored
+    for the next start), lets the running ones finish (each bounded by its
+    timeouts), stores their results and completes their tickets, then returns.
+    Every implementation is called. Returns nothing.
+    """
+
+
+@hookspec
 def ksi_shutdown(host: Host) -> None:
     """Close the plugin's resources.
 
@@ -168,7 +180,8 @@ def ksi_enqueue(host: Host, request: CompletionRequest) -> Ticket | None:
 
     Called by ``host.submit``. Store the request durably, then return a
     :class:`~ksi_host.models.Ticket` whose ``result()`` the caller awaits. When
-    the queue decides the request runs, it calls ``await host.execute(request)``
+    the queue decides the request runs, it calls ``await host.execute(request,
+    submitted_at=...)`` (unix seconds when it was accepted)
     (which selects a provider, calls it, handles failures and records usage),
     stores the final result, and completes the ticket with it. A result the
     queue makes itself (a cancel) is reported with

@@ -479,7 +479,9 @@ class CompletionResult:
     (``stop``, ``length``, ``tool_calls``, ``content_filter``) when ok.
     ``model`` is what answered. ``usage`` sums every upstream call of the
     request (retries included). ``error`` is None when ok, else
-    ``{"type": ..., "message": ...}``. Times are unix seconds.
+    ``{"type": ..., "message": ...}``. Times are unix seconds: ``submitted_at``
+    when the queue accepted it (None when unknown), ``started_at`` when it
+    began to run, ``finished_at`` when it ended.
     """
 
     request_id: str
@@ -495,6 +497,7 @@ class CompletionResult:
     finished_at: float | None = None
     message: dict[str, Any] | None = None
     finish_reason: str | None = None
+    submitted_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -537,6 +540,7 @@ class CompletionResult:
             "finished_at": iso(self.finished_at),
             "message": self.message,
             "finish_reason": self.finish_reason,
+            "submitted_at": iso(self.submitted_at),
         }
 
     @classmethod
@@ -562,6 +566,7 @@ class CompletionResult:
             finished_at=ts(d.get("finished_at")),
             message=d.get("message"),
             finish_reason=d.get("finish_reason"),
+            submitted_at=ts(d.get("submitted_at")),
         )
 
 

@@ -188,6 +188,10 @@ class Host:
         """Every provider plugin's deployments serving ``model`` (all if None), in try order."""
         return [p for found in await self.hooks.call("ksi_list_providers", host=self, model=model) for p in found]
 
+    async def drain(self) -> None:
+        """Start no more requests; return once the running ones have their results stored (``ksi_drain``)."""
+        await self.hooks.call("ksi_drain", host=self)
+
     async def request_details(self, request_id: str) -> dict[str, Any] | None:
         """Every plugin's sections about one request (``ksi_request_details``), merged; None if none knows it."""
         merged: dict[str, Any] = {}
@@ -213,9 +217,9 @@ class Host:
 
     # -- running one request (called by the queue) ------------------------------
 
-    async def execute(self, request: CompletionRequest) -> CompletionResult:
-        """Run ``request`` now: attempts, failure handling, usage. Never raises an
-        OperationalError (it becomes an error result); programming errors propagate."""
+    async def execute(self, request: CompletionRequest, *, submitted_at: float | None = None) -> CompletionResult:
+        """Run ``request`` now: attempts, failure handling, usage. Never raises an OperationalError (it becomes
+        an error result); programming errors propagate. ``submitted_at``: when the queue accepted it."""
         started_wall, started = time.time(), self.clock()
         deadline = started + request.timeout_s if request.timeout_s else None
         history: list[Attempt] = []
@@ -225,7 +229,8 @@ class Host:
             request = await self._prepare(request)
         except OperationalError as e:
             return await self.request_finished(request, CompletionResult.failed(
-                request.request_id, e, model=request.model, session_id=request.session_id, started_at=started_wall))
+                request.request_id, e, model=request.model, session_id=request.session_id, started_at=started_wall,
+                submitted_at=submitted_at))
         number = 0
         while True:
             number += 1
@@ -242,7 +247,7 @@ class Host:
                     request.request_id, "ok", text=response.message()["content"], model=response.model or request.model,
                     provider=run.provider, session_id=response.session_id or request.session_id,
                     usage=total or _NO_USAGE, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
-                    message=response.message(), finish_reason=response.finish_reason,
+                    message=response.message(), finish_reason=response.finish_reason, submitted_at=submitted_at,
                 ))
             decision = await self._attempts.decide(request, error, number, run, started, deadline, history, excluded)
             attempt = Attempt(number, run.provider, error.type, error.message,
@@ -255,6 +260,7 @@ class Host:
                     session_id=request.session_id, usage=total or _NO_USAGE, attempts=tuple(history),
                     started_at=started_wall, finished_at=time.time(),
                     text="".join(run.assembly.text) if run.streamed else None,  # what the consumer received
+                    submitted_at=submitted_at,
                 ))
             if decision.switch_provider and run.provider is not None:
                 excluded.add(run.provider)

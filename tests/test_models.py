@@ -53,7 +53,7 @@ def test_result_round_trips_through_json_form():
     d = r.to_dict()
     assert d["started_at"] == "2023-11-14T22:13:20.250Z"
     assert set(d) == {"request_id", "status", "text", "model", "provider", "session_id", "usage", "attempts",
-                      "error", "started_at", "finished_at", "message", "finish_reason"}
+                      "error", "started_at", "finished_at", "message", "finish_reason", "submitted_at"}
     assert CompletionResult.from_dict(d) == r
 
 
