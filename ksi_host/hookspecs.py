@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from .commands import Command
     from .errors import OperationalError
     from .models import (
         Attempt,
@@ -115,6 +116,20 @@ def ksi_config_spec() -> tuple[str, type] | None:
     environment variable that holds them (for example ``api_key_env``).
 
     Return None if the plugin has no config.
+    """
+
+
+@hookspec
+def ksi_cli_commands() -> list[Command] | None:
+    """Add sub-commands to ``ksi-host`` (as ``llm`` plugins do with ``register_commands``).
+
+    Called without arguments when ``ksi-host`` parses its command line (also
+    for ``--help``: keep it cheap, import heavy modules inside the command's
+    ``run``). Return a list of :class:`ksi_host.commands.Command` (name, help,
+    a function that adds the command's options to its argparse parser, and the
+    coroutine function that runs it and returns the exit code), or None. A name
+    that a built-in command or another plugin's command has stops ``ksi-host``
+    with a usage error naming both.
     """
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
 import signal
 import sys
 import traceback
 from typing import Any
+
+from ..commands import host_from_args, log_to_stderr, plugin_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 USAGE_GROUPS = ("model", "agent", "session", "purpose", "provider", "day")
@@ -87,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clear-session", parents=[common], help="cancel every queued request of a session")
     p.add_argument("session_id")
+
+    for plugin, command in plugin_commands():
+        if command.name in sub.choices:
+            parser.error(f"plugin {plugin!r} adds a command {command.name!r}, which ksi-host or another plugin has already")
+        p = sub.add_parser(command.name, parents=[common], help=command.help, description=command.description)
+        command.add_arguments(p)
+        p.set_defaults(plugin_command=command)
     return parser
 
 
-def _log_to_stderr(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+_log_to_stderr = log_to_stderr
 
 
 def _err(message: str) -> None:
@@ -108,16 +114,7 @@ def missing_plugin(hook: str) -> str:
 
 
 def _host(args: argparse.Namespace, *, serve: bool, concurrency: int | None = None) -> Any:
-    from ..config import LOG_LEVELS, load_config
-    from ..service import Host
-
-    config = load_config(args.config or os.environ.get("KSI_HOST_CONFIG"))
-    level = str(config.get("host", {}).get("log_level", "")).upper()
-    if not args.verbose and level in LOG_LEVELS and level != "WARNING":
-        _log_to_stderr(level)  # [host] log_level; the Host validates a bad value
-    if concurrency is not None:
-        config.setdefault("host", {})["concurrency"] = concurrency
-    return Host(config, args.db, serve=serve)
+    return host_from_args(args, serve=serve, concurrency=concurrency)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -304,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return cmd_plugins(args)
-        return asyncio.run(COMMANDS[args.command](args))
+        command = getattr(args, "plugin_command", None)
+        return asyncio.run(command.run(args) if command is not None else COMMANDS[args.command](args))
     except MissingPluginError as e:
         _err(missing_plugin(e.hook))
         return EXIT_USAGE

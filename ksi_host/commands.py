@@ -1,0 +1,89 @@
+"""Commands plugins add to ``ksi-host`` (the ``ksi_cli_commands`` hook), as ``llm`` plugins do.
+
+A plugin returns :class:`Command` objects; ``ksi-host`` adds each as a
+sub-command with the options every command takes (``--db``, ``--config``,
+``-v``) and runs it with the parsed arguments. :func:`host_from_args` builds
+the Host those options describe::
+
+    from ksi_host import hookimpl
+    from ksi_host.commands import Command, host_from_args
+
+    async def hello(args):
+        async with host_from_args(args, serve=False) as host:
+            print(await host.status())
+        return 0
+
+    class Plugin:
+        @hookimpl
+        def ksi_cli_commands(self):
+            return [Command("hello", "print the status", lambda parser: None, hello)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from .service import Host
+
+
+@attrs.frozen
+class Command:
+    """One ``ksi-host`` sub-command. ``add_arguments(parser)`` declares its own options; ``run(args)`` is a
+    coroutine function that does the work and returns the exit code (0 ok, 1 something failed, 2 bad usage).
+    Errors map as for every command: a StartupError exits 2, an OperationalError 1, anything else 70."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Awaitable[int]]
+    description: str | None = None
+
+
+def log_to_stderr(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def host_from_args(args: argparse.Namespace, *, serve: bool, **host_table: Any) -> Host:
+    """The Host that ``--config`` and ``--db`` name (else ``$KSI_HOST_CONFIG``, ``$KSI_HOST_DB``); the config's
+    ``[host] log_level`` logs to stderr unless ``-v`` chose a level; ``host_table`` overrides keys of ``[host]``."""
+    from .config import LOG_LEVELS, load_config
+    from .service import Host
+
+    config = load_config(getattr(args, "config", None) or os.environ.get("KSI_HOST_CONFIG"))
+    level = str(config.get("host", {}).get("log_level", "")).upper()
+    if not getattr(args, "verbose", 0) and level in LOG_LEVELS and level != "WARNING":
+        log_to_stderr(level)  # [host] log_level; the Host validates a bad value
+    overrides = {k: v for k, v in host_table.items() if v is not None}
+    if overrides:
+        config.setdefault("host", {}).update(overrides)
+    return Host(config, getattr(args, "db", None), serve=serve)
+
+
+def plugin_commands() -> list[tuple[str, Command]]:
+    """``(plugin name, command)`` for every command the installed plugins add (none when a plugin fails to
+    load: the command that starts a Host reports that failure)."""
+    import pluggy
+
+    from . import hookspecs
+    from .errors import PluginLoadError
+    from .plugins import register
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    try:
+        register(pm, None)  # the selected entry points, under their names
+    except PluginLoadError:
+        return []
+    found = []
+    for impl in reversed(pm.hook.ksi_cli_commands.get_hookimpls()):
+        for command in impl.function() or ():
+            found.append((impl.plugin_name, command))
+    return found
