@@ -203,10 +203,10 @@ class Host:
         """Recent requests, newest first (``ksi_list_requests``)."""
         return list(await self._need("ksi_list_requests", query=query or RequestQuery()))
 
-    def stream(self, request: CompletionRequest | Mapping[str, Any]) -> CompletionStream:
-        """Submit a request and stream its answer: ``async for delta in host.stream(r)``, then
-        ``stream.result`` (see :mod:`ksi_host.streaming`)."""
-        return CompletionStream(self, self._request(request))
+    def stream(self, request: CompletionRequest | Mapping[str, Any], *, cancel_on_exit: bool = True) -> CompletionStream:
+        """Submit a request and stream its answer: ``async for delta in host.stream(r)``, then ``stream.result``
+        (see :mod:`ksi_host.streaming`). Leaving the loop early cancels it unless ``cancel_on_exit`` is False."""
+        return CompletionStream(self, self._request(request), cancel_on_exit=cancel_on_exit)
 
     async def request_finished(self, request: CompletionRequest, result: CompletionResult) -> CompletionResult:
         """Tell the ``ksi_request_finished`` observers about a final result; return it. ``host.execute``

@@ -89,7 +89,8 @@ class StreamSink:
 
     def put(self, delta: ChatDelta) -> None:
         self.handed_out += 1
-        self.queue.put_nowait(delta)
+        if not self.gone:  # nobody reads a sink whose consumer left (the request goes on without it)
+            self.queue.put_nowait(delta)
 
 
 class ConsumerGone(Cancelled):
@@ -186,12 +187,15 @@ class CompletionStream:
 
     The iteration raises the request's error when it fails (before or after
     its first piece), Cancelled when it was cancelled. Leaving the loop early
-    cancels the request (see the module docstring).
+    cancels the request (see the module docstring), unless ``cancel_on_exit``
+    is False (an HTTP client that disconnects: its request finishes and is
+    stored, and a retry with the same request id gets the stored result).
     """
 
-    def __init__(self, host: Host, request: CompletionRequest) -> None:
+    def __init__(self, host: Host, request: CompletionRequest, *, cancel_on_exit: bool = True) -> None:
         self.host = host
         self.request = request
+        self.cancel_on_exit = cancel_on_exit
         self.result: CompletionResult | None = None
 
     @property
@@ -239,8 +243,11 @@ class CompletionStream:
                 await self._abandon(sink)
 
     async def _abandon(self, sink: StreamSink) -> None:
-        """The consumer left before the end: stop the streaming attempt, or cancel the request."""
+        """The consumer left before the end: stop the streaming attempt, or cancel the request (unless
+        ``cancel_on_exit`` is off: then the request goes on, and is stored, without it)."""
         sink.gone = True
+        if not self.cancel_on_exit:
+            return
         if sink.on_gone is not None:
             sink.on_gone()  # the attempt closes its upstream call; the request ends cancelled with what was received
         elif self.host.hooks.implemented("ksi_cancel"):

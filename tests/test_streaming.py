@@ -177,3 +177,25 @@ async def test_break_out_of_the_loop_cancels_too(make_host: Any) -> None:
                 break
             await asyncio.sleep(0.01)
     assert p.closed == 1 and finished[0].status == "cancelled" and finished[0].text == "one "
+
+
+async def test_a_consumer_that_leaves_without_cancelling_lets_the_request_finish(make_host: Any) -> None:
+    release = asyncio.Event()
+    p = FakeStreamingProvider("p", script=[["one ", release.wait(), "two"]])
+    finished: list[Any] = []
+
+    class Watch:
+        @hookimpl
+        def ksi_request_finished(self, result: Any) -> None:
+            finished.append(result)
+
+    async with make_host(DirectQueue(), ScriptedProviders(p), Watch()) as host:
+        pieces = aiter(host.stream({"model": "m", "prompt": "hi", "request_id": "r1"}, cancel_on_exit=False))
+        assert (await anext(pieces)).content == "one "
+        await pieces.aclose()  # an HTTP client that went away
+        release.set()
+        for _ in range(200):
+            if finished:
+                break
+            await asyncio.sleep(0.01)
+    assert p.closed == 0 and finished[0].ok and finished[0].text == "one two"
