@@ -120,6 +120,14 @@ def _string(field: str, value: Any, *, empty: bool = False) -> str:
     return value
 
 
+def _identifier(field: str, value: Any) -> str:
+    """A function or schema name as the OpenAI schema allows it: 1 to 64 letters, digits, ``_`` or ``-``."""
+    name = _string(field, value)
+    if not _FUNCTION_NAME.match(name):
+        fail(field, f"must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+    return name
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -300,9 +308,7 @@ def _tools(field: str, v: Any) -> None:
         _only(where, t, {"type", "function"})
         fn = _object(f"{where}.function", t.get("function"))
         _only(f"{where}.function", fn, {"name", "description", "parameters", "strict"})
-        name = _string(f"{where}.function.name", fn.get("name"))
-        if not _FUNCTION_NAME.match(name):
-            fail(f"{where}.function.name", f"must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+        name = _identifier(f"{where}.function.name", fn.get("name"))
         if name in names:
             fail(f"{where}.function.name", f"{name!r} names two tools")
         names.add(name)
@@ -338,9 +344,7 @@ def _response_format(field: str, v: Any) -> None:
         _only(field, f, {"type", "json_schema"})
         schema = _object(f"{field}.json_schema", f.get("json_schema"))
         _only(f"{field}.json_schema", schema, {"name", "description", "schema", "strict"})
-        name = _string(f"{field}.json_schema.name", schema.get("name"))
-        if not _FUNCTION_NAME.match(name):
-            fail(f"{field}.json_schema.name", f"must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+        _identifier(f"{field}.json_schema.name", schema.get("name"))
         if schema.get("schema") is not None:
             _document(f"{field}.json_schema.schema", schema["schema"])
         if schema.get("strict") is not None:
