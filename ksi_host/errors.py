@@ -102,7 +102,12 @@ class MissingPluginError(OperationalError):
     def __init__(self, hook: str, install: str | None = None) -> None:
         self.hook = hook
         self.install = install
-        hint = f": pip install {install}" if install else ""
+        if install:
+            from .plugins import install_hint  # (plugins imports this module)
+
+            hint = f": {install_hint(install)}"
+        else:
+            hint = ""
         super().__init__(f"no plugin implements {hook}{hint}")
 
 

@@ -8,6 +8,7 @@ variable. A plugin that fails to import stops start-up with one line.
 
 from __future__ import annotations
 
+import functools
 import os
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -106,6 +107,7 @@ def table_owner(table: str, loaded: set[str] | frozenset[str] = frozenset()) -> 
 
 
 @cache
+@functools.cache
 def _checkout_plugins() -> dict[str, Path]:
     """Distribution name -> its folder, for the plugins of the KSI host checkout this package runs from (if it does)."""
     import tomllib

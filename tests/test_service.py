@@ -116,12 +116,12 @@ async def test_without_failure_plugin_errors_are_final_and_say_what_to_install(m
     a = FakeProvider("a", script=[RateLimited("slow")])
     async with make_host(DirectQueue(), ScriptedProviders(a)) as host:
         r = await host.complete(req())
-    assert r.status == "error" and "pip install ksi-retry" in r.error["message"] and len(a.calls) == 1
+    assert r.status == "error" and "install ksi-retry: pip install -e plugins/retry" in r.error["message"] and len(a.calls) == 1
 
 
 async def test_missing_queue_names_hook_and_distribution(make_host):
     async with make_host(ScriptedProviders(FakeProvider("a"))) as host:
-        with pytest.raises(MissingPluginError, match="no plugin implements ksi_enqueue: pip install ksi-queue"):
+        with pytest.raises(MissingPluginError, match="no plugin implements ksi_enqueue: install ksi-queue: pip install -e plugins/queue"):
             await host.submit(req())
 
 
@@ -129,7 +129,8 @@ async def test_missing_provider_plugin_is_a_clear_error_result(make_host):
     async with make_host(DirectQueue()) as host:
         r = await host.complete(req())
     assert r.error["type"] == "MissingPluginError"
-    assert r.error["message"] == "no plugin implements ksi_select_provider: pip install ksi-provider-litellm"
+    assert r.error["message"] == ("no plugin implements ksi_select_provider: install ksi-provider-litellm: "
+                                  "pip install -e plugins/provider")
 
 
 async def test_unserved_model_names_model_and_configured_models(make_host):

@@ -93,7 +93,8 @@ async def test_error_results_keep_their_attempts(make_host: Any, ksi_db_path: An
         result = await host.complete(req("e1"))
     assert result.status == "error"
     assert rows(ksi_db_path, "SELECT status, error_type, error_message FROM ksi_queue_requests") == [
-        ("error", "ProviderUnavailable", "down (not retried: no plugin implements ksi_handle_failure: pip install ksi-retry)")]
+        ("error", "ProviderUnavailable", f"down (not retried: {result.error['message'].split('(not retried: ')[1]}")]
+    assert "no plugin implements ksi_handle_failure: install ksi-retry: pip install -e " in result.error["message"]
     assert rows(ksi_db_path, "SELECT number, provider, error_type FROM ksi_queue_attempts") == [(1, "p1", "ProviderUnavailable")]
 
 
