@@ -2,7 +2,8 @@
 
 Pure functions, no database: :func:`to_row` and :func:`from_row` turn one
 OpenAI-shaped message into the columns of ``session_messages`` and back (the
-message comes back as it was given: the same keys, the same values),
+message comes back as it was given, but for ``"content": None`` added to an
+assistant message that had no content),
 :func:`estimate` sizes a message in tokens, and :func:`choose` picks the turns
 a continuing request is sent with under ``[sessions] max_turns`` and
 ``max_tokens``.

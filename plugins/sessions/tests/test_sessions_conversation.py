@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ksi_sessions.plugin import Plugin
+from ksi_sessions.transcript import estimate
 
 from ksi_host import CompletionRequest, ProviderResponse, RateLimited, Usage
 from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
@@ -108,8 +109,9 @@ async def test_only_ok_turns_enter_the_transcript(make_host, ksi_db_path) -> Non
 async def test_a_result_written_twice_replaces_its_turn_and_a_rerun_is_not_sent_with_its_own_turn(
     make_host, ksi_db_path
 ) -> None:
-    """A crash between the transcript write and the queue's store runs the request again: one turn, never two."""
-    p = fake()
+    """A crash between the transcript write and the queue's store runs the request again: one turn, never two,
+    holding the answer of the run whose result is stored."""
+    p = FakeProvider("fake", script=[echo, echo, ProviderResponse("the rerun's answer is longer", usage=Usage(1, 1, 2))])
     async with make_host(Plugin(), DirectQueue(), ScriptedProviders(p)) as host:
         await host.complete({"model": "m", "session_id": "s1", "prompt": "one", "request_id": "r1"})
         again = CompletionRequest.from_dict({"model": "m", "session_id": "s1", "prompt": "two",
@@ -119,9 +121,11 @@ async def test_a_result_written_twice_replaces_its_turn_and_a_rerun_is_not_sent_
         assert first.ok and second.ok
         await host.request_finished(again, second)  # and its result reported once more
     assert list(p.calls[2].messages) == [user("one"), answer("re: one"), user("two")]  # not its own earlier turn
-    assert rows(ksi_db_path, "SELECT turn, request_id, messages FROM session_turns ORDER BY turn") == [
-        (1, "r1", 2), (2, "r2", 2)]
-    assert rows(ksi_db_path, "SELECT COUNT(*) FROM session_messages") == [(4,)]
+    tokens = estimate(user("two")) + estimate(answer("the rerun's answer is longer"))
+    assert rows(ksi_db_path, "SELECT turn, request_id, messages, tokens FROM session_turns ORDER BY turn") == [
+        (1, "r1", 2, estimate(user("one")) + estimate(answer("re: one"))), (2, "r2", 2, tokens)]
+    assert rows(ksi_db_path, "SELECT turn, position, content FROM session_messages ORDER BY turn, position") == [
+        (1, 0, "one"), (1, 1, "re: one"), (2, 0, "two"), (2, 1, "the rerun's answer is longer")]
 
 
 async def test_a_request_that_fails_on_its_rerun_leaves_no_turn(make_host, ksi_db_path) -> None:
