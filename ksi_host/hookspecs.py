@@ -85,6 +85,7 @@ INSTALL_HINTS: dict[str, str] = {
     "ksi_cancel": "ksi-queue",
     "ksi_clear_session": "ksi-queue",
     "ksi_list_requests": "ksi-queue",
+    "ksi_prepare_request": "ksi-sessions",
 }
 
 #: Which distribution declares a config table, for a table left behind by an uninstalled plugin.
@@ -217,17 +218,32 @@ def ksi_enqueue(host: Host, request: CompletionRequest) -> Ticket | None:
 
 @hookspec
 def ksi_prepare_request(host: Host, request: CompletionRequest) -> CompletionRequest | None:
-    """Prepare ``request`` before its first attempt (for example, prepend a conversation's earlier turns).
+    """Prepare ``request`` before its first attempt (for example, put a conversation's earlier turns first).
 
-    Called once by ``host.execute``, before the first provider is selected.
-    Every implementation is called, in hook order; each receives the request
-    as the previous one left it. Return a new request (``attrs.evolve(request,
-    messages=...)``; the ``request_id`` must stay the same) or None to leave it
-    as it is. What is returned is what providers, the ledger and observers
-    see; the queue keeps the request as it was submitted.
+    Called once by ``host.execute`` when the queue runs the request, before the
+    first provider is selected (a request's retries and failovers all send what
+    this hook returned). Every implementation is called, in hook order; each
+    receives the request as the one before it left it.
+
+    Return a new request made with ``attrs.evolve`` (the ``request_id`` must
+    stay the same), or None to leave it as it is. What is returned is what
+    providers, the ledger and the observers (``ksi_request_finished`` too) see;
+    the queue keeps the request as it was submitted. A plugin that puts earlier
+    messages before the request's own sets ``history`` to their number
+    (``attrs.evolve(request, messages=earlier + list(request.messages),
+    history=request.history + len(earlier))``): a provider that keeps the
+    conversation itself (the claude CLI's ``--resume``) then sends only
+    ``messages[history:]`` when it resumes its own conversation, so the
+    conversation has one source, never two.
+
+    A request with ``continue_session`` set is refused (MissingPluginError
+    naming ``ksi-sessions``) when no plugin implements this hook: without one,
+    its earlier turns would silently not be sent.
 
     Raising an OperationalError ends the request with an error result (no
-    attempt is made).
+    attempt is made; ``ksi_request_finished`` is still called). Anything else
+    is a programming error.
+    Reference implementation: ``ksi-sessions``.
     """
 
 

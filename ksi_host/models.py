@@ -82,6 +82,10 @@ def _validate_request(r: CompletionRequest) -> None:
         _fail("continue_session", f"must be true or false, got {r.continue_session!r}")
     if r.continue_session and r.session_id is None:
         _fail("continue_session", "needs a session_id (the session whose conversation continues)")
+    h = r.history
+    if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < len(r.messages):
+        _fail("history", f"must be a count of earlier messages, 0 to {len(r.messages) - 1} (fewer than the "
+                         f"{len(r.messages)} messages), got {h!r}")
 
 
 def new_request_id() -> str:
@@ -122,6 +126,12 @@ class CompletionRequest:
     same names), then ``provider_options`` (passed to the provider as it is,
     for what the schema does not name) and ``continue_session`` (send the
     session's earlier turns first: needs a session plugin).
+
+    ``history`` is not a user's field (``from_dict`` refuses it): how many of
+    ``messages`` are earlier turns of the session that a session plugin put
+    before the request's own in ``ksi_prepare_request``. A provider that keeps
+    the conversation itself sends only ``messages[history:]`` when it resumes
+    its own conversation, and everything when it has none to resume.
     """
 
     model: str
@@ -163,6 +173,7 @@ class CompletionRequest:
     safety_identifier: str | None = None
     provider_options: dict[str, Any] | None = None
     continue_session: bool = False
+    history: int = 0
 
     def __attrs_post_init__(self) -> None:
         _validate_request(self)
@@ -214,13 +225,13 @@ class CompletionRequest:
         d: dict[str, Any] = {}
         for a in attrs.fields(CompletionRequest):
             value = getattr(self, a.name)
-            if value is None or (a.name == "continue_session" and not value):
+            if value is None or (a.name in ("continue_session", "history") and not value):
                 continue
             d[a.name] = list(value) if isinstance(value, tuple) else value
         return d
 
 
-_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest))
+_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest)) - {"history"}  # history: set by plugins only
 _REQUEST_KEYS = _REQUEST_FIELDS | {"prompt"}
 _DEFAULTED = frozenset({"request_id", "metadata", "priority", "continue_session", "prompt"})  # null means "the default"
 

@@ -268,7 +268,10 @@ class Host:
                 await self.sleep(decision.delay_s)
 
     async def _prepare(self, request: CompletionRequest) -> CompletionRequest:
-        """``ksi_prepare_request``, each plugin given the request as the one before it left it."""
+        """``ksi_prepare_request``, each plugin given the request as the one before it left it. A request that
+        continues its session needs a plugin that puts the session's earlier turns first (MissingPluginError)."""
+        if request.continue_session and not self.hooks.implemented("ksi_prepare_request"):
+            raise MissingPluginError("ksi_prepare_request", hookspecs.INSTALL_HINTS["ksi_prepare_request"])
         for impl in self.hooks.impls("ksi_prepare_request"):
             prepared = await self.hooks.call_impl(impl, "ksi_prepare_request", {"host": self, "request": request})
             if prepared is not None:

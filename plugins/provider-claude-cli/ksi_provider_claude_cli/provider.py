@@ -44,6 +44,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from ksi_host import BadRequest, CompletionRequest, ProviderResponse, ProviderUnavailable
 from ksi_host.providers import CircuitBreaker, DeploymentProvider, timeout_error
 
@@ -93,12 +95,14 @@ class ClaudeCliProvider(DeploymentProvider):
         if model is not None and (why := bad_model_arg(model)) is not None:
             raise BadRequest(f"{self.name}: the model name {model!r} {why}; no claude process was started",
                              provider=self.name)
-        resume = None
-        if request.session_id is not None and self.sessions is not None:
+        resume = None  # the CLI's own conversation goes on only for a request that continues its session, with the
+        # earlier turns the host's session plugin put first (history); it then gets only the new turn (one source)
+        if request.continue_session and request.history and self.sessions is not None:
             resume = await self.sessions.claude_session(request.session_id)
         argv = cli.command(self.executable, model=model, resume=resume, system=cli.system_prompt(request),
                            extra_args=self.deployment.extra_args)
-        prompt = cli.prompt_of(request, resuming=resume is not None)
+        new_turn = attrs.evolve(request, messages=request.messages[request.history:], history=0) if resume else request
+        prompt = cli.prompt_of(new_turn, resuming=resume is not None)
         secrets = (key,)
         stdout, stderr, returncode = await self._spawn(argv, prompt.encode(), self._env(key), timeout_s)
         err_text = stderr.decode("utf-8", "replace")

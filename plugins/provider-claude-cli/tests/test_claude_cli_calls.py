@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from fake_claude import install, pid_alive
 
@@ -37,6 +38,26 @@ class UsageRecorder:
     @hookimpl
     def ksi_record_usage(self, call: UpstreamCall) -> None:
         self.calls.append(call)
+
+
+class Conversation:
+    """A stand-in for a session plugin (ksi-sessions): a session's ok turns, put before a request that continues it."""
+
+    def __init__(self) -> None:
+        self.turns: dict[str, list[list[dict[str, Any]]]] = {}
+
+    @hookimpl
+    def ksi_prepare_request(self, request: CompletionRequest) -> CompletionRequest | None:
+        earlier = [m for turn in self.turns.get(request.session_id or "", []) for m in turn]
+        if not (request.continue_session and earlier):
+            return None
+        return attrs.evolve(request, messages=[*earlier, *request.messages], history=len(earlier))
+
+    @hookimpl
+    def ksi_request_finished(self, request: CompletionRequest, result: Any) -> None:
+        if result.ok and (request.session_id or result.session_id):
+            turn = [*request.messages[request.history:], result.message]
+            self.turns.setdefault(request.session_id or result.session_id, []).append(turn)
 
 
 def provider(host: Any, name: str = "claude-cli") -> Any:
@@ -70,9 +91,9 @@ async def test_default_model_passes_no_model_flag_and_configured_deployments_com
 
 
 async def test_session_continuity_through_resume(cc_host: Any, fake_cli: Any, ksi_db_path: Path) -> None:
-    async with cc_host() as host:
+    async with cc_host(Conversation()) as host:
         r1 = await host.complete(req("first", session_id="s1"))
-        r2 = await host.complete(req("second", session_id="s1"))
+        r2 = await host.complete(req("second", session_id="s1", continue_session=True))
         r3 = await host.complete(req("other", session_id="s2"))
     assert (r1.text, r1.session_id) == ("turn 1: echo: first", "s1")
     assert (r2.text, r2.session_id) == ("turn 2: echo: second", "s1")  # the CLI had the conversation
@@ -81,19 +102,31 @@ async def test_session_continuity_through_resume(cc_host: Any, fake_cli: Any, ks
     assert c1["resume"] is None and c3["resume"] is None
     uuid1 = sqlite3.connect(ksi_db_path).execute(
         "SELECT claude_session_id FROM claude_cli_sessions WHERE session_id = 's1'").fetchone()[0]
-    assert c2["resume"] == uuid1 and c2["prompt"] == "second"
+    assert c2["resume"] == uuid1 and c2["prompt"] == "second"  # the earlier turns the request carried: not sent again
     rows = sqlite3.connect(ksi_db_path).execute(
         "SELECT session_id, deployment, calls FROM claude_cli_sessions ORDER BY session_id").fetchall()
     assert rows == [("s1", "claude-cli", 2), ("s2", "claude-cli", 1)]
+
+
+async def test_a_request_that_does_not_continue_its_session_starts_a_new_cli_conversation(
+    cc_host: Any, fake_cli: Any
+) -> None:
+    async with cc_host(Conversation()) as host:
+        assert (await host.complete(req("first", session_id="s1"))).ok
+        r2 = await host.complete(req("second", session_id="s1"))
+        r3 = await host.complete(req("third", session_id="s1", continue_session=True))
+    assert r2.text == "turn 1: echo: second" and r3.text == "turn 2: echo: third"
+    c1, c2, c3 = fake_cli.calls()
+    assert c2["resume"] is None and c3["resume"] is not None and c3["resume"] != c1["resume"]
 
 
 async def test_a_resumed_call_answering_under_a_new_cli_id_moves_the_mapping(
     cc_host: Any, fake_cli: Any, monkeypatch: pytest.MonkeyPatch, ksi_db_path: Path
 ) -> None:
     monkeypatch.setenv("FAKE_CLAUDE_FORK", "1")
-    async with cc_host() as host:
+    async with cc_host(Conversation()) as host:
         for i in range(3):
-            r = await host.complete(req(f"m{i}", session_id="s1"))
+            r = await host.complete(req(f"m{i}", session_id="s1", continue_session=i > 0))
             assert r.text == f"turn {i + 1}: echo: m{i}"
     calls = fake_cli.calls()
     (latest,) = sqlite3.connect(ksi_db_path).execute("SELECT claude_session_id FROM claude_cli_sessions").fetchone()
@@ -102,10 +135,10 @@ async def test_a_resumed_call_answering_under_a_new_cli_id_moves_the_mapping(
 
 
 async def test_without_a_session_the_conversation_continues_under_the_cli_id(cc_host: Any, fake_cli: Any) -> None:
-    async with cc_host() as host:
+    async with cc_host(Conversation()) as host:
         r1 = await host.complete(req("first"))
         assert r1.session_id is not None
-        r2 = await host.complete(req("second", session_id=r1.session_id))
+        r2 = await host.complete(req("second", session_id=r1.session_id, continue_session=True))
     assert r2.text == "turn 2: echo: second"
     assert fake_cli.calls()[1]["resume"] == r1.session_id
 
@@ -113,10 +146,10 @@ async def test_without_a_session_the_conversation_continues_under_the_cli_id(cc_
 async def test_system_prompt_and_transcript_of_earlier_turns(cc_host: Any, fake_cli: Any) -> None:
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
-    async with cc_host() as host:
+    async with cc_host(Conversation()) as host:
         r = await host.complete({"model": MODEL, "messages": msgs, "session_id": "t"})
         assert r.ok
-        await host.complete({"model": MODEL, "messages": [*msgs, {"role": "user", "content": "thanks"}], "session_id": "t"})
+        await host.complete({"model": MODEL, "prompt": "thanks", "session_id": "t", "continue_session": True})
     first, second = fake_cli.calls()
     assert first["system"] == "Be brief."
     assert first["prompt"].splitlines()[:4] == ["The conversation so far:", "", "User: What is 2+2?", "Assistant: 4"]
@@ -251,11 +284,11 @@ async def test_usage_of_a_failed_call_is_recorded(cc_host: Any, fake_cli: Any) -
 
 
 async def test_resuming_a_session_the_cli_lost_is_a_bad_request(cc_host: Any, fake_cli: Any) -> None:
-    async with cc_host() as host:
+    async with cc_host(Conversation()) as host:
         assert (await host.complete(req("first", session_id="s1"))).ok
         for f in (fake_cli.state / "sessions").iterdir():
             f.unlink()
-        r = await host.complete(req("second", session_id="s1"))
+        r = await host.complete(req("second", session_id="s1", continue_session=True))
     assert r.error["type"] == "BadRequest" and "session to resume is gone" in r.error["message"]
 
 
