@@ -50,6 +50,7 @@ def test_the_main_job_runs_as_shown(tmp_path: Path) -> None:
 def test_the_real_provider_config_is_valid(tmp_path: Path) -> None:
     block = snippet("sh", "--config examples/ksi-host.toml")
     assert "OPENAI_API_KEY" in block
+    (tmp_path / "k.db").touch()  # status opens an existing database only
     p = subprocess.run([sys.executable, "-m", "ksi_host.cli", "status", "--config", str(ROOT / "examples" / "ksi-host.toml"),
                         "--db", str(tmp_path / "k.db")], env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
