@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("requests", metavar="REQUESTS.jsonl", help="input file, or - for stdin")
     p.add_argument("--out", metavar="RESULTS.jsonl", default="-", help="results file, or - for stdout (default)")
     p.add_argument("--concurrency", type=_positive, metavar="N", help="requests running at most (overrides [queue] concurrency)")
+    p.add_argument("--format", choices=("auto", "ksi", "openai-batch"), default="auto",
+                   help="the input's line format, and so the output's: ksi (one request per line) or openai-batch "
+                   "(OpenAI's Batch API file: custom_id, method, url, body); auto (default): from the first line")
 
     p = sub.add_parser("status", parents=[common], help="queue depth per session, circuits")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -147,6 +150,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _line_format(choice: str, lines: Any) -> tuple[Any, Any]:
+    """The line format of ``lines`` (``choice``, or detected from the first line) and the lines, none lost."""
+    import itertools
+
+    from .formats import detect, make
+
+    if choice != "auto":
+        return make(choice), lines
+    first = next(lines, None)
+    if first is None:
+        return make("ksi"), lines
+    return make(detect(first[1]), detected_from=first[0]), itertools.chain([first], lines)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests, tune_gc
 
@@ -167,9 +184,10 @@ async def _run(args: argparse.Namespace) -> int:
             try:
                 # no bar when the results themselves scroll on the same terminal
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
-                runner = BatchRunner(host, out, sys.stderr, total=total, progress=bar)
+                line_format, lines = _line_format(args.format, iter_lines(requests))
+                runner = BatchRunner(host, out, sys.stderr, total=total, progress=bar, line_format=line_format)
                 tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.cli.runner)
-                stats, interrupted = await _run_interruptible(runner, iter_lines(requests))
+                stats, interrupted = await _run_interruptible(runner, lines)
             finally:
                 if out is not sys.stdout:
                     out.close()
