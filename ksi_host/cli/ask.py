@@ -118,16 +118,15 @@ class Ask:
     """One ``ksi-host ask`` on a started Host: :meth:`run` returns the exit code."""
 
     def __init__(self, host: Any, request: CompletionRequest, *, stream: bool, as_json: bool, out: IO[str],
-                 err: IO[str], db_path: str = "") -> None:
+                 err: IO[str]) -> None:
         self.host = host
         self.request = request
         self.stream = stream and not as_json
         self.as_json = as_json
         self.out = out
         self.err = err
-        self.db_path = db_path
         self.answer = Answer(out)
-        self.gate = OwnOnlyGate(host, {request.request_id})
+        self.gate = OwnOnlyGate(host, {request.request_id})  # before the host starts (its queue may start requests)
         self.pieces = 0
         self.started = time.monotonic()
         self.first_s: float | None = None
@@ -136,6 +135,8 @@ class Ask:
         print(f"ksi-host: {message}", file=self.err, flush=True)
 
     async def run(self) -> int:
+        """Ask, on the started host; the exit code."""
+        self.started = time.monotonic()
         task = asyncio.ensure_future(self._answer())
         starved = asyncio.ensure_future(self._starved())
         interrupted = False
@@ -168,7 +169,7 @@ class Ask:
             result = await self._settle()
             self.answer.end(None)
             if not interrupted:
-                self._say(f"this request cannot start: {self.db_path} holds unfinished requests of an earlier run "
+                self._say(f"this request cannot start: {self.host.db_path} holds unfinished requests of an earlier run "
                           "ahead of it, which ask does not start; finish them with ksi-host run (the same file and "
                           "--db), or ask with another --db")
                 return EXIT_USAGE
@@ -233,6 +234,6 @@ class Ask:
                 self._say(f"{result.error['type']}: {result.error['message']}")
         print(usage_line(result, time.monotonic() - self.started, self.first_s), file=self.err, flush=True)
         if self.gate.held:
-            self._say(f"note: unfinished requests of an earlier run in {self.db_path} were left for ksi-host run "
+            self._say(f"note: unfinished requests of an earlier run in {self.host.db_path} were left for ksi-host run "
                       "(not started)")
         return EXIT_OK if result.ok else EXIT_FAILED

@@ -68,6 +68,7 @@ class OwnOnlyGate:
     A queue that serves a database starts the unfinished requests an earlier run left in it; here
     they wait without calling any provider until the host stops, and stay stored unfinished for
     the next ``ksi-host run``. ``held`` counts them; ``started`` is set once an own request runs.
+    Install it before the host starts: a queue starts them while the plugins start.
     """
 
     def __init__(self, host: Any, own: set[str]) -> None:

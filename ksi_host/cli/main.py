@@ -281,13 +281,14 @@ async def _ask(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
     # room beside this request for the ones an interrupted run left in the database: they are held, not run
-    async with _host(args, serve=True, concurrency=ASK_CONCURRENCY) as host:
+    host = _host(args, serve=True, concurrency=ASK_CONCURRENCY)
+    # before the host starts: a queue starts those requests while the plugins start
+    ask = Ask(host, request, stream=args.stream, as_json=args.json, out=sys.stdout, err=sys.stderr)
+    async with host:
         for hook in REQUIRED_HOOKS:
             if not host.hooks.implemented(hook):
                 _err(missing_plugin(hook))
                 return EXIT_USAGE
-        ask = Ask(host, request, stream=args.stream, as_json=args.json, out=sys.stdout, err=sys.stderr,
-                  db_path=host.db_path)
         return await ask.run()
 
 
