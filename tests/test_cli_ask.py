@@ -152,7 +152,8 @@ class PtyRun:
 
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-        env = {k: v for k, v in os.environ.items() if k not in ("KSI_HOST_PLUGINS", "KSI_HOST_DISABLE")}
+        # (PYTHONUNBUFFERED would hide a missing flush: a user's terminal has Python's own buffering)
+        env = {k: v for k, v in os.environ.items() if k not in ("KSI_HOST_PLUGINS", "KSI_HOST_DISABLE", "PYTHONUNBUFFERED")}
         env.update(PLUGINS, KSI_ASK_TEST_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen([sys.executable, "-m", "ksi_host.cli", "ask", *args, "--db", str(tmp_path / "k.db")],
                                      stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env, text=True)
