@@ -9,6 +9,10 @@ on the same database resumes instead of resending: the queue answers a request w
 result is stored from the store, before any provider is looked for. A request whose model
 nothing serves fails when it runs (``NoProviderError``); its result is written as the line's
 ``model`` error.
+
+Lines are read and results written in a :class:`~ksi_host.cli.formats.LineFormat`: the host's own
+(``ksi``, above) or OpenAI's Batch format (:mod:`ksi_host.cli.openai_batch`: ``custom_id`` is the
+request id, the output lines are OpenAI's).
 """
 
 from __future__ import annotations
