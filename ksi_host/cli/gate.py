@@ -60,3 +60,28 @@ class ExecuteGate:
         if self._idle is None:
             raise RuntimeError("ExecuteGate.idle() before close()")
         await self._idle.wait()
+
+
+class OwnOnlyGate:
+    """Wraps ``host.execute`` of one Host so that only the requests in ``own`` run (``ksi-host ask``).
+
+    A queue that serves a database starts the unfinished requests an earlier run left in it; here
+    they wait without calling any provider until the host stops, and stay stored unfinished for
+    the next ``ksi-host run``. ``held`` counts them; ``started`` is set once an own request runs.
+    Install it before the host starts: a queue starts them while the plugins start.
+    """
+
+    def __init__(self, host: Any, own: set[str]) -> None:
+        self._execute = host.execute
+        self.own = own
+        self.held = 0
+        self.started = asyncio.Event()
+        host.execute = self.execute
+
+    async def execute(self, request: CompletionRequest) -> CompletionResult:
+        if request.request_id not in self.own:
+            self.held += 1
+            # never set: the host's shutdown cancels this wait; the request stays stored unfinished
+            await asyncio.get_running_loop().create_future()
+        self.started.set()
+        return await self._execute(request)

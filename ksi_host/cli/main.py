@@ -19,6 +19,10 @@ from ..commands import host_from_args, log_to_stderr, plugin_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 USAGE_GROUPS = ("model", "agent", "session", "purpose", "provider", "day")
+ASK_CONCURRENCY = 10_000
+"""The queue's concurrency under ``ksi-host ask``: its one request, and room for the unfinished requests of an
+earlier run that the queue starts and ask holds (see ksi_host.cli.gate.OwnOnlyGate), so they do not take its slot."""
+PRIORITY_NAMES = ("critical", "high", "normal", "low", "background")  # ksi_host.models.PRIORITIES (not imported: --help stays fast)
 
 
 def _common(top: bool) -> argparse.ArgumentParser:
@@ -54,6 +58,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -73,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("requests", metavar="REQUESTS.jsonl", help="input file, or - for stdin")
     p.add_argument("--out", metavar="RESULTS.jsonl", default="-", help="results file, or - for stdout (default)")
     p.add_argument("--concurrency", type=_positive, metavar="N", help="requests running at most (overrides [queue] concurrency)")
+    p.add_argument("--format", choices=("auto", "ksi", "openai-batch"), default="auto",
+                   help="the input's line format, and so the output's: ksi (one request per line) or openai-batch "
+                   "(OpenAI's Batch API file: custom_id, method, url, body); auto (default): from the first line")
+
+    p = sub.add_parser("ask", parents=[common], help="ask one question; the answer streams to stdout",
+                       description="Send one request through the queue and the database; its answer is written to "
+                       "stdout as it arrives, a usage line (tokens, cost, provider, time) to stderr. Ctrl-C cancels it.")
+    p.add_argument("prompt", metavar="PROMPT", help="the question, or - to read it from stdin")
+    p.add_argument("-m", "--model", required=True, help="the model to ask (e.g. mock/gpt-4o-mini, served offline)")
+    p.add_argument("--system", metavar="TEXT", help="a system message before the question")
+    p.add_argument("--session", metavar="ID", help="the session it belongs to (its turn comes after the session's earlier requests)")
+    p.add_argument("--continue", dest="continue_session", action="store_true",
+                   help="continue the session's conversation (needs --session and a session plugin)")
+    p.add_argument("--agent", metavar="ID", help="the agent asking (agent_id)")
+    p.add_argument("--purpose", metavar="NAME", help="what it is for (purpose)")
+    p.add_argument("--priority", choices=PRIORITY_NAMES, help="its place in the queue (default: normal)")
+    p.add_argument("--max-tokens", type=_positive, metavar="N", help="the answer's length at most, in tokens")
+    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature, 0 to 2")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="a deadline over all attempts")
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer once it is whole")
+    p.add_argument("--json", action="store_true", help="print the stored result as JSON at the end (no streamed text)")
 
     p = sub.add_parser("status", parents=[common], help="queue depth per session, circuits")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -144,6 +179,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _line_format(choice: str, lines: Any) -> tuple[Any, Any]:
+    """The line format of ``lines`` (``choice``, or detected from the first line) and the lines, none lost."""
+    import itertools
+
+    from .formats import detect, make
+
+    if choice != "auto":
+        return make(choice), lines
+    first = next(lines, None)
+    if first is None:
+        return make("ksi"), lines
+    return make(detect(first[1]), detected_from=first[0]), itertools.chain([first], lines)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests, tune_gc
 
@@ -164,9 +213,10 @@ async def _run(args: argparse.Namespace) -> int:
             try:
                 # no bar when the results themselves scroll on the same terminal
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
-                runner = BatchRunner(host, out, sys.stderr, total=total, progress=bar)
+                line_format, lines = _line_format(args.format, iter_lines(requests))
+                runner = BatchRunner(host, out, sys.stderr, total=total, progress=bar, line_format=line_format)
                 tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.cli.runner)
-                stats, interrupted = await _run_interruptible(runner, iter_lines(requests))
+                stats, interrupted = await _run_interruptible(runner, lines)
             finally:
                 if out is not sys.stdout:
                     out.close()
@@ -204,6 +254,39 @@ async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     return stats, interrupts > 0
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    from ..errors import ValidationError
+    from .ask import Ask, build_request, read_prompt
+    from .runner import REQUIRED_HOOKS
+
+    if args.continue_session and args.session is None:
+        _err("--continue needs --session (the session whose conversation continues)")
+        return EXIT_USAGE
+    try:
+        prompt = read_prompt(args.prompt, sys.stdin)
+    except (OSError, UnicodeDecodeError) as e:
+        _err(f"cannot read the prompt from stdin: {e}")
+        return EXIT_USAGE
+    if not prompt.strip():
+        _err("PROMPT is empty" + (" (stdin held nothing)" if args.prompt == "-" else ""))
+        return EXIT_USAGE
+    try:
+        request = build_request(args, prompt)
+    except ValidationError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    # room beside this request for the ones an interrupted run left in the database: they are held, not run
+    host = _host(args, serve=True, concurrency=ASK_CONCURRENCY)
+    # before the host starts: a queue starts those requests while the plugins start
+    ask = Ask(host, request, stream=args.stream, as_json=args.json, out=sys.stdout, err=sys.stderr)
+    async with host:
+        for hook in REQUIRED_HOOKS:
+            if not host.hooks.implemented(hook):
+                _err(missing_plugin(hook))
+                return EXIT_USAGE
+        return await ask.run()
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -285,7 +368,7 @@ async def _clear(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "status": _status, "usage": _usage, "cancel": _cancel, "clear-session": _clear}
+COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cancel": _cancel, "clear-session": _clear}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,15 @@ on the same database resumes instead of resending: the queue answers a request w
 result is stored from the store, before any provider is looked for. A request whose model
 nothing serves fails when it runs (``NoProviderError``); its result is written as the line's
 ``model`` error.
+
+Lines are read and results written in a :class:`~ksi_host.cli.formats.LineFormat`: the host's own
+(``ksi``, above) or OpenAI's Batch format (:mod:`ksi_host.cli.openai_batch`: ``custom_id`` is the
+request id, the output lines are OpenAI's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import IO, Any, TypeVar
@@ -24,6 +27,7 @@ import attrs
 from ..errors import OperationalError, ValidationError
 from ..models import CompletionRequest, CompletionResult
 from ..service import Host
+from .formats import INPUT_ERRORS, KsiFormat, LineFormat, Rejected, line_request_id  # noqa: F401 (line_request_id: its old home)
 from .gate import ExecuteGate
 from .progress import BatchStats, ProgressBar
 
@@ -102,8 +106,6 @@ def tune_gc() -> None:
 
 INPUT_ENCODING = "utf-8-sig"
 """How request files are read: UTF-8, a byte-order mark at the start skipped."""
-INPUT_ERRORS = "surrogateescape"
-"""Bytes that are not UTF-8 become lone surrogates: that line is rejected, naming the field; the others run."""
 
 
 def open_requests(path: str) -> IO[str]:
@@ -139,54 +141,10 @@ def count_lines(path: str) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
-def line_request_id(lineno: int, text: str) -> str:
-    """The request id given to a line that has none: stable across reruns of the same file."""
-    text = text.strip()
-    try:
-        raw = text.encode("utf-8", INPUT_ERRORS)  # the line's own bytes, as read
-    except UnicodeEncodeError:  # a lone surrogate that no undecodable byte made (one JSON could not carry either)
-        raw = text.encode("utf-8", "surrogatepass")
-    return f"line{lineno}-{hashlib.sha256(raw).hexdigest()[:16]}"
-
-
 def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
-    """A request, or an ``error`` result naming the line and the field."""
-    request_id = line_request_id(lineno, text)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        return _rejected(request_id, ValidationError("json", f"not valid JSON ({e.msg} at column {e.colno})", line=lineno))
-    except RecursionError:
-        return _rejected(request_id, ValidationError("json", "nested too deeply to read", line=lineno))
-    if isinstance(data, dict) and _text(data.get("request_id")):
-        request_id = data["request_id"]  # (an id that cannot be written out keeps the line's own)
-    elif isinstance(data, dict) and data.get("request_id") is None:
-        data["request_id"] = request_id
-    try:
-        return CompletionRequest.from_dict(data)
-    except ValidationError as e:
-        return _rejected(request_id, e.at_line(lineno), data)
-    except TypeError as e:  # a wrong shape attrs itself caught
-        return _rejected(request_id, ValidationError("request", str(e), line=lineno), data)
-    except RecursionError:  # a value nested deeper than validation can walk
-        return _rejected(request_id, ValidationError("request", "nested too deeply to check", line=lineno), data)
-
-
-def _text(value: Any) -> str | None:
-    """``value`` if it is text that can be written out (UTF-8: no lone surrogate), else None."""
-    if not isinstance(value, str):
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return value
-
-
-def _rejected(request_id: str, error: ValidationError, data: Any = None) -> CompletionResult:
-    d = data if isinstance(data, dict) else {}
-    # the rejected line's own model and session, when they can be written to the results file
-    return CompletionResult.failed(request_id, error, model=_text(d.get("model")), session_id=_text(d.get("session_id")))
+    """A line of the ``ksi`` format: a request, or an ``error`` result naming the line and the field."""
+    item = KsiFormat().parse(lineno, text)
+    return item.result() if isinstance(item, Rejected) else item
 
 
 def _unserved_model(result: CompletionResult) -> bool:
@@ -227,9 +185,10 @@ class BatchRunner:
     """
 
     def __init__(self, host: Host, out: IO[str], progress_stream: IO[str], window: int = 2000,
-                 total: int | None = None, progress: bool | None = None) -> None:
+                 total: int | None = None, progress: bool | None = None, line_format: LineFormat | None = None) -> None:
         self.host = host
         self.out = out
+        self.format = line_format if line_format is not None else KsiFormat()
         self.window = window
         self.gate = ExecuteGate(host, self._executed)
         self.stats = BatchStats(total)
@@ -251,10 +210,11 @@ class BatchRunner:
         running = sum(1 for rid in self.gate.running if rid in self._unwritten)
         return running, len(self._unwritten) - running
 
-    def write(self, result: CompletionResult, *, rejected: bool = False) -> None:
-        self.out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    def write(self, result: CompletionResult, *, rejected: Rejected | None = None) -> None:
+        """Write the output line of ``result``; ``rejected``: the line never reached the queue, and why."""
+        self.out.write(json.dumps(self.format.render(result, rejected), ensure_ascii=False) + "\n")
         self.out.flush()
-        self.stats.add(result, rejected=rejected)
+        self.stats.add(result, rejected=rejected is not None)
         self.progress.update()
 
     def _requests(self, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[tuple[int, str], CompletionRequest]]:
@@ -263,17 +223,17 @@ class BatchRunner:
             if self.stopping:
                 return
             self.stats.read += 1
-            item = parse_line(lineno, text)
+            item = self.format.parse(lineno, text)
             if isinstance(item, CompletionRequest):
                 earlier = self._ids.first_line(item.request_id, lineno)
                 if earlier is not None:
                     # the queue would answer it with the other line's result: this line would be lost unseen
-                    item = _rejected(item.request_id, ValidationError(
-                        "request_id", f"{item.request_id!r} is the request id of line {earlier} too "
-                        "(request ids must be unique within a file)", line=lineno),
-                        {"model": item.model, "session_id": item.session_id})
-            if isinstance(item, CompletionResult):
-                self.write(item, rejected=True)
+                    name = self.format.id_field
+                    item = Rejected(item.request_id, ValidationError(
+                        name, f"{item.request_id!r} is the {name} of line {earlier} too "
+                        f"({name}s must be unique within a file)", line=lineno), item.model, item.session_id)
+            if isinstance(item, Rejected):
+                self.write(item.result(), rejected=item)
                 continue
             self._taken += 1
             yield (lineno, item.request_id), item
@@ -295,17 +255,19 @@ class BatchRunner:
         self._storing.discard(rid)
         if _unserved_model(result):
             # a model nothing serves is the line's fault; it is found only after a stored result was looked for
-            error = ValidationError("model", result.error["message"], line=lineno)  # type: ignore[index]
+            error = ValidationError(self.format.field("model"), result.error["message"], line=lineno)  # type: ignore[index]
             result = attrs.evolve(result, error=error.to_dict())
+            self.write(result, rejected=Rejected(rid, error, result.model, result.session_id, cause="NoProviderError"))
+            return
         self.write(result)
 
     def _refused(self, key: tuple[int, str], request: CompletionRequest, e: OperationalError) -> None:
         """The queue refused this request (ksi_enqueue may): its error result."""
         self._answered += 1
-        if isinstance(e, ValidationError) and e.line is None:
-            e = e.at_line(key[0])
-        self.write(CompletionResult.failed(request.request_id, e, model=request.model, session_id=request.session_id),
-                   rejected=True)
+        if isinstance(e, ValidationError):
+            e = ValidationError(self.format.field(e.field), e.reason, line=key[0] if e.line is None else e.line)
+        rejected = Rejected(request.request_id, e, request.model, request.session_id)
+        self.write(rejected.result(), rejected=rejected)
 
     async def _tick(self) -> None:
         """Keep the bar moving (rate, ETA) while nothing finishes."""

@@ -54,3 +54,29 @@ def test_the_real_provider_config_is_valid(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "ksi_host.cli", "status", "--config", str(ROOT / "examples" / "ksi-host.toml"),
                         "--db", str(tmp_path / "k.db")], env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_ask_example_runs_as_shown(tmp_path: Path) -> None:
+    block = snippet("sh", "ksi-host ask hello").strip()
+    assert block == "ksi-host ask hello --model mock/gpt-4o-mini"  # nothing before it but the main job's install
+    p = subprocess.run(block, shell=True, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "mock response to: hello\n"
+    assert p.stderr.startswith("ksi-host: ok: 10 prompt + 20 completion = 30 tokens, cost $") and "provider mock" in p.stderr
+    assert (tmp_path / "ksi-host.db").exists()  # the default database, as the other commands use
+
+
+def test_the_openai_batch_example_runs_as_shown(tmp_path: Path) -> None:
+    import json
+
+    block = snippet("sh", "cat > batch.jsonl")
+    p = subprocess.run(block, shell=True, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    out = {o["custom_id"]: o for o in results(tmp_path / "batch-results.jsonl")}
+    assert set(out) == {"q1", "q2"} and all(o["error"] is None and o["response"]["status_code"] == 200 for o in out.values())
+    body = out["q1"]["response"]["body"]
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "mock response to: hello"
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}  # as the README shows it
+    u = subprocess.run([sys.executable, "-m", "ksi_host.cli", "usage", "--db", str(tmp_path / "example.db"), "--by", "agent",
+                        "--json"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert {r["key"]: r["calls"] for r in json.loads(u.stdout)} == {None: 1, "me": 1}  # the ksi object's agent_id

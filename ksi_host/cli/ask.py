@@ -1,0 +1,239 @@
+"""``ksi-host ask``: one request through the queue and the database, its answer streamed to stdout.
+
+The request goes through the queue like a line of ``ksi-host run`` (its session's turn, its
+priority, stored with its result and its ledger rows). The answer is written to stdout piece by
+piece as it arrives (``--no-stream``: once whole; ``--json``: the stored result as JSON), and one
+usage line goes to stderr: status, tokens, cost, provider, time to the first piece and in all.
+
+Ctrl-C leaves the answer: the request is cancelled (a streaming upstream call is closed) and its
+cancelled result stored before the host stops, so it never runs again. A database that holds
+unfinished requests of an interrupted ``ksi-host run`` is served without starting them
+(:class:`~ksi_host.cli.gate.OwnOnlyGate`): they stay stored for the run to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+from typing import IO, Any
+
+from ..errors import OperationalError, ValidationError
+from ..models import ChatDelta, CompletionRequest, CompletionResult
+from .gate import OwnOnlyGate
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+FLAGS = {"model": "--model", "session_id": "--session", "agent_id": "--agent", "purpose": "--purpose",
+         "priority": "--priority", "max_tokens": "--max-tokens", "temperature": "--temperature", "timeout_s": "--timeout",
+         "continue_session": "--continue"}
+"""The option that sets each request field (for an error naming what to change)."""
+
+STARVED_S = 3.0
+"""How long the request may wait to start while requests of an earlier run, held, take the queue's slots."""
+STARVED_POLL_S = 0.05
+
+
+def read_prompt(text: str, stdin: IO[str]) -> str:
+    """PROMPT, or all of stdin for ``-`` (its trailing line ends dropped)."""
+    return stdin.read().rstrip("\r\n") if text == "-" else text
+
+
+def build_request(args: argparse.Namespace, prompt: str) -> CompletionRequest:
+    """The request the options describe; a ValidationError names the option (``--temperature: ...``)."""
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+        {"role": "user", "content": prompt}]
+    fields = {"model": args.model, "messages": messages, "session_id": args.session, "agent_id": args.agent,
+              "purpose": args.purpose, "priority": args.priority or "normal", "max_tokens": args.max_tokens,
+              "temperature": args.temperature, "timeout_s": args.timeout, "continue_session": args.continue_session}
+    try:
+        return CompletionRequest(**fields)
+    except ValidationError as e:
+        raise ValidationError(option(e.field, args.system is not None), e.reason) from None
+
+
+def option(field: str, has_system: bool) -> str:
+    """The option (or PROMPT) a request field comes from."""
+    if field.startswith("messages"):
+        return "--system" if has_system and field.startswith("messages[0]") else "PROMPT"
+    return FLAGS.get(field, field)
+
+
+class Answer:
+    """Writes an answer's pieces to ``out`` as they come (text, refusals), then its tool calls."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.line_open = False  # something was written that no line end followed
+
+    def write(self, text: str | None) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.line_open = not text.endswith("\n")
+
+    def add(self, delta: ChatDelta) -> None:
+        self.write(delta.content)
+        self.write(delta.refusal)
+
+    def whole(self, result: CompletionResult) -> None:
+        message = result.message or {}
+        self.write(result.text)
+        self.write(message.get("refusal"))
+
+    def end(self, result: CompletionResult | None) -> None:
+        """Close the answer's last line; then one line per tool call the answer asks for."""
+        if self.line_open:
+            self.write("\n")
+        for call in ((result.message or {}).get("tool_calls") or ()) if result is not None else ():
+            fn = call.get("function") or {}
+            self.write(f"[tool call {call.get('id')}] {fn.get('name')}({fn.get('arguments')})\n")
+
+
+def usage_line(result: CompletionResult, elapsed_s: float, first_s: float | None) -> str:
+    """One line for stderr: status, tokens, cost, provider, time to the first piece and in all."""
+    u = result.usage
+    tokens = f"{u.prompt_tokens:,} prompt + {u.completion_tokens:,} completion = {u.total_tokens:,} tokens"
+    extra = [f"{n:,} {what}" for n, what in ((u.cached_tokens, "cached"), (u.reasoning_tokens, "reasoning")) if n]
+    if extra:
+        tokens += f" ({', '.join(extra)})"
+    cost = f"cost ${u.cost_usd:.6f}" if u.cost_usd is not None else "cost unknown"
+    timing = f"{elapsed_s:.2f}s" + (f" (first piece {first_s:.2f}s)" if first_s is not None else "")
+    parts = [tokens, cost, f"provider {result.provider or 'none'}", timing]
+    if len(result.attempts) > 1:
+        parts.append(f"{len(result.attempts)} attempts")
+    parts.append(f"request {result.request_id}")
+    return f"ksi-host: {result.status}: " + ", ".join(parts)
+
+
+def unserved(result: CompletionResult) -> bool:
+    """Did ``result`` fail because no provider serves its model at all (no attempt reached one)?"""
+    return (result.error is not None and result.error.get("type") == "NoProviderError"
+            and all(a.provider is None for a in result.attempts))
+
+
+class Ask:
+    """One ``ksi-host ask`` on a started Host: :meth:`run` returns the exit code."""
+
+    def __init__(self, host: Any, request: CompletionRequest, *, stream: bool, as_json: bool, out: IO[str],
+                 err: IO[str]) -> None:
+        self.host = host
+        self.request = request
+        self.stream = stream and not as_json
+        self.as_json = as_json
+        self.out = out
+        self.err = err
+        self.answer = Answer(out)
+        self.gate = OwnOnlyGate(host, {request.request_id})  # before the host starts (its queue may start requests)
+        self.pieces = 0
+        self.started = time.monotonic()
+        self.first_s: float | None = None
+
+    def _say(self, message: str) -> None:
+        print(f"ksi-host: {message}", file=self.err, flush=True)
+
+    async def run(self) -> int:
+        """Ask, on the started host; the exit code."""
+        self.started = time.monotonic()
+        task = asyncio.ensure_future(self._answer())
+        starved = asyncio.ensure_future(self._starved())
+        interrupted = False
+        loop = asyncio.get_running_loop()
+
+        def on_interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C raises KeyboardInterrupt: stop at once
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        try:
+            await asyncio.wait((task, starved), return_when=asyncio.FIRST_COMPLETED)
+            if starved.done() and not task.done():
+                task.cancel()
+            result: CompletionResult | None = None
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                if not (interrupted or starved.done()):
+                    raise
+            except ValidationError as e:  # the queue refused the request
+                self._say(str(e))
+                return EXIT_USAGE
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            starved.cancel()
+        if result is None:  # left before its end (Ctrl-C, or it could not start)
+            result = await self._settle()
+            self.answer.end(None)
+            if not interrupted:
+                self._say(f"this request cannot start: {self.host.db_path} holds unfinished requests of an earlier run "
+                          "ahead of it, which ask does not start; finish them with ksi-host run (the same file and "
+                          "--db), or ask with another --db")
+                return EXIT_USAGE
+            if result is not None:
+                print(usage_line(result, time.monotonic() - self.started, self.first_s), file=self.err)
+            return EXIT_INTERRUPTED
+        return self._report(result)
+
+    async def _answer(self) -> CompletionResult:
+        if not self.stream:
+            return await (await self.host.submit(self.request)).future
+        stream = self.host.stream(self.request)
+        try:
+            async for delta in stream:
+                if self.first_s is None:
+                    self.first_s = time.monotonic() - self.started
+                self.pieces += 1
+                self.answer.add(delta)
+        except OperationalError:
+            if stream.result is None:  # refused before it ran
+                raise
+        assert stream.result is not None
+        return stream.result
+
+    async def _starved(self) -> None:
+        """Return if the request cannot start: the queue's slots (or its session's turn) are taken by
+        requests of an earlier run, held by the gate, for :data:`STARVED_S`."""
+        waited = 0.0
+        while not self.gate.started.is_set():
+            await asyncio.sleep(STARVED_POLL_S)
+            waited = waited + STARVED_POLL_S if self.gate.held else 0.0
+            if waited >= STARVED_S:
+                return
+        await asyncio.get_running_loop().create_future()  # it started: never starved
+
+    async def _settle(self) -> CompletionResult | None:
+        """The answer was left before its end: wait for the request's final result (stored), cancelling it
+        where it may still run, so that it never runs again. None when it was never stored."""
+        if not self.pieces:
+            if not self.host.hooks.implemented("ksi_cancel"):
+                return None
+            if await self.host.cancel(self.request.request_id) is None:
+                return None  # unknown to the queue: never accepted
+        # a piece was handed out: the stream's end closes the attempt, and the request ends cancelled by itself
+        ticket = await self.host.submit(self.request)  # the same run (or its stored result): never a new one
+        try:
+            return await ticket.future
+        except OperationalError:
+            return None
+
+    def _report(self, result: CompletionResult) -> int:
+        if unserved(result):
+            self._say(f"{FLAGS['model']}: {result.error['message']}")  # type: ignore[index]
+            return EXIT_USAGE
+        if self.as_json:
+            print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False), file=self.out, flush=True)
+        else:
+            if not self.stream:
+                self.answer.whole(result)
+            self.answer.end(result)
+            if not result.ok and result.error:
+                self._say(f"{result.error['type']}: {result.error['message']}")
+        print(usage_line(result, time.monotonic() - self.started, self.first_s), file=self.err, flush=True)
+        if self.gate.held:
+            self._say(f"note: unfinished requests of an earlier run in {self.host.db_path} were left for ksi-host run "
+                      "(not started)")
+        return EXIT_OK if result.ok else EXIT_FAILED

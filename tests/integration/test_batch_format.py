@@ -1,0 +1,100 @@
+"""An OpenAI Batch file through ``ksi-host run`` unchanged, against the local OpenAI-compatible server (the
+openai provider plugin, the queue, retry and tokens): every output line has the Batch output shape and
+a body OpenAI's own client library reads as a chat.completion; a rerun sends nothing again and writes
+the same lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from ksi_it import ROOT, results
+from openai.types.chat import ChatCompletion
+
+
+@pytest.fixture
+def server():
+    p = subprocess.Popen([sys.executable, "-m", "ksi_host.testing.server", "--port", "0"], stdout=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    info = json.loads(p.stdout.readline())
+    base = info["url"].rsplit("/v1", 1)[0]
+    control = urllib.request.Request(f"{base}/_ksi/faults", method="POST", data=json.dumps(
+        {"faults_by_model": {"local-bad": "400", "local-long": "context_length"}}).encode())
+    urllib.request.urlopen(control).close()
+    info["stats"] = f"{base}/_ksi/stats"
+    yield info
+    p.terminate()
+    p.wait(10)
+
+
+def hits(server) -> int:
+    with urllib.request.urlopen(server["stats"]) as r:
+        return json.loads(r.read())["hits"]
+
+
+def batch_line(custom_id, model, text, **ksi):
+    line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "system", "content": "You are terse."},
+                                                  {"role": "user", "content": text}], "max_tokens": 50}}
+    if ksi:
+        line["ksi"] = ksi
+    return json.dumps(line)
+
+
+def test_a_batch_file_runs_unchanged_and_resumes_without_resending(tmp_path, server):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[openai.deployments]]\nname = "local"\nmodel = "local-*"\napi_base = "{server["url"]}"\n'
+                   'api_key_env = "LOCAL_KEY"\ninput_cost_per_mtok = 1.0\noutput_cost_per_mtok = 2.0\n')
+    lines = [batch_line(f"request-{i}", "local-a", f"question {i}", **({"session_id": f"s{i % 3}"} if i % 2 else {}))
+             for i in range(30)]
+    lines += [batch_line("refused", "local-bad", "x"), batch_line("too-long", "local-long", "x"),
+              json.dumps({**json.loads(batch_line("streamed", "local-a", "x")),
+                          "body": {"model": "local-a", "messages": [{"role": "user", "content": "x"}], "stream": True}}),
+              json.dumps({"model": "local-a", "prompt": "a KSI line"})]
+    reqs = tmp_path / "batch.jsonl"
+    reqs.write_text("\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_HOST_")}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LOCAL_KEY="sk-test", KSI_HOST_PLUGINS="queue,openai,retry,tokens")
+    run = [sys.executable, "-m", "ksi_host.cli", "run", str(reqs), "--db", str(tmp_path / "k.db"), "--config", str(cfg)]
+
+    first = subprocess.run([*run, "--out", str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1, first.stderr  # four lines fail
+    assert "30 ok, 4 failed" in first.stderr
+    out = results(tmp_path / "out.jsonl")
+    assert len(out) == 34 and len({o["id"] for o in out}) == 34
+    assert all(set(o) == {"id", "custom_id", "response", "error"} and o["id"].startswith("batch_req_") for o in out)
+    by_id = {o["custom_id"]: o for o in out}
+    assert set(by_id) == {f"request-{i}" for i in range(30)} | {"refused", "too-long", "streamed", None}
+
+    for i in range(30):
+        o = by_id[f"request-{i}"]
+        assert o["error"] is None and o["response"]["status_code"] == 200 and o["response"]["request_id"] == f"request-{i}"
+        completion = ChatCompletion.model_validate(o["response"]["body"])  # OpenAI's client reads it
+        assert completion.object == "chat.completion" and completion.model == "local-a"
+        assert completion.choices[0].message.content == f"echo: question {i}"
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens > 0
+
+    refused = by_id["refused"]  # the upstream's 400: OpenAI's status and error body, and the error
+    assert refused["response"]["status_code"] == 400 and refused["error"]["code"] == "invalid_request"
+    assert set(refused["response"]["body"]["error"]) == {"message", "type", "param", "code"}
+    too_long = by_id["too-long"]
+    assert too_long["response"]["status_code"] == 400 and too_long["error"]["code"] == "context_length_exceeded"
+    streamed = by_id["streamed"]
+    assert streamed["error"]["param"] == "body.stream" and streamed["error"]["line"] == 33
+    assert by_id[None]["error"]["param"] == "format" and by_id[None]["error"]["line"] == 34
+    assert hits(server) == 32  # the 30, and the two the upstream refused (not retried); the bad lines reached nobody
+
+    again = subprocess.run([*run, "--out", str(tmp_path / "again.jsonl")], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 1, again.stderr
+    assert hits(server) == 32  # nothing sent twice
+    assert sorted(map(json.dumps, results(tmp_path / "again.jsonl"))) == sorted(map(json.dumps, out))  # the same lines
+
+    usage = subprocess.run([sys.executable, "-m", "ksi_host.cli", "usage", "--db", str(tmp_path / "k.db"), "--json"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert sum(r["calls"] for r in json.loads(usage.stdout)) == 32
