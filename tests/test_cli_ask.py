@@ -317,10 +317,11 @@ def test_bad_options_are_usage_errors_naming_the_option(tmp_path, ask_site, args
     assert events(tmp_path) == []  # nothing was sent
 
 
-def test_continue_sets_continue_session(tmp_path, ask_site):
+def test_continue_sets_continue_session_which_needs_a_session_plugin(tmp_path, ask_site):
     p = ask(tmp_path, ask_site, "and then?", "--model", "echo/x", "--session", "s1", "--continue", "--json")
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["session_id"] == "s1"
+    assert p.returncode == 1, p.stderr  # no plugin continues conversations here: said, not ignored
+    result = json.loads(p.stdout)
+    assert result["session_id"] == "s1" and "ksi_prepare_request: install ksi-sessions" in result["error"]["message"]
 
 
 def test_programming_error_exits_70_with_the_traceback(tmp_path, ask_site):
