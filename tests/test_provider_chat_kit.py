@@ -106,6 +106,15 @@ async def test_the_timeout_bounds_the_first_piece_and_each_gap_not_the_whole_str
     assert first.breaker.failures == gap.breaker.failures == 1
 
 
+async def test_prepare_runs_before_the_wait_for_the_first_piece_starts() -> None:
+    class SlowToPrepare(Streaming):
+        async def prepare(self) -> None:
+            await asyncio.sleep(0.3)  # a lazy import, say: not the upstream's time
+
+    p = SlowToPrepare(["fast", ChatDelta(finish_reason="stop")])
+    assert [d.content for d in await collect(p, timeout_s=0.1)] == ["fast", None]
+
+
 async def test_closing_the_stream_early_closes_the_upstream_call_and_leaves_the_circuit_alone() -> None:
     p = Streaming(["one", "two", 0.5, ChatDelta(finish_reason="stop")])
     p.breaker.record_failure()

@@ -86,6 +86,10 @@ class DeploymentProvider:
         raise NotImplementedError  # never called: stream() uses attempt() when a subclass does not write this
         yield  # pragma: no cover  (makes this an async generator)
 
+    async def prepare(self) -> None:
+        """Work a streamed attempt needs first that is not the upstream's time (a lazy import, a client to
+        open): :meth:`stream` awaits it before the wait for the first piece starts. Nothing by default."""
+
     @property
     def can_stream(self) -> bool:
         """Does this provider stream its answers piece by piece (does its class write :meth:`attempt_stream`)?"""
@@ -95,7 +99,7 @@ class DeploymentProvider:
         """One streamed upstream attempt (see :class:`~ksi_host.models.ChatDelta` for the contract).
 
         ``timeout_s`` (None: the deployment's) bounds the wait for the first piece and between pieces:
-        ProviderTimeout. A ProviderError raised, a timeout, or an end without a piece that carried a
+        ProviderTimeout (:meth:`prepare` is awaited before, outside it). A ProviderError raised, a timeout, or an end without a piece that carried a
         ``finish_reason`` (ProviderUnavailable: the answer was cut off) count against the circuit; an
         end after one counts as a success. Closing this iterator early closes the upstream call and
         leaves the circuit as it was (a half-open trial is freed)."""
@@ -104,6 +108,7 @@ class DeploymentProvider:
         if not self.can_stream:  # one piece, from attempt()
             yield deltas_of(await self.complete(request, timeout_s=timeout_s))
             return
+        await self.prepare()
         generation = self.breaker.generation
         finished = False
         ended = False

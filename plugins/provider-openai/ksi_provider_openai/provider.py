@@ -109,6 +109,10 @@ class OpenAIProvider(DeploymentProvider):
             raise connection_error(self.name, f"{type(e).__name__}: {e}", secrets=(key,)) from None
         return self._response(raw, status, request)
 
+    async def prepare(self) -> None:
+        """The pooled client (aiohttp's import on the first call) is opened outside the first piece's timeout."""
+        await self.client.session()
+
     async def attempt_stream(self, request: CompletionRequest, timeout_s: float | None,
                              key: str | None) -> AsyncIterator[ChatDelta]:
         """The same request with ``"stream": true``: each chunk's delta as its event arrives. The kit

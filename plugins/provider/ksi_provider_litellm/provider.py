@@ -274,6 +274,11 @@ class LitellmProvider(DeploymentProvider):
             raise mapped from None
         return self._response(lit, response, request)
 
+    async def prepare(self) -> None:
+        """litellm's import (seconds, once per process) is not the upstream's time: outside the first piece's timeout."""
+        if _litellm is None:
+            await load_litellm()
+
     async def attempt_stream(self, request: CompletionRequest, timeout_s: float | None,
                              key: str | None) -> AsyncIterator[ChatDelta]:
         """One ``litellm.acompletion(stream=True)``: its chunks as ChatDelta pieces. litellm raises on a stream
