@@ -141,7 +141,8 @@ DEFAULT_PRIORITY = DEFAULT_PROVIDER_PRIORITY
 
 
 class Member(Protocol):
-    """What a :class:`DeploymentPool` holds: a provider plugin's runtime object for one deployment."""
+    """What a :class:`DeploymentPool` holds: a provider plugin's runtime object for one deployment
+    (it may also have ``supports``: :attr:`ksi_host.models.ProviderInfo.supports`)."""
 
     deployment: Deployment
     breaker: CircuitBreaker
@@ -228,10 +229,12 @@ class DeploymentPool(Generic[M]):
         )
 
     def infos(self, model: str | None, plugin: str) -> list[ProviderInfo]:
-        """ProviderInfo for the deployments serving ``model`` (all if None), in try order."""
+        """ProviderInfo for the deployments serving ``model`` (all if None), in try order; each member's
+        ``supports`` (what it can send, None: everything) goes with its deployment."""
         members = self.members if model is None else self.serving(model)
         return [
-            ProviderInfo(m.deployment.name, m.deployment.model, plugin, m.breaker.state, self.describe(m), self.priority)
+            ProviderInfo(m.deployment.name, m.deployment.model, plugin, m.breaker.state, self.describe(m), self.priority,
+                         getattr(m, "supports", None))
             for m in members
         ]
 

@@ -3,8 +3,8 @@
 Every provider plugin maps upstream failures with :mod:`ksi_host.providers.errormap`, so that a
 429 means the same to the retry plugin whichever plugin saw it. :data:`PROVIDER_FAULTS`
 lists, for each fault mode of :class:`~ksi_host.testing.server.OpenAIServer` that fails
-a call, the error class a provider's ``complete`` must raise and the HTTP status the
-error must carry (None: no status). A provider plugin's tests take it as it is::
+a call, the error class a provider's ``complete`` (and ``stream``) must raise and the HTTP
+status the error must carry (None: no status). A provider plugin's tests take it as it is::
 
     @pytest.mark.parametrize(("fault", "error", "status"), PROVIDER_FAULTS)
     async def test_each_fault_maps(openai_server, fault, error, status): ...
@@ -45,6 +45,7 @@ PROVIDER_FAULTS: list[tuple[str, type[ProviderError], int | None]] = [
     ("403", AuthFailed, 403),
     ("malformed", ProviderUnavailable, None),
     ("disconnect", ProviderUnavailable, None),
+    ("cut", ProviderUnavailable, None),
 ]
 
 PIECE = 12

@@ -12,6 +12,37 @@ real OpenAI-shaped chat completion, usage included, and can be told to fail:
 * ``"hang"``: answer nothing for ``hang_s`` seconds (past any client timeout).
 * ``"malformed"``: HTTP 200 whose body is not valid JSON.
 * ``"disconnect"``: close the connection without answering.
+* ``"cut"``: start the answer and close the connection halfway: a stream after
+  ``cut_after`` chunks (no ``finish_reason``, no ``[DONE]``), a whole answer
+  after half its body.
+* ``"hold"``: answer all but the end, then wait until :meth:`OpenAIServer.release`
+  (or ``POST /_ksi/release``) or ``hang_s``: a stream holds its last chunk (the
+  one with ``finish_reason``), a whole answer is held entirely.
+* ``"refusal"``: an answer whose message is a ``refusal`` (content null).
+
+The answer follows the request as a model would, deterministically:
+
+* ``tools`` (and ``tool_choice`` not ``none``), the last message not a ``tool``
+  result: a call of the first tool (or the one ``tool_choice`` names), its
+  arguments built from the tool's parameter schema, ``finish_reason:
+  "tool_calls"``;
+* the last message a ``tool`` result: ``"the tool said: <its content>"``;
+* ``response_format`` ``json_object``: ``{"echo": "<last user message>"}``;
+  ``json_schema``: a JSON value of the schema (every property filled in);
+* otherwise ``reply``, or ``"echo: <last user message>"``.
+
+``cached_tokens`` / ``reasoning_tokens`` (when set) are reported in the usage as
+``prompt_tokens_details.cached_tokens`` and ``completion_tokens_details.reasoning_tokens``
+(the reasoning tokens counted in ``completion_tokens``, as OpenAI does).
+
+``"stream": true`` answers with server-sent events: ``data: {chat.completion.chunk}``
+lines (the role, then the content word by word, or a tool call's name and then
+its arguments in pieces; the last with the ``finish_reason``), a last chunk with
+``usage`` and no choices when ``stream_options.include_usage``, then ``data: [DONE]``.
+``first_chunk_delay_s`` is waited between the headers and the first chunk (the
+time to first token of a benchmark). A client that closes the connection before
+the end of a stream is noticed at once (also while a chunk is held) and counted
+in ``closed_early`` (and the Arrival's ``closed_early``).
 
 With ``echo_auth`` set, the ``"401"`` answer repeats the key it was sent (the
 ``Authorization`` header without ``Bearer ``), like a careless upstream, to
@@ -26,9 +57,11 @@ from ``rates`` (``{"429": 0.25, "500": 0.2, "hang": 0.03}``, seeded with
 
 Every completion request is logged in ``arrivals`` (an :class:`Arrival` with
 the time, model, fault, the ``Authorization`` header as sent — test-only data
-so a test can check a key arrived —, ``user``/``metadata`` from the body, an
-``X-Session-Id`` header if sent, when the answer was sent and the usage an OK
-answer reported); ``hits`` counts them, ``counts`` counts them by fault and
+so a test can check a key arrived —, ``user``/``metadata`` from the body, the
+whole JSON body as it arrived (unless ``keep_bodies=False``: what reached the
+upstream, for tests), an ``X-Session-Id`` header if sent, when the answer was
+sent, the usage an OK answer reported, and for a stream the chunks sent and
+whether the client left early); ``hits`` counts them, ``counts`` counts them by fault and
 ``usage()`` sums the usage of every OK answer sent.
 
 Use it in-process::
@@ -47,7 +80,9 @@ killed. A running server is controlled over HTTP too (control requests are not
 counted as hits): ``GET /_ksi/stats``, ``GET /_ksi/arrivals``, ``POST
 /_ksi/reset``, ``POST /_ksi/faults`` with a JSON body of any of ``script``,
 ``rates``, ``seed``, ``faults_by_model``, ``delay_s``, ``retry_after``,
-``hang_s``, ``echo_auth``.
+``hang_s``, ``echo_auth``, ``cut_after``, ``first_chunk_delay_s``, ``cached_tokens``,
+``reasoning_tokens``; ``POST /_ksi/release`` releases the held answers, ``GET
+/_ksi/streams`` reports ``{"streams", "closed_early", "holding"}``.
 
 The pytest fixture ``openai_server`` (function scope) yields a started server
 running in a background thread; its ``url`` ends in ``/v1``.
@@ -61,6 +96,7 @@ import base64
 import contextlib
 import json
 import random
+import re
 import sys
 import threading
 import time
@@ -71,8 +107,11 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 FAULTS = frozenset(
-    {"ok", "429", "400", "401", "403", "500", "502", "503", "context_length", "hang", "malformed", "disconnect"}
+    {"ok", "429", "400", "401", "403", "500", "502", "503", "context_length", "hang", "malformed", "disconnect",
+     "cut", "hold", "refusal"}
 )
+
+REFUSAL = "I can't help with that (test server)."
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -142,7 +181,10 @@ class Arrival:
     metadata: Any
     body: dict[str, Any] | None = field(repr=False, default=None)
     answered_at: float | None = None  # time.time() when the answer was sent (None: none sent, e.g. a hang cut short)
-    usage: dict[str, int] | None = None  # the usage an OK answer reported
+    usage: dict[str, Any] | None = None  # the usage an OK answer reported
+    stream: bool = False  # answered with server-sent events
+    chunks: int = 0  # stream: the data chunks sent ([DONE] not counted)
+    closed_early: bool = False  # stream: the client closed the connection before its end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +210,65 @@ def _last_user_text(messages: Any) -> str:
     return ""
 
 
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _example(schema: Any, text: str, depth: int = 0) -> Any:
+    """A JSON value of ``schema`` (a JSON schema), every property filled in; strings are ``text``."""
+    if not isinstance(schema, dict) or depth > 16:
+        return text
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _example(schema[key][0], text, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        return {name: _example(sub, text, depth + 1) for name, sub in props.items()}
+    if kind == "array":
+        return [_example(schema.get("items"), text, depth + 1)]
+    if kind == "integer":
+        return 1
+    if kind == "number":
+        return 1.5
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
+
+
+def _tool_called(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The function the answer calls: the one ``tool_choice`` names, else the first of ``tools``; None: no call."""
+    tools = [t.get("function") for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        named = choice["function"].get("name")
+        return next((t for t in tools if t.get("name") == named), tools[0])
+    return tools[0]
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` cut into the pieces a stream sends: each word with the spaces after it."""
+    return re.findall(r"\S+\s*|\s+", text) or [text]
+
+
+def _arguments_pieces(arguments: str, size: int = 8) -> list[str]:
+    return [arguments[i:i + size] for i in range(0, len(arguments), size)] or [""]
+
+
 class OpenAIServer:
     """An OpenAI-compatible chat completions server on ``host:port`` (0: any free port).
 
@@ -176,6 +277,9 @@ class OpenAIServer:
     ``keep_bodies``: keep each request's JSON body in its Arrival.
     ``echo_auth``: the ``401`` answer repeats the key it was sent (to test redaction):
     True or a name of :data:`ECHO_FORMS`, or a list of them used in turn.
+    ``cut_after``: the chunks a ``cut`` stream sends before it closes the connection.
+    ``first_chunk_delay_s``: seconds between a stream's headers and its first chunk.
+    ``cached_tokens``, ``reasoning_tokens``: report them in every answer's usage (None: not reported).
     """
 
     def __init__(
@@ -193,6 +297,10 @@ class OpenAIServer:
         reply: str | None = None,
         keep_bodies: bool = True,
         echo_auth: bool | str | Sequence[str] = False,
+        cut_after: int = 2,
+        first_chunk_delay_s: float = 0.0,
+        cached_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -202,6 +310,14 @@ class OpenAIServer:
         self.reply = reply
         self.keep_bodies = keep_bodies
         self.echo_auth = echo_auth
+        self.cut_after = cut_after
+        self.first_chunk_delay_s = first_chunk_delay_s
+        self.cached_tokens = cached_tokens
+        self.reasoning_tokens = reasoning_tokens
+        self.streams = 0  # streamed answers begun
+        self.closed_early = 0  # streams whose client closed the connection before their end
+        self._held: list[asyncio.Event] = []  # the answers waiting for release()
+        self._releases = 0  # releases that came while nothing was held: the next holds pass
         self._echoes = 0
         self.arrivals: list[Arrival] = []
         self.counts: Counter[str] = Counter()
@@ -248,6 +364,7 @@ class OpenAIServer:
         """Forget arrivals and counts, the script, the rates and the per-model faults."""
         self.arrivals.clear()
         self.counts.clear()
+        self.streams = self.closed_early = self._releases = 0
         self._script = []
         self._rates = []
         self.faults_by_model = {}
@@ -265,14 +382,45 @@ class OpenAIServer:
     def stats(self) -> dict[str, Any]:
         return {"hits": self.hits, "counts": dict(self.counts)}
 
+    def stream_stats(self) -> dict[str, int]:
+        """Streams begun, streams the client left before their end, answers held now."""
+        return {"streams": self.streams, "closed_early": self.closed_early, "holding": self.holding}
+
+    @property
+    def holding(self) -> int:
+        """How many answers (``hold``) are waiting for :meth:`release` now."""
+        return len(self._held)
+
+    def release(self) -> None:
+        """Let every held answer finish (from any thread). With none held, the next ``hold`` passes at once."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._release()
+        else:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                self._release()
+            else:
+                loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        if not self._held:
+            self._releases += 1
+        for event in self._held:
+            event.set()
+        self._held.clear()
+
     def usage(self) -> dict[str, int]:
         """The usage summed over every OK answer sent (``calls``: how many OK answers)."""
         usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for a in self.arrivals:
             if a.usage is not None:
                 usage["calls"] += 1
-                for k, v in a.usage.items():
-                    usage[k] += v
+                for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                    usage[k] += a.usage[k]
         return usage
 
     def _choose(self, model: str | None) -> str:
@@ -388,7 +536,7 @@ class OpenAIServer:
                 except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                     return
                 close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
-                keep = await self._route(method, target.split("?", 1)[0], headers, body, writer, close)
+                keep = await self._route(method, target.split("?", 1)[0], headers, body, reader, writer, close)
                 if not keep or close:
                     return
         except asyncio.CancelledError:
@@ -413,7 +561,8 @@ class OpenAIServer:
         return await reader.readexactly(n) if n else b""
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, payload: Any, *,
-                    extra: Mapping[str, str] | None = None, raw: bytes | None = None, close: bool = False) -> None:
+                    extra: Mapping[str, str] | None = None, raw: bytes | None = None, close: bool = False,
+                    upto: int | None = None) -> None:
         data = raw if raw is not None else json.dumps(payload).encode()
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Content-Type: application/json",
                 f"Content-Length: {len(data)}"]
@@ -421,11 +570,11 @@ class OpenAIServer:
             head.append("Connection: close")
         for k, v in (extra or {}).items():
             head.append(f"{k}: {v}")
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data[:upto])
         await writer.drain()
 
     async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes,
-                     writer: asyncio.StreamWriter, close: bool) -> bool:
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close: bool) -> bool:
         """Answer one request; False to close the connection."""
         if path.startswith("/_ksi/"):
             return await self._control(method, path, body, writer, close)
@@ -433,14 +582,14 @@ class OpenAIServer:
             if method != "POST":
                 await self._send(writer, 405, {"error": {"message": "use POST"}}, close=close)
                 return True
-            return await self._completion(path, headers, body, writer, close)
+            return await self._completion(path, headers, body, reader, writer, close)
         if path.endswith("/models") and method == "GET":
             await self._send(writer, 200, {"object": "list", "data": []}, close=close)
             return True
         await self._send(writer, 404, {"error": {"message": f"no route {method} {path}"}}, close=close)
         return True
 
-    async def _completion(self, path: str, headers: dict[str, str], raw: bytes,
+    async def _completion(self, path: str, headers: dict[str, str], raw: bytes, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter, close: bool) -> bool:
         try:
             body = json.loads(raw or b"{}")
@@ -454,7 +603,7 @@ class OpenAIServer:
         fault = self._choose(model)
         arrival = Arrival(
             time.time(), path, model, fault, headers.get("authorization"), headers.get("x-session-id"),
-            body.get("user"), body.get("metadata"), body if self.keep_bodies else None,
+            body.get("user"), body.get("metadata"), body if self.keep_bodies else None, stream=body.get("stream") is True,
         )
         self.arrivals.append(arrival)
         self.counts[fault] += 1
@@ -479,26 +628,178 @@ class OpenAIServer:
                              extra=extra, close=close)
             arrival.answered_at = time.time()
             return True
-        messages = body.get("messages")
-        text = self.reply if self.reply is not None else f"echo: {_last_user_text(messages)}"
-        prompt_tokens = sum(_words(m.get("content")) + 3 for m in messages if isinstance(m, dict)) if isinstance(messages, list) else 0
-        completion_tokens = max(1, len(text.split()))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        message, finish_reason = self._answer(body, fault)
+        usage = self._usage(body.get("messages"), message)
         self._next_id += 1
-        await self._send(writer, 200, {
+        if arrival.stream:
+            return await self._stream(body, model, message, finish_reason, usage, fault, arrival, reader, writer)
+        payload = json.dumps({
             "id": f"chatcmpl-test-{self._next_id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model or "unknown",
             "system_fingerprint": "fp_ksi_test",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage,
-        }, extra={"x-request-id": f"req-{self._next_id}"}, close=close)
+        }).encode()
+        extra = {"x-request-id": f"req-{self._next_id}"}
+        if fault == "cut":  # the head promises the whole body; half of it comes, then the connection closes
+            await self._send(writer, 200, None, raw=payload, extra=extra, close=close, upto=len(payload) // 2)
+            return False
+        if fault == "hold" and not await self._hold(reader, self._holder()):
+            return False
+        await self._send(writer, 200, None, raw=payload, extra=extra, close=close)
         arrival.answered_at = time.time()
         arrival.usage = usage
         return True
+
+    def _answer(self, body: dict[str, Any], fault: str) -> tuple[dict[str, Any], str]:
+        """The assistant message for ``body`` and its finish reason (see the module docstring)."""
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if fault == "refusal":
+            return {"role": "assistant", "content": None, "refusal": REFUSAL}, "stop"
+        tool = None if last.get("role") == "tool" else _tool_called(body)
+        if tool is not None:
+            params = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {"type": "object"}
+            arguments = _example(params, _last_user_text(messages))
+            call = {"id": f"call_test_{self._next_id + 1}", "type": "function",
+                    "function": {"name": str(tool.get("name")), "arguments": json.dumps(arguments)}}
+            return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+        if last.get("role") == "tool":
+            text = f"the tool said: {_text_of(last.get('content'))}"
+        else:
+            text = self.reply if self.reply is not None else f"echo: {_last_user_text(messages)}"
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+            text = json.dumps({"echo": text})
+        elif isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            schema = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else {}
+            text = json.dumps(_example(schema.get("schema", {"type": "object"}), text))
+        return {"role": "assistant", "content": text}, "stop"
+
+    def _usage(self, messages: Any, message: dict[str, Any]) -> dict[str, Any]:
+        prompt_tokens = sum(_words(m.get("content")) + 3 for m in messages if isinstance(m, dict)) if isinstance(messages, list) else 0
+        said = message.get("content") or message.get("refusal") or " ".join(
+            c["function"]["arguments"] for c in message.get("tool_calls") or ())
+        completion_tokens = max(1, len(said.split())) + (self.reasoning_tokens or 0)
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
+
+    @staticmethod
+    def _chunk_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+        """The deltas of a streamed ``message``: the role, then its content, refusal or tool calls in pieces."""
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "" if message.get("content") is not None else None}]
+        if message.get("content"):
+            deltas += [{"content": piece} for piece in _pieces(message["content"])]
+        if message.get("refusal"):
+            deltas += [{"refusal": piece} for piece in _pieces(message["refusal"])]
+        for i, call in enumerate(message.get("tool_calls") or ()):
+            fn = call["function"]
+            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                           "function": {"name": fn["name"], "arguments": ""}}]})
+            deltas += [{"tool_calls": [{"index": i, "function": {"arguments": piece}}]}
+                       for piece in _arguments_pieces(fn["arguments"])]
+        return deltas
+
+    async def _stream(self, body: dict[str, Any], model: str | None, message: dict[str, Any], finish_reason: str,
+                      usage: dict[str, Any], fault: str, arrival: Arrival, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bool:
+        """Answer with server-sent events; False when the connection is to be closed (cut, or the client left)."""
+        self.streams += 1
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
+        base = {"id": f"chatcmpl-test-{self._next_id}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": model or "unknown", "system_fingerprint": "fp_ksi_test"}
+        extra_usage = {"usage": None} if with_usage else {}
+        chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}], **extra_usage}
+                  for d in self._chunk_deltas(message)]
+        chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
+                       **extra_usage})
+        if with_usage:
+            chunks.append({**base, "choices": [], "usage": usage})
+        last = len(chunks) - (2 if with_usage else 1)  # the index of the chunk with the finish reason
+        held = self._holder() if fault == "hold" else None  # held from now on: a release may come any time
+        head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream; charset=utf-8", "Cache-Control: no-cache",
+                "Transfer-Encoding: chunked", f"x-request-id: req-{self._next_id}"]
+        try:
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            await writer.drain()
+            if self.first_chunk_delay_s and not await self._pause(reader, self.first_chunk_delay_s):
+                return self._left(arrival)
+            for i, chunk in enumerate(chunks):
+                if fault == "cut" and i >= self.cut_after:
+                    return False  # closed without the chunked body's end: the client sees a cut
+                if i == last and held is not None and not await self._hold(reader, held):
+                    return self._left(arrival)
+                self._event(writer, json.dumps(chunk))
+                arrival.chunks += 1
+                await writer.drain()
+                if reader.at_eof():
+                    return self._left(arrival)
+            if fault == "cut":
+                return False
+            arrival.answered_at = time.time()  # (before the end goes out: a client may look as soon as it has it)
+            arrival.usage = usage
+            self._event(writer, "[DONE]")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            return self._left(arrival)
+        finally:
+            if held is not None and held in self._held:
+                self._held.remove(held)
+        return True
+
+    @staticmethod
+    def _event(writer: asyncio.StreamWriter, data: str) -> None:
+        event = f"data: {data}\n\n".encode()
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+
+    def _left(self, arrival: Arrival) -> bool:
+        arrival.closed_early = True
+        self.closed_early += 1
+        return False
+
+    async def _pause(self, reader: asyncio.StreamReader, seconds: float | None, event: asyncio.Event | None = None) -> bool:
+        """Wait ``seconds`` (or for ``event``, at most ``seconds``); False as soon as the client closes the connection."""
+        async def gone() -> None:
+            while not reader.at_eof():  # a client that closes its end is seen as EOF (nothing else arrives mid-answer)
+                await asyncio.sleep(0.005)
+
+        waits = [asyncio.ensure_future(gone()),
+                 asyncio.ensure_future(event.wait() if event is not None else asyncio.sleep(seconds or 0))]
+        try:
+            await asyncio.wait(waits, timeout=seconds if event is not None else None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return not reader.at_eof()
+
+    def _holder(self) -> asyncio.Event:
+        """A held answer's event, counted in :attr:`holding` until :meth:`release` sets it (already set when
+        a release came while nothing was held)."""
+        event = asyncio.Event()
+        if self._releases:
+            self._releases -= 1
+            event.set()
+        else:
+            self._held.append(event)
+        return event
+
+    async def _hold(self, reader: asyncio.StreamReader, event: asyncio.Event) -> bool:
+        """Wait for ``event`` (:meth:`release`), at most ``hang_s``; False when the client left meanwhile."""
+        try:
+            return await self._pause(reader, self.hang_s, event)
+        finally:
+            if event in self._held:
+                self._held.remove(event)
 
     def _echo(self, token: str) -> str:
         how = self.echo_auth
@@ -514,13 +815,19 @@ class OpenAIServer:
             await self._send(writer, 200, self.stats(), close=close)
         elif path == "/_ksi/arrivals" and method == "GET":
             await self._send(writer, 200, [a.to_dict() for a in self.arrivals], close=close)
+        elif path == "/_ksi/streams" and method == "GET":
+            await self._send(writer, 200, self.stream_stats(), close=close)
+        elif path == "/_ksi/release" and method == "POST":
+            self._release()
+            await self._send(writer, 200, self.stream_stats(), close=close)
         elif path == "/_ksi/reset" and method == "POST":
             self.reset()
             await self._send(writer, 200, self.stats(), close=close)
         elif path == "/_ksi/faults" and method == "POST":
             try:
                 cfg = json.loads(raw or b"{}")
-                for key in ("delay_s", "retry_after", "hang_s", "echo_auth"):
+                for key in ("delay_s", "retry_after", "hang_s", "echo_auth", "cut_after", "first_chunk_delay_s",
+                            "cached_tokens", "reasoning_tokens"):
                     if key in cfg:
                         setattr(self, key, cfg.pop(key))
                 self.set_faults(**{k: cfg[k] for k in ("script", "rates", "seed", "faults_by_model") if k in cfg})
@@ -555,13 +862,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retry-after", default="1", help="the Retry-After value sent with 429 ('none' for no header)")
     ap.add_argument("--hang", type=float, default=300.0, help="seconds a 'hang' fault waits")
     ap.add_argument("--reply", default=None, help="the answer text (default: echo of the last user message)")
+    ap.add_argument("--first-chunk-delay", type=float, default=0.0, help="seconds before a stream's first chunk")
     args = ap.parse_args(argv)
     try:
         server = OpenAIServer(
             args.host, args.port, script=[f.strip() for f in args.script.split(",") if f.strip()],
             rates=_parse_rates(args.rates), seed=args.seed, delay_s=args.delay,
             retry_after=None if args.retry_after.lower() == "none" else args.retry_after,
-            hang_s=args.hang, reply=args.reply, keep_bodies=False,
+            hang_s=args.hang, reply=args.reply, keep_bodies=False, first_chunk_delay_s=args.first_chunk_delay,
         )
     except ValueError as e:
         ap.error(str(e))

@@ -1,9 +1,45 @@
 """Talking to the ``claude`` command line: the command, the prompt, and what its output means.
 
 Pure functions, no processes: :func:`command` builds the argument vector,
-:func:`prompt_of` the text fed on stdin, :func:`parse_output` finds the CLI's
-JSON result on stdout, :func:`usage_of` reads its usage and cost, and
+:func:`prompt_of` the text fed on stdin, :func:`system_prompt` what goes to
+``--append-system-prompt``, :func:`refusal` what the CLI cannot do for a request,
+:func:`parse_output` finds the CLI's JSON result on stdout, :class:`StreamReader`
+reads the lines of ``--output-format stream-json``, :func:`usage_of` reads its
+usage and cost, :func:`check_json` checks a JSON answer, and
 :func:`result_error` / :func:`exit_error` turn a failure into a ksi_host error.
+
+What the CLI can do with a request's chat parameters (:data:`SUPPORTS`, declared
+as the deployments' ``ProviderInfo.supports``, so the host refuses the rest before
+any process starts):
+
+* honoured: ``response_format`` (``json_object`` / ``json_schema``: an
+  instruction appended to the system prompt, and the answer checked to be JSON:
+  ProviderUnavailable when it is not);
+* accepted and not passed on (the CLI has no flag for them; the answer is still
+  a valid answer): ``max_tokens``, ``max_completion_tokens``, ``temperature``,
+  ``top_p``, ``presence_penalty``, ``frequency_penalty``, ``seed``,
+  ``reasoning_effort``, ``verbosity``, ``service_tier``, ``store``, ``user``,
+  ``prompt_cache_key``, ``safety_identifier``, and ``n`` (the host takes only 1);
+* refused (they change what the answer is, or promise what the CLI cannot
+  keep): ``tools`` (and tool calls or results in the conversation),
+  ``tool_choice``, ``parallel_tool_calls``, ``stop``, ``logprobs``,
+  ``top_logprobs``, ``logit_bias``, ``modalities``, ``audio``, ``prediction``,
+  ``web_search_options``, content parts other than text (``image_url``, ...);
+  and ``provider_options`` (BadRequest from the plugin, before any process
+  starts: give flags in the deployment's ``extra_args``).
+
+The CLI's stream (``--output-format stream-json --verbose
+--include-partial-messages``) is one JSON object per line::
+
+    {"type": "system", "subtype": "init", "session_id": "<uuid>", "model": "...", ...}
+    {"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+     "delta": {"type": "text_delta", "text": "Hel"}}, "parent_tool_use_id": null, "session_id": "..."}
+    ...
+    {"type": "assistant", "message": {"content": [{"type": "text", "text": "Hello"}], ...}, ...}
+    {"type": "result", "subtype": "success", "is_error": false, "result": "Hello", ...}
+
+(``stream_event`` lines carry the Anthropic API's streaming events; a CLI that
+does not write them still writes each ``assistant`` message whole.)
 
 The CLI's JSON result (``--output-format json``) is one object::
 
@@ -60,11 +96,22 @@ _AUTH = re.compile(r"invalid api key|/login|not logged in|authentication|unautho
 _NO_SESSION = re.compile(r"no conversation found", re.IGNORECASE)
 TAIL = 300
 
+SUPPORTS = frozenset({
+    "response_format",
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
+    "reasoning_effort", "verbosity", "service_tier", "store", "user", "prompt_cache_key", "safety_identifier", "n",
+})
+"""What a request may ask of a claude CLI deployment (``ProviderInfo.supports``): see the module docstring."""
+
+STREAM_FLAGS = ("--output-format", "stream-json", "--verbose", "--include-partial-messages")
+"""The flags of a streamed call (the CLI wants ``--verbose`` with ``stream-json`` in ``-p`` mode)."""
+
 
 def command(executable: str, *, model: str | None, resume: str | None, system: str | None,
-            extra_args: Sequence[str] = ()) -> list[str]:
-    """The argument vector of one call. The prompt goes on stdin, never on the command line."""
-    argv = [executable, "-p", "--output-format", "json"]
+            extra_args: Sequence[str] = (), stream: bool = False) -> list[str]:
+    """The argument vector of one call (``stream``: the CLI's stream-json output). The prompt goes on
+    stdin, never on the command line."""
+    argv = [executable, "-p", *(STREAM_FLAGS if stream else ("--output-format", "json"))]
     if model is not None:
         argv += ["--model", model]
     if resume is not None:
@@ -82,9 +129,54 @@ def _text(content: Any) -> str:
 
 
 def system_prompt(request: CompletionRequest) -> str | None:
-    """The request's system (and developer) messages, joined: passed as ``--append-system-prompt``."""
+    """The request's system (and developer) messages, joined, and the instruction its ``response_format``
+    makes: passed as ``--append-system-prompt`` (the CLI keeps its own system prompt before it)."""
     parts = [_text(m["content"]) for m in request.messages if m.get("role") in ("system", "developer")]
+    instruction = json_instruction(request.response_format)
+    if instruction:
+        parts.append(instruction)
     return "\n\n".join(p for p in parts if p) or None
+
+
+def json_instruction(fmt: dict[str, Any] | None) -> str | None:
+    """What the system prompt says for a JSON ``response_format`` (None: no JSON asked)."""
+    kind = (fmt or {}).get("type")
+    if kind == "json_object":
+        return ("Answer with one JSON object and nothing else: no prose before or after it, no Markdown code "
+                "fences.")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") or {}  # type: ignore[union-attr]
+        schema = json.dumps(spec.get("schema", {"type": "object"}), ensure_ascii=False)
+        return ("Answer with one JSON value that conforms to this JSON schema"
+                + (f" ({spec['name']})" if spec.get("name") else "") + f", and nothing else: no prose before or "
+                f"after it, no Markdown code fences.\nJSON schema: {schema}")
+    return None
+
+
+def check_json(provider: str, text: str, fmt: dict[str, Any] | None) -> None:
+    """ProviderUnavailable (malformed response) when ``fmt`` asks for JSON and ``text`` is not JSON (an object,
+    for ``json_object``)."""
+    kind = (fmt or {}).get("type")
+    if kind not in ("json_object", "json_schema"):
+        return
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise malformed_response(provider, f"the answer is not the JSON its response_format ({kind}) asks for: "
+                                           f"{_tail(text)[:120]!r}") from None
+    if kind == "json_object" and not isinstance(value, dict):
+        raise malformed_response(provider, f"the answer is JSON but not an object, as response_format json_object "
+                                           f"asks ({type(value).__name__})")
+
+
+def refusal(provider: str, request: CompletionRequest) -> BadRequest | None:
+    """What the CLI cannot do for ``request`` beyond :data:`SUPPORTS` (the host checked those):
+    ``provider_options``. None when it can do it all."""
+    if request.provider_options:
+        return BadRequest(f"{provider}: provider_options ({', '.join(sorted(request.provider_options))}): the claude "
+                          "CLI takes no request options; give flags in the deployment's extra_args "
+                          "(no claude process was started)", provider=provider)
+    return None
 
 
 def prompt_of(request: CompletionRequest, *, resuming: bool) -> str:
@@ -135,6 +227,66 @@ def parse_output(stdout: bytes) -> dict[str, Any] | None:
         if isinstance(obj, dict) and obj.get("type") == "result":
             return obj
     return None
+
+
+class StreamReader:
+    """The CLI's stream-json output, line by line: :meth:`feed` bytes, get the pieces of text to hand out;
+    :attr:`result` is the result object once its line came."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.result: dict[str, Any] | None = None
+        self.session_id: str | None = None
+        self._deltas_of_message = False  # text deltas came for the current assistant message
+
+    def feed(self, data: bytes) -> list[str]:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [text for line in lines for text in self._line(line)]
+
+    def end(self) -> list[str]:
+        """The last line (not ended by a newline), at the end of the output."""
+        line, self.buffer = self.buffer, b""
+        return self._line(line)
+
+    def _line(self, line: bytes) -> list[str]:
+        line = line.strip()
+        if not line.startswith(b"{"):
+            return []
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return []
+        if not isinstance(event, dict):
+            return []
+        if isinstance(event.get("session_id"), str):
+            self.session_id = event["session_id"]
+        kind = event.get("type")
+        if kind == "result":
+            self.result = event
+            return []
+        if event.get("parent_tool_use_id") is not None:  # a sub-agent's messages are not the answer
+            return []
+        if kind == "stream_event" and isinstance(event.get("event"), dict):
+            inner = event["event"]
+            if inner.get("type") == "message_start":
+                self._deltas_of_message = False
+            delta = inner.get("delta")
+            if inner.get("type") == "content_block_delta" and isinstance(delta, dict) and delta.get("type") == "text_delta":
+                text = delta.get("text")
+                if isinstance(text, str) and text:
+                    self._deltas_of_message = True
+                    return [text]
+            return []
+        if kind == "assistant" and not self._deltas_of_message:  # a CLI without partial messages: the message whole
+            message = event.get("message")
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+                return [text] if text else []
+        if kind == "assistant":
+            self._deltas_of_message = False
+        return []
 
 
 def _count(value: Any) -> int:

@@ -42,7 +42,7 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 MAX_OUTPUT_BYTES_LIMIT = 1024 * 1024 * 1024
 
 MANAGED_FLAGS = frozenset({"-p", "--print", "--output-format", "--resume", "-r", "--continue", "-c", "--model",
-                           "--append-system-prompt", "--session-id"})
+                           "--append-system-prompt", "--session-id", "--input-format", "--include-partial-messages"})
 """Flags the plugin sets itself; ``extra_args`` may not repeat them."""
 
 

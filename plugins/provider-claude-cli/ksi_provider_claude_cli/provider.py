@@ -1,6 +1,8 @@
 """One deployment, ready to call: :class:`ClaudeCliProvider` runs one ``claude`` process per attempt.
 
-``claude -p --output-format json [--model M] [--resume ID] [--append-system-prompt S] [extra args]``,
+``claude -p --output-format json [--model M] [--resume ID] [--append-system-prompt S] [extra args]``
+(a streamed attempt: ``--output-format stream-json --verbose --include-partial-messages``, each
+text delta handed out as its line arrives, the result line ending the stream with its usage),
 the prompt on stdin, started through :mod:`ksi_provider_claude_cli.reaper`: a
 small script in a session of its own that runs ``claude`` in its own process
 group and, whenever ``claude`` exits or the reaper gets SIGTERM, SIGKILLs that
@@ -24,7 +26,12 @@ Outcomes:
   circuit opens after ``failures_to_open`` such calls, so requests then fail
   fast until the cool-down ends);
 * a ``--model`` value that would read as a flag (it starts with ``-``) or holds
-  whitespace or control characters: BadRequest, before any process starts.
+  whitespace or control characters: BadRequest, before any process starts;
+* what the CLI cannot do (:data:`ksi_provider_claude_cli.cli.SUPPORTS`: tools,
+  logprobs, ...) is refused by the host before any process starts, naming the
+  parameter and the deployment; ``n`` > 1 and ``provider_options`` by the
+  plugin, the same way; a ``response_format`` asking for JSON whose answer is
+  not JSON: ProviderUnavailable (malformed response).
 
 The API key (``api_key_env``) reaches the process only through its
 environment (``ANTHROPIC_API_KEY``), never its command line; ``api_base``
@@ -41,12 +48,13 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ksi_host import BadRequest, CompletionRequest, ProviderResponse, ProviderUnavailable
+from ksi_host import BadRequest, ChatDelta, CompletionRequest, ProviderResponse, ProviderUnavailable
 from ksi_host.providers import CircuitBreaker, DeploymentProvider, timeout_error
 
 from . import cli, reaper
@@ -72,6 +80,7 @@ class ClaudeCliProvider(DeploymentProvider):
     circuit, the outcome) around one ``claude`` process."""
 
     log = log
+    supports = cli.SUPPORTS
 
     def __init__(self, deployment: ClaudeCliDeployment, breaker: CircuitBreaker, *, executable: str,
                  sessions: SessionStore | None, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
@@ -89,20 +98,28 @@ class ClaudeCliProvider(DeploymentProvider):
             env["ANTHROPIC_BASE_URL"] = self.deployment.api_base
         return env
 
-    async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
-        """One ``claude`` process (stopped at the timeout); its exit, output and result mapped (:mod:`.cli`)."""
+    async def _command(self, request: CompletionRequest, *, stream: bool = False) -> tuple[list[str], str, str | None]:
+        """The argument vector, the prompt and the ``--model`` value of one call; BadRequest (no process
+        started) for what the CLI cannot do."""
         model = self.deployment.model_arg(request.model)
         if model is not None and (why := bad_model_arg(model)) is not None:
             raise BadRequest(f"{self.name}: the model name {model!r} {why}; no claude process was started",
                              provider=self.name)
+        refused = cli.refusal(self.name, request)
+        if refused is not None:
+            raise refused
         resume = None  # the CLI's own conversation goes on only for a request that continues its session, with the
         # earlier turns the host's session plugin put first (history); it then gets only the new turn (one source)
         if request.continue_session and request.history and self.sessions is not None:
             resume = await self.sessions.claude_session(request.session_id)
         argv = cli.command(self.executable, model=model, resume=resume, system=cli.system_prompt(request),
-                           extra_args=self.deployment.extra_args)
+                           extra_args=self.deployment.extra_args, stream=stream)
         new_turn = attrs.evolve(request, messages=request.messages[request.history:], history=0) if resume else request
-        prompt = cli.prompt_of(new_turn, resuming=resume is not None)
+        return argv, cli.prompt_of(new_turn, resuming=resume is not None), model
+
+    async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
+        """One ``claude`` process (stopped at the timeout); its exit, output and result mapped (:mod:`.cli`)."""
+        argv, prompt, model = await self._command(request)
         secrets = (key,)
         stdout, stderr, returncode = await self._spawn(argv, prompt.encode(), self._env(key), timeout_s)
         err_text = stderr.decode("utf-8", "replace")
@@ -111,18 +128,88 @@ class ClaudeCliProvider(DeploymentProvider):
             if returncode != 0:
                 raise cli.exit_error(self.name, returncode, err_text, stdout.decode("utf-8", "replace"), secrets=secrets)
             raise cli.garbage_error(self.name, stdout, secrets=secrets)
+        text = self._answer(result, returncode, err_text, secrets, request)
+        if text is None:
+            raise cli.garbage_error(self.name, stdout, secrets=secrets)
+        session_id = await self._remember(request, result)
+        return ProviderResponse(text, usage=cli.usage_of(result), model=model, session_id=session_id,
+                                finish_reason="stop")
+
+    def _answer(self, result: dict[str, Any], returncode: int, err_text: str, secrets: tuple[str | None, ...],
+                request: CompletionRequest) -> str | None:
+        """The text of a result object (None: it has none); its error raised; a JSON answer checked."""
         if result.get("is_error") is not False or result.get("subtype") != "success":
             raise cli.result_error(self.name, result, returncode=returncode, stderr=err_text, secrets=secrets)
         text = result.get("result")
         if not isinstance(text, str):
-            raise cli.garbage_error(self.name, stdout, secrets=secrets)
-        usage = cli.usage_of(result)
+            return None
+        cli.check_json(self.name, text, request.response_format)
+        return text
+
+    async def _remember(self, request: CompletionRequest, result: dict[str, Any]) -> str | None:
+        """Keep the CLI's session id for the host's session; the session the answer continues under."""
         claude_session = result.get("session_id")
         session_id = request.session_id
         if isinstance(claude_session, str) and claude_session and self.sessions is not None:
             session_id = session_id or claude_session  # a new conversation continues under the CLI's id
             await self.sessions.save(session_id, claude_session, self.name)
-        return ProviderResponse(text, usage=usage, model=model, session_id=session_id)
+        return session_id
+
+    async def attempt_stream(self, request: CompletionRequest, timeout_s: float | None,
+                             key: str | None) -> AsyncIterator[ChatDelta]:
+        """One ``claude`` process in stream-json mode: each text delta as its line arrives, then a last piece
+        with the finish reason and the result's usage. The process is stopped however the stream ends early
+        (the kit's timeout between pieces, the consumer leaving, too much output)."""
+        argv, prompt, model = await self._command(request, stream=True)
+        secrets = (key,)
+        proc, executable = await self._start(argv, self._env(key))
+        reader = cli.StreamReader()
+        feed = asyncio.ensure_future(_feed(proc, prompt.encode()))
+        errors = asyncio.ensure_future(_read_all(proc.stderr, self.max_output_bytes, "stderr"))
+        streamed: list[str] = []
+        try:
+            size = 0
+            while chunk := await _read_while(proc.stdout, errors):
+                size += len(chunk)
+                if size > self.max_output_bytes:
+                    raise OutputTooLarge("stdout")
+                for text in reader.feed(chunk):
+                    streamed.append(text)
+                    yield ChatDelta(content=text, model=model)
+            for text in reader.end():
+                streamed.append(text)
+                yield ChatDelta(content=text, model=model)
+            returncode = await proc.wait()
+            stderr = await errors
+        except OutputTooLarge as e:
+            raise self._too_large(e) from None
+        finally:
+            for task in (feed, errors):
+                task.cancel()
+            await asyncio.gather(feed, errors, return_exceptions=True)
+            if proc.returncode is None:  # stopped early: no process outlives its call
+                await _stop(proc)
+        self._cannot_run(executable, returncode, stderr)
+        err_text = stderr.decode("utf-8", "replace")
+        result = reader.result
+        if result is None:
+            if returncode != 0:
+                raise cli.exit_error(self.name, returncode, err_text, "", secrets=secrets)
+            raise ProviderUnavailable(f"{self.name}: the claude process ended without its result line "
+                                      f"(after {len(streamed)} piece(s)): the answer was cut off", provider=self.name)
+        text = self._answer(result, returncode, err_text, secrets, request)
+        if text is not None and not streamed:  # nothing came in pieces: the whole answer now
+            yield ChatDelta(content=text, model=model)
+        elif text is not None and request.response_format is not None:
+            cli.check_json(self.name, "".join(streamed), request.response_format)
+        await self._remember(request, result)
+        yield ChatDelta(finish_reason="stop", usage=cli.usage_of(result), model=model)
+
+    def _too_large(self, e: OutputTooLarge) -> BadRequest:
+        return BadRequest(
+            f"{self.name}: the claude process wrote more than {self.max_output_bytes} bytes on {e.stream}; it was "
+            "stopped (raise [claude_cli] max_output_bytes if the answer really is that long)", provider=self.name,
+        )
 
     def _resolve(self, env: dict[str, str]) -> str:
         """The executable's path, looked up on the process's PATH now."""
@@ -137,8 +224,8 @@ class ClaudeCliProvider(DeploymentProvider):
             "(install Claude Code, or set [claude_cli] executable)", provider=self.name, executable_missing=True,
         )
 
-    async def _spawn(self, argv: list[str], stdin: bytes, env: dict[str, str],
-                     timeout_s: float | None) -> tuple[bytes, bytes, int]:
+    async def _start(self, argv: list[str], env: dict[str, str]) -> tuple[Any, str]:
+        """The reaper running ``claude`` (see the module docstring), its stdio piped; and the executable's path."""
         executable = self._resolve(env)
         self.calls += 1
         proc = await asyncio.create_subprocess_exec(
@@ -146,6 +233,18 @@ class ClaudeCliProvider(DeploymentProvider):
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=env, start_new_session=True,
         )
+        return proc, executable
+
+    def _cannot_run(self, executable: str, returncode: int, stderr: bytes) -> None:
+        """ProviderUnavailable when the reaper could not run the executable."""
+        if returncode == reaper.CANNOT_RUN and stderr.startswith(reaper.CANNOT_RUN_PREFIX.encode()):
+            why = stderr.decode("utf-8", "replace").strip().rsplit(": ", 1)[-1]
+            raise ProviderUnavailable(f"{self.name}: the claude executable {executable!r} cannot be run: {why}",
+                                      provider=self.name, executable_missing=True)
+
+    async def _spawn(self, argv: list[str], stdin: bytes, env: dict[str, str],
+                     timeout_s: float | None) -> tuple[bytes, bytes, int]:
+        proc, executable = await self._start(argv, env)
         try:
             async with asyncio.timeout(timeout_s):
                 stdout, stderr = await _communicate(proc, stdin, self.max_output_bytes)
@@ -153,42 +252,55 @@ class ClaudeCliProvider(DeploymentProvider):
         except TimeoutError:
             raise timeout_error(self.name, timeout_s, "the claude process was killed") from None
         except OutputTooLarge as e:
-            raise BadRequest(
-                f"{self.name}: the claude process wrote more than {self.max_output_bytes} bytes on {e.stream}; it was "
-                "stopped (raise [claude_cli] max_output_bytes if the answer really is that long)", provider=self.name,
-            ) from None
+            raise self._too_large(e) from None
         finally:
             if proc.returncode is None:  # the deadline, a cancel, too much output: no process outlives its call
                 await _stop(proc)
-        if returncode == reaper.CANNOT_RUN and stderr.startswith(reaper.CANNOT_RUN_PREFIX.encode()):
-            why = stderr.decode("utf-8", "replace").strip().rsplit(": ", 1)[-1]
-            raise ProviderUnavailable(f"{self.name}: the claude executable {executable!r} cannot be run: {why}",
-                                      provider=self.name, executable_missing=True)
+        self._cannot_run(executable, returncode, stderr)
         return stdout, stderr, returncode
+
+
+async def _feed(proc: Any, data: bytes) -> None:
+    """Write ``data`` on the process's stdin and close it."""
+    try:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):  # it stopped reading: its exit tells why
+        pass
+    finally:
+        proc.stdin.close()
+
+
+async def _read_all(stream: Any, limit: int, name: str) -> bytes:
+    """``stream`` to its end; OutputTooLarge when it passes ``limit`` bytes."""
+    buf = bytearray()
+    while chunk := await stream.read(READ_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise OutputTooLarge(name)
+    return bytes(buf)
+
+
+async def _read_while(stream: Any, other: asyncio.Future[Any]) -> bytes:
+    """The next chunk of ``stream`` (b"" at its end); raises what ``other`` (the stderr reader) raises meanwhile."""
+    if other.done():
+        other.result()  # raises its OutputTooLarge, if that is how it ended
+        return await stream.read(READ_CHUNK)
+    read = asyncio.ensure_future(stream.read(READ_CHUNK))
+    try:
+        await asyncio.wait((read, other), return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            other.result()
+        return await read
+    finally:
+        if not read.done():  # cancelled, or stderr failed: the read goes too
+            read.cancel()
 
 
 async def _communicate(proc: Any, data: bytes, limit: int) -> tuple[bytes, bytes]:
     """Feed ``data`` on stdin; read stdout and stderr to their ends; OutputTooLarge when one passes ``limit`` bytes."""
-
-    async def feed() -> None:
-        try:
-            proc.stdin.write(data)
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):  # it stopped reading: its exit tells why
-            pass
-        finally:
-            proc.stdin.close()
-
-    async def read(stream: Any, name: str) -> bytes:
-        buf = bytearray()
-        while chunk := await stream.read(READ_CHUNK):
-            buf += chunk
-            if len(buf) > limit:
-                raise OutputTooLarge(name)
-        return bytes(buf)
-
-    tasks = [asyncio.ensure_future(feed()), asyncio.ensure_future(read(proc.stdout, "stdout")),
-             asyncio.ensure_future(read(proc.stderr, "stderr"))]
+    tasks = [asyncio.ensure_future(_feed(proc, data)), asyncio.ensure_future(_read_all(proc.stdout, limit, "stdout")),
+             asyncio.ensure_future(_read_all(proc.stderr, limit, "stderr"))]
     try:
         _, out, err = await asyncio.gather(*tasks)
     finally:

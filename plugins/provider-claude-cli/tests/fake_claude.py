@@ -25,8 +25,19 @@ the prompt's last line:
 ``!setsidexit``    the same, then answers and exits 0
 ``!huge``          writes ``$FAKE_CLAUDE_HUGE_MB`` MiB (default 300) on stdout, then answers
 ``!hugeerr``       the same on stderr
-anything else      success: ``turn <n>: echo: <last line>``
+``!notjson``       success, plain text even when the system prompt asks for JSON
+``!streamhold``    (stream-json) the first text delta, then nothing until ``$FAKE_CLAUDE_DIR/release`` exists
+``!streamcut``     (stream-json) two text deltas, then exit 0 without a result line
+``!streamcrash``   (stream-json) two text deltas, then stderr ``API Error: 529 ...``, exit 1
+anything else      success: ``turn <n>: echo: <last line>`` (``{"echo": "<last line>"}`` when the
+                   system prompt asks for JSON)
 =================  ==========================================================
+
+With ``--output-format stream-json`` (which, as in the real CLI, needs ``--verbose``) it
+writes the real CLI's lines: ``system``/``init``, then with ``--include-partial-messages``
+(unless ``FAKE_CLAUDE_NO_PARTIAL=1``, an older CLI) ``stream_event`` lines carrying the
+API's streaming events (one ``text_delta`` per word), the ``assistant`` message whole,
+and the ``result`` line (the same object as ``--output-format json`` prints).
 
 The processes of the ``!linger``, ``!setsid`` and ``!hang`` modes note themselves in
 ``$FAKE_CLAUDE_DIR/pids.log`` (``<role> <pid>`` lines; :func:`pids`), the ``setsid``
@@ -60,19 +71,56 @@ def opt(name):
 prompt = sys.stdin.read()
 last = prompt.strip().splitlines()[-1] if prompt.strip() else ""
 key = os.environ.get("ANTHROPIC_API_KEY")
+stream = opt("--output-format") == "stream-json"
+partial = "--include-partial-messages" in argv and os.environ.get("FAKE_CLAUDE_NO_PARTIAL") != "1"
+if stream and "--verbose" not in argv:
+    print("Error: When using --print, --output-format=stream-json requires --verbose", file=sys.stderr)
+    sys.exit(1)
 with open(state / "calls.jsonl", "a") as f:
     f.write(json.dumps({"argv": argv, "prompt": prompt, "model": opt("--model"), "resume": opt("--resume"),
                         "system": opt("--append-system-prompt"), "key_set": key is not None,
                         "key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
-                        "base_url": os.environ.get("ANTHROPIC_BASE_URL"), "pid": os.getpid()}) + "\n")
+                        "base_url": os.environ.get("ANTHROPIC_BASE_URL"), "pid": os.getpid(),
+                        "stream": stream, "partial": partial}) + "\n")
 usage = {"input_tokens": len(prompt.split()), "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
          "output_tokens": 0}
+def line(obj):
+    print(json.dumps(obj), flush=True)
+def init(sid):
+    line({"type": "system", "subtype": "init", "session_id": sid, "model": opt("--model") or "claude-default",
+          "tools": [], "mcp_servers": [], "permissionMode": "default", "uuid": str(uuid.uuid4())})
+def event(sid, ev):
+    line({"type": "stream_event", "event": ev, "session_id": sid, "parent_tool_use_id": None, "uuid": str(uuid.uuid4())})
+def words(text):
+    return [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]]
+def deltas(sid, text, hold=False, upto=None):
+    event(sid, {"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
+                                                      "content": [], "model": opt("--model") or "claude-default"}})
+    event(sid, {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    for i, word in enumerate(words(text)[:upto]):
+        event(sid, {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}})
+        if hold and i == 0:
+            deadline = time.monotonic() + 30
+            while not (state / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    if upto is None:
+        event(sid, {"type": "content_block_stop", "index": 0})
+        event(sid, {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": len(text.split())}})
+        event(sid, {"type": "message_stop"})
 def result(subtype="success", is_error=False, text=None, code=0, sid=None, **extra):
+    sid = sid or str(uuid.uuid4())
     obj = {"type": "result", "subtype": subtype, "is_error": is_error, "duration_ms": 12, "duration_api_ms": 10,
-           "num_turns": 1, "session_id": sid or str(uuid.uuid4()), "total_cost_usd": 0.0123, "usage": usage, **extra}
+           "num_turns": 1, "session_id": sid, "total_cost_usd": 0.0123, "usage": usage, **extra}
     if text is not None:
         obj["result"] = text
         usage["output_tokens"] = len(text.split())
+    if stream:
+        init(sid)
+        if text is not None and not is_error:
+            if partial:
+                deltas(sid, text, hold=last == "!streamhold")
+            line({"type": "assistant", "message": {"id": "msg_fake", "role": "assistant", "model": "claude-fake",
+                  "content": [{"type": "text", "text": text}]}, "session_id": sid, "parent_tool_use_id": None})
     print(json.dumps(obj))
     sys.exit(code)
 def note(role, pid):
@@ -139,6 +187,14 @@ if last == "!authfail":
     result("success", True, "Invalid API key \u00b7 Please run /login", code=1)
 if last == "!toolong":
     result("success", True, "Prompt is too long", code=1)
+if stream and last in ("!streamcut", "!streamcrash"):
+    sid = str(uuid.uuid4())
+    init(sid)
+    deltas(sid, "half an answer that never ends", upto=2)
+    if last == "!streamcrash":
+        print("API Error: 529 {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
 if last == "!noresult":
     print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "session_id": "x"}))
     sys.exit(0)
@@ -158,6 +214,8 @@ else:
 history.append(last)
 (state / "sessions" / sid).write_text("\n".join(history) + "\n")
 text = f"turn {len(history)}: echo: {last}"
+if "Answer with one JSON" in (opt("--append-system-prompt") or "") and last != "!notjson":
+    text = json.dumps({"echo": last, "turn": len(history)})
 if last == "!array":
     usage["output_tokens"] = len(text.split())
     print(json.dumps([{"type": "system", "subtype": "init", "session_id": sid},

@@ -2,8 +2,22 @@
 
 ``complete`` makes exactly one upstream attempt: litellm's own retries
 (``num_retries=0``) and the OpenAI SDK client's (``max_retries=0``) are off;
-the retry plugin owns retries. Failures become :mod:`ksi_host.errors` errors
-(:func:`map_exception`); the deployment's circuit records every outcome.
+the retry plugin owns retries. ``stream`` makes the same one call with
+``stream=True`` and ``stream_options={"include_usage": True}`` and hands out
+litellm's chunks as :class:`~ksi_host.ChatDelta` pieces. Failures become
+:mod:`ksi_host.errors` errors (:func:`map_exception`); the deployment's circuit
+records every outcome.
+
+What is sent: every chat parameter the request sets, as ``acompletion``
+keyword arguments under their OpenAI names (litellm translates them for
+providers that are not OpenAI-compatible, and refuses what a provider cannot
+take: BadRequest, nothing sent; ``drop_params`` stays off). For an
+OpenAI-compatible endpoint (``openai/...``, ``hosted_vllm/...``, any provider
+litellm lists as OpenAI-compatible), the parameters litellm does not know for
+that model go through unchanged (``allowed_openai_params``). The request's
+``provider_options`` go as ``extra_body``: merged into the upstream JSON body
+as they are, never into litellm's own arguments (a request cannot change the
+``api_base``, the key or the retries).
 
 litellm is imported on the first call (in a worker thread, so the event loop
 keeps running during its seconds-long import), never at plugin load.
@@ -12,22 +26,30 @@ keeps running during its seconds-long import), never at plugin load.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
-from ksi_host import CompletionRequest, ProviderError, ProviderResponse, Usage
+import attrs
+
+from ksi_host import BadRequest, ChatDelta, CompletionRequest, ProviderError, ProviderResponse
 from ksi_host.providers import (
     CircuitBreaker,
     DeploymentProvider,
+    check_options,
     connection_error,
     context_window_error,
+    delta_of,
     error_detail,
     error_for_status,
     malformed_response,
+    response_of,
     timeout_error,
 )
 
+from . import mock
 from .config import LitellmDeployment
 
 log = logging.getLogger("ksi_host.provider.litellm")
@@ -115,6 +137,9 @@ def map_exception(exc: BaseException, lit: Any, *, provider: str, timeout_s: flo
     if not isinstance(exc, openai.OpenAIError):
         return None
     ex = lit.exceptions
+    if isinstance(exc, ex.UnsupportedParamsError):  # refused before anything was sent (its status says 500)
+        return BadRequest(f"{provider}: {_short(getattr(exc, 'message', None) or str(exc))} (nothing was sent)",
+                          provider=provider)
     response = getattr(exc, "response", None)
     headers = getattr(exc, "litellm_response_headers", None) or getattr(response, "headers", None) or getattr(exc, "headers", None)
     body: Any = None
@@ -146,14 +171,31 @@ def _short(message: str) -> str:
     return message.rsplit(" - ", 1)[-1].strip() if " - " in message else message
 
 
-def last_user_text(request: CompletionRequest) -> str:
-    for m in reversed(request.messages):
-        if m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, str):
-                return c
-            return " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
-    return ""
+def made_up_finish(stream: Any) -> bool:
+    """Did litellm end ``stream`` with a finish reason of its own (``stop``) although the upstream sent none?
+
+    It does when the upstream's answer held no chunk at all (a body that is not server-sent events):
+    ``received_finish_reason`` stays unset. (A litellm without that attribute is taken at its word.)"""
+    received = getattr(stream, "received_finish_reason", _UNKNOWN)
+    if received is _UNKNOWN:
+        return False
+    return received is None and getattr(stream, "intermittent_finish_reason", None) is None
+
+
+_UNKNOWN = object()
+
+
+def known_parameters(lit: Any, model: str, api_base: str | None, *, mock: bool = False) -> frozenset[str] | None:
+    """The chat parameters litellm knows for ``model`` when it calls an OpenAI-compatible endpoint with it
+    (the others may go through as they are); None when it is not such an endpoint (or litellm cannot tell)."""
+    try:
+        name, provider, _, _ = lit.get_llm_provider(model, custom_llm_provider="openai" if mock else None,
+                                                    api_base=api_base)
+    except Exception:  # litellm cannot tell: the call itself will say what is wrong
+        return None
+    if provider not in ("openai", "custom_openai") and provider not in lit.openai_compatible_providers:
+        return None
+    return frozenset(lit.get_supported_openai_params(model=name, custom_llm_provider=provider) or ())
 
 
 class LitellmProvider(DeploymentProvider):
@@ -174,34 +216,56 @@ class LitellmProvider(DeploymentProvider):
         if mock:
             base["custom_llm_provider"] = "openai"
         self._base = base
+        self._known: dict[str, frozenset[str] | None] = {}  # upstream model -> the parameters litellm knows for it
 
-    def _kwargs(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> dict[str, Any]:
+    def _kwargs(self, request: CompletionRequest, timeout_s: float | None, key: str | None, *,
+                stream: bool = False, lit: Any = None) -> dict[str, Any]:
+        """The keyword arguments of ``litellm.acompletion`` for one attempt (``lit``: litellm, once imported)."""
+        lit = lit if lit is not None else _litellm
         kw = self._base.copy()
-        kw["model"] = self._fixed_model or self.deployment.upstream_model(request.model)
+        model = kw["model"] = self._fixed_model or self.deployment.upstream_model(request.model)
         kw["messages"] = [dict(m) for m in request.messages]
         if timeout_s is not None:
             kw["timeout"] = timeout_s
         if key is not None:
             kw["api_key"] = key
-        if request.max_tokens is not None:
-            kw["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            kw["temperature"] = request.temperature
+        params = request.parameters()
+        if params:
+            kw.update(copy.deepcopy(params))  # litellm may adjust what it is given; the request stays as it was
+            unknown = self._passthrough(lit, model, params)
+            if unknown:
+                kw["allowed_openai_params"] = unknown
+        if request.provider_options:
+            check_options(request.provider_options, self.name)
+            kw["extra_body"] = copy.deepcopy(request.provider_options)
+        if stream:
+            kw["stream"] = True
+            kw["stream_options"] = {"include_usage": True}
         if self.mock:
-            kw["mock_response"] = f"mock response to: {last_user_text(request)[:200]}"
+            kw["mock_response"] = mock.mock_response(lit, request, model)
         return kw
+
+    def _passthrough(self, lit: Any, model: str, params: dict[str, Any]) -> list[str]:
+        """The parameters of ``params`` litellm does not know for ``model``, when they can go through as they
+        are (an OpenAI-compatible endpoint); [] otherwise (litellm refuses them: BadRequest, nothing sent)."""
+        if model not in self._known:
+            if len(self._known) >= 1024:
+                self._known.clear()
+            self._known[model] = known_parameters(lit, model, self.deployment.api_base, mock=self.mock)
+        known = self._known[model]
+        return [] if known is None else [name for name in params if name not in known]
 
     async def attempt(self, request: CompletionRequest, timeout_s: float | None, key: str | None) -> ProviderResponse:
         """One ``litellm.acompletion``; litellm's errors mapped (:func:`map_exception`)."""
         lit = _litellm or await load_litellm()
-        kwargs = self._kwargs(request, timeout_s, key)
         try:
+            kwargs = self._kwargs(request, timeout_s, key, lit=lit)
             if timeout_s is None:
                 response = await lit.acompletion(**kwargs)
             else:  # litellm's own timeout should fire first; this one is the backstop
                 async with asyncio.timeout(timeout_s + TIMEOUT_GRACE_S):
                     response = await lit.acompletion(**kwargs)
-        except TimeoutError:
+        except (TimeoutError, ProviderError):
             raise
         except Exception as e:
             mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,))
@@ -210,24 +274,55 @@ class LitellmProvider(DeploymentProvider):
             raise mapped from None
         return self._response(lit, response, request)
 
+    async def prepare(self) -> None:
+        """litellm's import (seconds, once per process) is not the upstream's time: outside the first piece's timeout."""
+        if _litellm is None:
+            await load_litellm()
+
+    async def attempt_stream(self, request: CompletionRequest, timeout_s: float | None,
+                             key: str | None) -> AsyncIterator[ChatDelta]:
+        """One ``litellm.acompletion(stream=True)``: its chunks as ChatDelta pieces. litellm raises on a stream
+        that ends before a finish_reason; the kit (:meth:`DeploymentProvider.stream`) bounds each wait."""
+        lit = _litellm or await load_litellm()
+        try:
+            stream = await lit.acompletion(**self._kwargs(request, timeout_s, key, stream=True, lit=lit))
+        except ProviderError:
+            raise
+        except Exception as e:
+            raise self._mapped(e, lit, timeout_s, key) from None
+        try:
+            async for chunk in stream:
+                delta = self._delta(chunk)
+                if delta is not None and delta.finish_reason is not None and not self.mock and made_up_finish(stream):
+                    delta = attrs.evolve(delta, finish_reason=None)  # the upstream never said it finished: a cut
+                if delta is not None:
+                    yield delta
+        except Exception as e:
+            if isinstance(e, ProviderError):
+                raise
+            raise self._mapped(e, lit, timeout_s, key) from None
+        finally:
+            await stream.aclose()  # closes the HTTP response (the connection) when the stream stops early
+
+    def _mapped(self, e: Exception, lit: Any, timeout_s: float | None, key: str | None) -> Exception:
+        mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,))
+        if mapped is None:
+            raise e
+        return mapped
+
+    def _delta(self, chunk: Any) -> ChatDelta | None:
+        payload = chunk.model_dump()
+        cost = None
+        if payload.get("usage") is not None:
+            cost = _number((getattr(chunk, "_hidden_params", None) or {}).get("response_cost"))
+        return delta_of(payload, provider=self.name, cost=lambda prompt, completion: cost)
+
     def _response(self, lit: Any, response: Any, request: CompletionRequest) -> ProviderResponse:
-        choices = getattr(response, "choices", None)
-        if not choices:
+        if not getattr(response, "choices", None):
             raise malformed_response(self.name, "the answer has no choices")
-        message = getattr(choices[0], "message", None)
-        text = getattr(message, "content", None)
-        if text is None:
-            text = ""
-        elif not isinstance(text, str):
-            raise malformed_response(self.name, f"the answer's content is {type(text).__name__}, not text")
-        usage = None
-        u = getattr(response, "usage", None)
-        if u is not None:
-            prompt = int(getattr(u, "prompt_tokens", 0) or 0)
-            completion = int(getattr(u, "completion_tokens", 0) or 0)
-            total = int(getattr(u, "total_tokens", 0) or 0) or prompt + completion
-            usage = Usage(prompt, completion, total, self._cost(lit, response))
-        return ProviderResponse(text, usage=usage, model=getattr(response, "model", None), session_id=request.session_id)
+        cost = self._cost(lit, response)
+        return response_of(response.model_dump(), provider=self.name, cost=lambda prompt, completion: cost,
+                           session_id=request.session_id)
 
     @staticmethod
     def _cost(lit: Any, response: Any) -> float | None:
@@ -239,7 +334,11 @@ class LitellmProvider(DeploymentProvider):
                 cost = lit.completion_cost(completion_response=response)
             except lit.exceptions.ModelNotMappedError:
                 return None
-        return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+        return _number(cost)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 __all__ = ["LitellmProvider", "load_litellm", "map_exception"]
