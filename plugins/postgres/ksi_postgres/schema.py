@@ -384,17 +384,17 @@ REGISTER_HOST = (
     "INSERT INTO ksi_pg_hosts (host_id, hostname, pid, started_at, heartbeat_at, lease_s, concurrency)"
     " VALUES ($1, $2, $3, ksi_pg_now(), ksi_pg_now(), $4, $5) RETURNING started_at"
 )
-# One statement renews every lease this host holds and its heartbeat; returns the rows it holds, with
-# their cancel marks (a cancel whose NOTIFY was missed is found here).
+# One statement renews this host's heartbeat and the leases of the requests it runs ($4: their seqs; a
+# request whose run crashed is left out, so its lease runs out); returns the rows it still holds, with their
+# cancel marks (a cancel whose NOTIFY was missed is found here).
 RENEW = """
 WITH beat AS (
     UPDATE ksi_pg_hosts SET heartbeat_at = ksi_pg_now(), in_flight = $3 WHERE host_id = $1 RETURNING heartbeat_at
 )
 UPDATE ksi_pg_requests r SET lease_expires_at = ksi_pg_now() + $2
-WHERE r.status = 'running' AND r.lease_owner = $1
+WHERE r.status = 'running' AND r.lease_owner = $1 AND r.seq = ANY($4::bigint[])
 RETURNING r.seq, r.lease_epoch, r.cancel_requested, (SELECT heartbeat_at FROM beat) AS heartbeat_at
 """
-HEARTBEAT = "UPDATE ksi_pg_hosts SET heartbeat_at = ksi_pg_now(), in_flight = $2 WHERE host_id = $1"
 STOP_HOST = "UPDATE ksi_pg_hosts SET stopped_at = ksi_pg_now(), heartbeat_at = ksi_pg_now(), in_flight = 0 WHERE host_id = $1"
 # Calls left 'sent' by hosts that stopped renewing (their heartbeat is older than their lease) or stopped:
 # nobody will see how they ended. Any host runs this, at start-up and with its heartbeats.
