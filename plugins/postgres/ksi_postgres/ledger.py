@@ -58,7 +58,7 @@ def query(by: str, since: float | None) -> tuple[str, tuple[Any, ...]]:
     if by == "total":
         return sql, params
     sql += " GROUP BY 1"
-    sql += " ORDER BY key" if by == "day" else " ORDER BY total_tokens DESC, key IS NULL, key"
+    sql += " ORDER BY key" if by == "day" else " ORDER BY total_tokens DESC, key NULLS LAST"
     return sql, params
 
 

@@ -338,14 +338,15 @@ done AS (
         UNION SELECT w.seq, w.host_id FROM ksi_pg_waiters w JOIN done ON done.seq = w.seq WHERE w.host_id <> $1
     ) w GROUP BY w.host
 )
-SELECT done.seq FROM done LEFT JOIN (SELECT count(*) AS n FROM told) t ON true
+SELECT done.seq, t.told FROM done CROSS JOIN (SELECT count(*) AS told FROM told) t
 """
 
 
 STORE_RESULTS = _store_sql()
 """Store final results and end their leases in one statement: only rows this host still holds under the
 same lease epoch are written (a host that lost its lease writes nothing); their attempts are inserted and
-the other hosts waiting on them are told (NOTIFY on their channels). Returns the seqs written.
+the other hosts waiting on them are told (NOTIFY on their channels; the count of notifications is selected
+so that the planner cannot drop that part of the statement). Returns the seqs written.
 $1 this host, then one array per STORE_TYPES column, then one per ATTEMPT_TYPES column."""
 
 # Cancelling from any process. A queued row is cancelled in the database at once (its result stored:
@@ -362,7 +363,7 @@ _TELL_WAITERS = f"""
         UNION SELECT w.seq, w.host_id FROM ksi_pg_waiters w JOIN gone ON gone.seq = w.seq
     ) w GROUP BY w.host
 )
-SELECT gone.seq FROM gone LEFT JOIN (SELECT count(*) AS n FROM told) t ON true
+SELECT gone.seq, t.told FROM gone CROSS JOIN (SELECT count(*) AS told FROM told) t
 """
 CANCEL_QUEUED = (
     f"WITH gone AS (UPDATE ksi_pg_requests r SET {_CANCEL_SET} WHERE r.request_id = $1 AND r.status = 'queued'"
