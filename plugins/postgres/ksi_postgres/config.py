@@ -47,7 +47,8 @@ class PostgresConfig:
     off) loses its requests to the others after this time. ``concurrency``: requests this host runs at
     once (``[host] concurrency`` / ``--concurrency`` override it); ``model_limits``: per requested
     model, on this host. ``poll_s``: how often a host looks for work nobody announced (expired leases,
-    missed notifications). ``pool_size``: connections this host opens.
+    missed notifications). ``pool_size``: connections this host opens. ``stop_grace_s``: how long a stopping host
+    lets the requests it runs (other hosts' included) finish before it stops them and gives their leases back.
     """
 
     dsn_env: str | None = attrs.field(default=None, validator=_env_name)
@@ -56,6 +57,7 @@ class PostgresConfig:
     model_limits: dict[str, int] = attrs.field(factory=dict, validator=_model_limits)
     poll_s: float = attrs.field(default=1.0, validator=_seconds(0.01, 3600))
     pool_size: int = attrs.field(default=6, validator=_positive_int)
+    stop_grace_s: float = attrs.field(default=10.0, validator=_seconds(0, 86400))
 
     @property
     def configured(self) -> bool:

@@ -65,7 +65,7 @@ class Plugin:
         try:
             await pg.migrate(schema.OWNER, schema.MIGRATIONS)
             queue = PgQueue(host, pg, serve=host.serve, limit=limit, lease_s=cfg.lease_s, poll_s=cfg.poll_s,
-                            model_limits=cfg.model_limits)
+                            model_limits=cfg.model_limits, stop_grace_s=cfg.stop_grace_s)
             self.ledger = Ledger(pg, queue.host_id)
             await queue.start()
             self.queue = queue

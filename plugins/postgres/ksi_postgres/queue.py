@@ -24,12 +24,15 @@ results of its waiting requests that became final (a notification lost with a br
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
 import time
 import uuid
 from typing import Any
+
+import attrs
 
 from ksi_host.errors import Cancelled, DatabaseError, OperationalError, ValidationError
 from ksi_host.models import CompletionRequest, CompletionResult, Ticket
@@ -92,7 +95,7 @@ class PgQueue:
     """The queue of one host (``serve``) or of a process that only submits, cancels and reads."""
 
     def __init__(self, host: Any, pg: Pg, *, serve: bool, limit: int, lease_s: float, poll_s: float,
-                 model_limits: dict[str, int]) -> None:
+                 model_limits: dict[str, int], stop_grace_s: float = 0.0) -> None:
         self.host = host
         self.pg = pg
         self.serve = serve
@@ -100,6 +103,7 @@ class PgQueue:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.model_limits = dict(model_limits)
+        self.stop_grace_s = stop_grace_s
         self.host_id: str | None = uuid.uuid4().hex if serve else None
         self.entries: dict[str, Entry] = {}  # request id -> entry (tickets waiting here)
         self.by_seq: dict[int, Entry] = {}
@@ -117,6 +121,8 @@ class PgQueue:
         self._unserved: list[Ticket] = []
         self.claims = 0
         self.claimed = 0
+        self._execute_fn: Any = None
+        self._execute_kw = True
 
     @property
     def channel(self) -> str:
@@ -168,12 +174,16 @@ class PgQueue:
         await self.stores.drain()
 
     async def stop(self) -> None:
-        """Stop claiming; stop the running requests and give their leases back (any host takes them now)."""
+        """Stop claiming; let the running requests finish for up to ``stop_grace_s`` (their calls are sent: cutting
+        them short would send them again elsewhere), then stop the rest and give their leases back (any host takes
+        them now)."""
         self.closing = True
         self.serving = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.running and self.stop_grace_s > 0:  # finish what runs here (other hosts' requests too) if it ends soon
+            await asyncio.wait([r.task for r in self.running.values() if r.task is not None], timeout=self.stop_grace_s)
         runs = list(self.running.values())
         for run in runs:
             self._stop_run(run, "stop")
@@ -425,10 +435,23 @@ class PgQueue:
         elif run.stop_reason == "lost":
             del self.running[run.seq]
 
+    async def _execute(self, request: CompletionRequest, submitted_at: float) -> CompletionResult:
+        """``host.execute(request, submitted_at=...)``; a wrapper of ``host.execute`` that does not take
+        ``submitted_at`` yet (``ksi-host run``'s gate) is called without it, and the result gets it here."""
+        execute = self.host.execute
+        fn = getattr(execute, "__func__", execute)
+        if fn is not self._execute_fn:
+            self._execute_fn = fn
+            self._execute_kw = "submitted_at" in inspect.signature(execute).parameters
+        if self._execute_kw:
+            return await execute(request, submitted_at=submitted_at)
+        result = await execute(request)
+        return result if result.submitted_at is not None else attrs.evolve(result, submitted_at=submitted_at)
+
     async def _run(self, run: Run) -> None:
         request = run.request
         try:
-            result = await self.host.execute(request, submitted_at=run.created_at)
+            result = await self._execute(request, run.created_at)
         except asyncio.CancelledError:
             if run.stop_reason == "lost":  # no result from here: the new holder runs it
                 del self.running[run.seq]
