@@ -108,11 +108,22 @@ class Pg:
         return await self.run(lambda con: con.execute(sql, *args))
 
     async def transaction(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-        """``await fn(connection)`` inside one transaction."""
+        """``await fn(connection)`` inside one transaction, tried again (up to 5 times) when PostgreSQL ends it
+        as a deadlock victim (two batches that wait on each other's rows and session locks)."""
+        import asyncpg
+
         async def run(con: Any) -> Any:
             async with con.transaction():
                 return await fn(con)
-        return await self.run(run)
+        for attempt in range(5):
+            try:
+                return await self.run(run)
+            except DatabaseError as e:
+                cause = e.__cause__
+                if attempt == 4 or not isinstance(cause, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
+                    raise
+                log.info("ksi-postgres: %s; trying again", cause)
+        raise AssertionError("unreachable")
 
     async def migrate(self, owner: str, migrations: Sequence[str]) -> int:
         """Apply the migrations of ``owner`` not applied yet, under an advisory lock; the version reached.

@@ -179,9 +179,13 @@ class PgQueue:
         them now)."""
         self.closing = True
         self.serving = False
-        for task in self._tasks:
+        claim_loop, *others = self._tasks or [None]
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if claim_loop is not None:  # not cancelled: a claim cut off mid-statement may commit leases nobody here knows
+            self._wake.set()
+            await asyncio.gather(claim_loop, return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)
         if self.running and self.stop_grace_s > 0:  # finish what runs here (other hosts' requests too) if it ends soon
             await asyncio.wait([r.task for r in self.running.values() if r.task is not None], timeout=self.stop_grace_s)
         runs = list(self.running.values())
@@ -191,12 +195,11 @@ class PgQueue:
                     if isinstance(o, Exception)]
         await self.accepts.drain()
         await self.stores.drain()
-        left = [r for r in runs if r.seq in self.running]
-        if left:
-            try:
-                await self.pg.execute(schema.RELEASE, self.host_id, [r.seq for r in left], [r.epoch for r in left])
+        if self.host_id is not None:
+            try:  # every lease this host still holds (a claim whose answer never arrived too), for any host to take
+                await self.pg.execute(schema.RELEASE_ALL, self.host_id)
             except DatabaseError as e:  # their leases run out instead: another host takes them after lease_s
-                log.warning("ksi-postgres: could not give back %d lease(s): %s", len(left), e.message)
+                log.warning("ksi-postgres: could not give back the leases of this host: %s", e.message)
             self.running.clear()
         stopped = Cancelled("the host stopped before this request finished; it stays stored and another host "
                             "(or the next start) runs it")
@@ -298,6 +301,8 @@ class PgQueue:
         async def accept(con: Any) -> tuple[dict[str, Any], dict[str, Stored]]:
             await con.fetchval(schema.LOCK_SESSIONS, [row[1] for row in reqs])
             new = {r["request_id"]: (r["seq"], r["created_at"]) for r in await con.fetch(schema.ACCEPT, *args)}
+            if any(row[1] is not None for row in reqs):
+                await con.execute(schema.FIX_HEADS, list({row[1] for row in reqs if row[1] is not None}))
             old: dict[str, Stored] = {}
             if len(new) < len(items):
                 old = await self._stored(con, [row[0] for row in reqs if row[0] not in new])
@@ -374,8 +379,15 @@ class PgQueue:
             counts[run.request.model] = counts.get(run.request.model, 0) + 1
         return [m for m, lim in self.model_limits.items() if counts.get(m, 0) >= lim]
 
+    async def _claim_statement(self, con: Any, sql: str, room: int) -> list[Any]:
+        # A claim need not wait for the disk: lost in a crash of the database, the request is simply queued
+        # again, and the ledger row of any call it leads to is committed (and flushed) before the call is sent.
+        # Measured: see the README (one WAL flush fewer per claim).
+        await con.execute("SET LOCAL synchronous_commit = off")
+        return await con.fetch(sql, self.host_id, room, self._full_models(), self.lease_s)
+
     async def _claim(self, sql: str, room: int) -> int:
-        found = await self.pg.fetch(sql, self.host_id, room, self._full_models(), self.lease_s)
+        found = await self.pg.transaction(lambda con: self._claim_statement(con, sql, room))
         self.claims += 1
         self.claimed += len(found)
         over: list[Any] = []
@@ -483,7 +495,7 @@ class PgQueue:
     async def _finish(self, run: Run, result: CompletionResult) -> None:
         run.storing = True
         try:
-            written = await self.stores.add((run.seq, run.epoch, result))
+            written = await self.stores.add((run.seq, run.epoch, result, run.request.session_id))
         except DatabaseError as exc:  # the lease runs out and another host runs it again
             self.running.pop(run.seq, None)
             e = self.by_seq.get(run.seq)
@@ -505,13 +517,22 @@ class PgQueue:
             for t in e.tickets:
                 t.set_result(result)
 
-    async def _store_batch(self, items: list[tuple[int, int, CompletionResult]]) -> list[bool]:
-        stored = [rows.store_row(seq, epoch, r) for seq, epoch, r in items]
-        attempts = [a for seq, _, r in items for a in rows.attempt_rows(seq, r)]
-        written = {r["seq"] for r in await self.pg.fetch(
-            schema.STORE_RESULTS, self.host_id, *columns(stored, len(schema.STORE_TYPES)),
-            *columns(attempts, len(schema.ATTEMPT_TYPES)))}
-        return [seq in written for seq, _, _ in items]
+    async def _store_batch(self, items: list[tuple[int, int, CompletionResult, str | None]]) -> list[bool]:
+        stored = [rows.store_row(seq, epoch, r) for seq, epoch, r, _ in items]
+        attempts = [a for seq, _, r, _ in items for a in rows.attempt_rows(seq, r)]
+        sessions = list({sid for *_, sid in items if sid is not None})
+
+        async def store(con: Any) -> set[int]:
+            if sessions:
+                await con.fetchval(schema.LOCK_SESSIONS, sessions)
+            found = await con.fetch(schema.STORE_RESULTS, self.host_id, *columns(stored, len(schema.STORE_TYPES)),
+                                    *columns(attempts, len(schema.ATTEMPT_TYPES)))
+            if sessions:
+                await con.execute(schema.FIX_HEADS, sessions)
+            return {r["seq"] for r in found}
+
+        written = await self.pg.transaction(store)
+        return [seq in written for seq, *_ in items]
 
     def _stop_run(self, run: Run, reason: str) -> None:
         if run.storing or run.task is None or run.task.done():
@@ -553,7 +574,7 @@ class PgQueue:
 
     async def cancel(self, request_id: str) -> bool | None:
         for _ in range(5):
-            gone = await self.pg.fetch(schema.CANCEL_QUEUED, request_id, "cancelled before it ran")
+            gone = await self.pg.transaction(lambda con: self._cancel_queued(con, request_id))
             if gone:
                 await self._cancelled_here([g["seq"] for g in gone])
                 return True
@@ -566,6 +587,17 @@ class PgQueue:
             if state["status"] in schema.FINAL:
                 return False
         return False  # it kept moving between queued and running: let the caller try again
+
+    @staticmethod
+    async def _cancel_queued(con: Any, request_id: str) -> list[Any]:
+        """Cancel the row of ``request_id`` if it is queued, under its session's lock; the next one becomes head."""
+        sid = await con.fetchval(schema.SESSION_OF, request_id)
+        if sid is not None:
+            await con.fetchval(schema.LOCK_SESSIONS, [sid])
+        gone = list(await con.fetch(schema.CANCEL_QUEUED, request_id, "cancelled before it ran"))
+        if gone and sid is not None:
+            await con.execute(schema.FIX_HEADS, [sid])
+        return gone
 
     async def _cancel_running(self, request_id: str, marked: Any) -> bool:
         seq, owner = marked["seq"], marked["lease_owner"]
@@ -587,7 +619,13 @@ class PgQueue:
                                 f"stop it within {CANCEL_WAIT_S:g} s; it ends cancelled unless it finishes first")
 
     async def clear_session(self, session_id: str) -> int:
-        gone = await self.pg.fetch(schema.CLEAR_QUEUED, session_id, "cancelled: its session was cleared")
+        async def clear(con: Any) -> list[Any]:
+            await con.fetchval(schema.LOCK_SESSIONS, [session_id])
+            found = await con.fetch(schema.CLEAR_QUEUED, session_id, "cancelled: its session was cleared")
+            await con.execute(schema.FIX_HEADS, [session_id])
+            return list(found)
+
+        gone = await self.pg.transaction(clear)
         await self._cancelled_here([g["seq"] for g in gone])
         return len(gone)
 

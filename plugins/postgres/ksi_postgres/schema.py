@@ -101,6 +101,7 @@ MIGRATIONS: list[str] = [
         lease_epoch         integer NOT NULL DEFAULT 0,
         lease_expires_at    double precision,
         cancel_requested    boolean NOT NULL DEFAULT false,
+        head                boolean NOT NULL,
         started_at          double precision,
         finished_at         double precision,
         result_text         text,
@@ -118,7 +119,7 @@ MIGRATIONS: list[str] = [
         error_type          text,
         error_message       text
     );
-    CREATE INDEX ksi_pg_requests_queued ON ksi_pg_requests (rank, seq) WHERE status = 'queued';
+    CREATE INDEX ksi_pg_requests_ready ON ksi_pg_requests (rank, seq) WHERE status = 'queued' AND head;
     CREATE INDEX ksi_pg_requests_open ON ksi_pg_requests (session_id, seq) WHERE status IN ('queued', 'running');
     CREATE INDEX ksi_pg_requests_leases ON ksi_pg_requests (lease_owner, lease_expires_at) WHERE status = 'running';
     CREATE INDEX ksi_pg_requests_session ON ksi_pg_requests (session_id, seq);
@@ -189,6 +190,12 @@ ACCEPT_TYPES = {
 }
 """The ksi_pg_requests columns a submission sets (one array each), then the payload columns."""
 
+# ``head`` marks the one row of a session that may run: its earliest unfinished row (a row without a session
+# is always its own head). Every transaction that adds to a session or finishes a row of it (accepting,
+# storing results, cancelling) holds that session's advisory lock and ends with FIX_HEADS, so the marks are
+# exact when it commits; CLAIM then reads only queued heads (the ksi_pg_requests_ready index) instead of
+# passing over every queued row of the sessions that have one running.
+#
 # Per session, rows are numbered in the order their transactions commit: each accepting transaction
 # first locks the sessions it adds to (an advisory lock per session, in one order, so two batches
 # never deadlock). A snapshot that sees a row of a session then sees every earlier one, which is
@@ -207,14 +214,23 @@ def _accept_sql() -> str:
     p_names = ", ".join(map(q, PAYLOAD_COLUMNS))
     host, me = n + 1 + len(PAYLOAD_COLUMNS), n + 2 + len(PAYLOAD_COLUMNS)
     return (
-        f"WITH new AS (INSERT INTO ksi_pg_requests ({names}, status, created_at, waiting_host)"
-        f" SELECT {names}, 'queued', ksi_pg_now(), ${host} FROM unnest({arrays}) WITH ORDINALITY AS u({names}, ord)"
+        f"WITH new AS (INSERT INTO ksi_pg_requests ({names}, status, created_at, waiting_host, head)"
+        f" SELECT {names}, 'queued', ksi_pg_now(), ${host}, session_id IS NULL"
+        f" FROM unnest({arrays}) WITH ORDINALITY AS u({names}, ord)"
         " ORDER BY ord ON CONFLICT (request_id) DO NOTHING RETURNING seq, request_id, created_at),"
         f" pay AS (INSERT INTO ksi_pg_payloads (seq, {p_names}) SELECT new.seq, {', '.join('p.' + q(c) for c in PAYLOAD_COLUMNS)}"
         f" FROM new JOIN unnest(${me}::text[], {p_arrays}) AS p(request_id, {p_names}) ON p.request_id = new.request_id)"
         " SELECT seq, request_id, created_at FROM new"
     )
 
+
+FIX_HEADS = """
+UPDATE ksi_pg_requests r SET head = true
+FROM (SELECT min(seq) AS seq FROM ksi_pg_requests WHERE session_id = ANY($1::text[]) AND status IN ('queued', 'running')
+      GROUP BY session_id) h
+WHERE r.seq = h.seq AND NOT r.head
+"""
+"""Mark the earliest unfinished row of each session of $1 as its head (under those sessions' locks)."""
 
 ACCEPT = _accept_sql()
 """Insert a batch of requests (ids stored before are skipped); returns (seq, request_id, created_at) of the new rows.
@@ -245,14 +261,14 @@ SELECT_REQUESTS = (
 
 # -- claiming --------------------------------------------------------------------------------------
 
-# The next runnable requests, best first: queued, no earlier row of its session unfinished (queued or
-# running, anywhere), its model not at this host's limit. FOR UPDATE SKIP LOCKED: hosts claiming at
+# The next runnable requests, best first: queued heads (no earlier row of its session unfinished, queued or
+# running, anywhere: checked again here), its model not at this host's limit. FOR UPDATE SKIP LOCKED: hosts claiming at
 # the same time take different rows; a row another host claimed meanwhile is re-checked on its new
 # version (status no longer 'queued') and left. Claiming gives the row a new lease epoch.
 CLAIM = f"""
 WITH cand AS (
     SELECT r.seq FROM ksi_pg_requests r
-    WHERE r.status = 'queued' AND NOT (r.model = ANY($3::text[]))
+    WHERE r.status = 'queued' AND r.head AND NOT (r.model = ANY($3::text[]))
       AND NOT EXISTS (SELECT 1 FROM ksi_pg_requests p WHERE p.session_id = r.session_id AND p.seq < r.seq
                       AND p.status IN ('queued', 'running'))
     ORDER BY r.rank, r.seq
@@ -297,10 +313,21 @@ ORDER BY r.rank, r.seq
 # Give leases back (a host stopping, or one that claimed more of a limited model than it may run):
 # the rows are queued again for any host, unless their lease moved on.
 RELEASE = (
-    "UPDATE ksi_pg_requests r SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL"
+    "WITH back AS (UPDATE ksi_pg_requests r SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL"
     " FROM unnest($2::bigint[], $3::integer[]) AS u(seq, epoch)"
-    " WHERE r.seq = u.seq AND r.status = 'running' AND r.lease_owner = $1 AND r.lease_epoch = u.epoch"
+    " WHERE r.seq = u.seq AND r.status = 'running' AND r.lease_owner = $1 AND r.lease_epoch = u.epoch RETURNING r.seq)"
+    " SELECT count(*), pg_notify('ksi_pg_work', '') FROM back"
 )
+
+# At a stop, after this host's runs ended: every row it still holds goes back to the queue (also one whose
+# claim committed while its answer was lost), and the hosts are told there is work.
+RELEASE_ALL = """
+WITH back AS (
+    UPDATE ksi_pg_requests SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL
+    WHERE status = 'running' AND lease_owner = $1 RETURNING seq
+)
+SELECT count(*), pg_notify('ksi_pg_work', '') FROM back
+"""
 
 # -- results ----------------------------------------------------------------------------------------
 
@@ -365,6 +392,7 @@ _TELL_WAITERS = f"""
 )
 SELECT gone.seq, t.told FROM gone CROSS JOIN (SELECT count(*) AS told FROM told) t
 """
+SESSION_OF = "SELECT session_id FROM ksi_pg_requests WHERE request_id = $1"
 CANCEL_QUEUED = (
     f"WITH gone AS (UPDATE ksi_pg_requests r SET {_CANCEL_SET} WHERE r.request_id = $1 AND r.status = 'queued'"
     " RETURNING r.seq, r.waiting_host)" + _TELL_WAITERS

@@ -18,4 +18,4 @@ def pg_env(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def pg_config(**postgres: Any) -> dict[str, Any]:
     """A config whose [postgres] table is set (fast leases and polls for tests)."""
-    return {"postgres": {"dsn_env": ENV, "lease_s": 1.0, "poll_s": 0.05, **postgres}}
+    return {"postgres": {"dsn_env": ENV, "lease_s": 1.0, "poll_s": 0.05, "stop_grace_s": 0.2, **postgres}}
