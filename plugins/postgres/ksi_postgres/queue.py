@@ -14,10 +14,11 @@ Every host (a serving process) runs the same loops:
   the same epoch. Results that finish together share one statement.
 * **heartbeat** every third of ``lease_s``: one statement renews the leases of the requests running here
   and the host's heartbeat; a request missing from its answer was taken over (this host was too slow to
-  renew): its task is stopped, and its result will come from the new holder.
+  renew): its task is stopped, and its result will come from the new holder. It also settles the calls of
+  hosts whose heartbeat stopped (their ``sent`` rows become ``unknown``).
 
 Tickets wait on this host for requests any host may run: the host that stores a result NOTIFYs the
-hosts waiting for it (``ksi_pg_host_<id>``: ``done <seqs>``); every ``poll_s`` a host also reads the
+hosts waiting for it (``ksi_pg_host_<id>``: ``done <seqs>``); with every heartbeat a host also reads the
 results of its waiting requests that became final (a notification lost with a broken connection).
 """
 
@@ -422,7 +423,6 @@ class PgQueue:
                 room = self.limit - len(self.running)
                 if polling:
                     last_poll = time.monotonic()
-                    await self._check_waiting()
                     if room > 0 and not self.draining:
                         room -= await self._claim(schema.TAKE_OVER, room)
                 if room > 0 and not self.draining and await self._claim(schema.CLAIM, room) == room:
@@ -566,6 +566,7 @@ class PgQueue:
             elif row["cancel_requested"]:
                 self._stop_run(run, "cancel")
         await self.pg.execute(schema.SETTLE_LOST_CALLS, self.host_id)
+        await self._check_waiting()
         if self._listener is not None and self._listener.is_closed():
             log.warning("ksi-postgres: the notification connection was lost; reconnecting")
             await self._listen()

@@ -261,16 +261,16 @@ SELECT_REQUESTS = (
 
 # -- claiming --------------------------------------------------------------------------------------
 
-# The next runnable requests, best first: queued heads (no earlier row of its session unfinished, queued or
-# running, anywhere: checked again here), its model not at this host's limit. FOR UPDATE SKIP LOCKED: hosts claiming at
+# The next runnable requests, best first: queued heads (no earlier row of its session is unfinished, queued or
+# running, anywhere), their model not at this host's limit. (An earlier version also checked "nothing earlier
+# unfinished" here with NOT EXISTS; on a young table, whose statistics say it is empty, the planner turned it
+# into a scan of every unfinished row per candidate: 120 ms per claim of 64 at 8,000 rows.) FOR UPDATE SKIP LOCKED: hosts claiming at
 # the same time take different rows; a row another host claimed meanwhile is re-checked on its new
 # version (status no longer 'queued') and left. Claiming gives the row a new lease epoch.
 CLAIM = f"""
 WITH cand AS (
     SELECT r.seq FROM ksi_pg_requests r
     WHERE r.status = 'queued' AND r.head AND NOT (r.model = ANY($3::text[]))
-      AND NOT EXISTS (SELECT 1 FROM ksi_pg_requests p WHERE p.session_id = r.session_id AND p.seq < r.seq
-                      AND p.status IN ('queued', 'running'))
     ORDER BY r.rank, r.seq
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED
