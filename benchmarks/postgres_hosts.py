@@ -192,14 +192,15 @@ def main_drivers(args: argparse.Namespace) -> None:
         rows = [(seq, epoch, "ok", 1.0, 2.0, "ok", json.dumps({"role": "assistant", "content": "ok"}), "stop", "m", "p",
                  None, 10, 5, 15, 0.0001, None, None, None, None) for seq, epoch in taken]
         att = [(seq, 1, "p", None, None, None, 1.0, None) for seq, _ in taken]
-        return [me, *columns(rows, len(schema.STORE_TYPES)), *columns(att, len(schema.ATTEMPT_TYPES))]
+        return [me, *columns(rows, len(schema.STORE_TYPES)), *columns(att, len(schema.ATTEMPT_TYPES)),
+                [f"s{seq % 100}" for seq, _ in taken]]
 
     async def bench(fetch: Any, n: int, b: int) -> dict[str, float]:
         me, tag = uuid.uuid4().hex, uuid.uuid4().hex[:6]
         t = dict.fromkeys(("accept", "claim", "store", "sent", "end"), 0.0)
         for k in range(0, n, b):
             t0 = time.perf_counter()
-            await fetch(schema.ACCEPT, accept_args(b, f"{tag}-{k}", me))
+            await fetch(schema.ACCEPT_CALL, accept_args(b, f"{tag}-{k}", me))
             t["accept"] += time.perf_counter() - t0
         while True:
             t0 = time.perf_counter()
@@ -208,7 +209,7 @@ def main_drivers(args: argparse.Namespace) -> None:
             if not found:
                 break
             t0 = time.perf_counter()
-            await fetch(schema.STORE_RESULTS, store_args(me, [(r[0], r[1]) for r in found]))
+            await fetch(schema.STORE_CALL, store_args(me, [(r[0], r[1]) for r in found]))
             t["store"] += time.perf_counter() - t0
         for k in range(0, n, b):
             sent = [(uuid.uuid4().hex, f"r{k}-{i}", 1, "s", "a", None, None, "m", "p", time.time()) for i in range(b)]

@@ -52,6 +52,12 @@ def _operational(e: BaseException) -> bool:
     return False
 
 
+async def _no_reset(con: Any) -> None:
+    """asyncpg resets a connection (RESET ALL, UNLISTEN, ...) each time it goes back to the pool: one more round
+    trip per statement. Nothing here leaves session state behind (transactions end, locks are transaction
+    locks, LISTEN has its own connection), so nothing is reset."""
+
+
 class Pg:
     """A pool of connections to one database. ``name`` is how messages name it (no password)."""
 
@@ -70,7 +76,7 @@ class Pg:
 
         try:
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.size, timeout=30,
-                                                  command_timeout=None, statement_cache_size=256)
+                                                  command_timeout=None, statement_cache_size=256, reset=_no_reset)
         except Exception as e:
             if _operational(e) or isinstance(e, (ValueError, asyncpg.PostgresError)):
                 raise self.error(e, starting=True) from None

@@ -299,20 +299,18 @@ class PgQueue:
         args = [*columns(reqs, len(schema.ACCEPT_TYPES)), *columns(list(first.values()), len(schema.PAYLOAD_COLUMNS)),
                 self.host_id, list(first)]
 
-        async def accept(con: Any) -> tuple[dict[str, Any], dict[str, Stored]]:
-            await con.fetchval(schema.LOCK_SESSIONS, [row[1] for row in reqs])
-            new = {r["request_id"]: (r["seq"], r["created_at"]) for r in await con.fetch(schema.ACCEPT, *args)}
-            if any(row[1] is not None for row in reqs):
-                await con.execute(schema.FIX_HEADS, list({row[1] for row in reqs if row[1] is not None}))
-            old: dict[str, Stored] = {}
-            if len(new) < len(items):
-                old = await self._stored(con, [row[0] for row in reqs if row[0] not in new])
-                unfinished = [s.seq for s in old.values() if s.result is None]
-                if unfinished and self.host_id is not None:
-                    await con.execute(schema.ADD_WAITERS, unfinished, self.host_id)
-            return new, old
+        new = {r["request_id"]: (r["seq"], r["created_at"]) for r in await self.pg.fetch(schema.ACCEPT_CALL, *args)}
+        if len(new) == len(items):
+            return [new[row[0]] for row in reqs]
 
-        new, old = await self.pg.transaction(accept)
+        async def look_up(con: Any) -> dict[str, Stored]:  # ids stored before (another host, an earlier run)
+            old = await self._stored(con, [row[0] for row in reqs if row[0] not in new])
+            unfinished = [s.seq for s in old.values() if s.result is None]
+            if unfinished and self.host_id is not None:
+                await con.execute(schema.ADD_WAITERS, unfinished, self.host_id)
+            return old
+
+        old = await self.pg.transaction(look_up)
         return [new.get(row[0]) or old[row[0]] for row in reqs]
 
     async def _stored(self, con: Any, ids: list[str]) -> dict[str, Stored]:
@@ -380,15 +378,8 @@ class PgQueue:
             counts[run.request.model] = counts.get(run.request.model, 0) + 1
         return [m for m, lim in self.model_limits.items() if counts.get(m, 0) >= lim]
 
-    async def _claim_statement(self, con: Any, sql: str, room: int) -> list[Any]:
-        # A claim need not wait for the disk: lost in a crash of the database, the request is simply queued
-        # again, and the ledger row of any call it leads to is committed (and flushed) before the call is sent.
-        # Measured: see the README (one WAL flush fewer per claim).
-        await con.execute("SET LOCAL synchronous_commit = off")
-        return await con.fetch(sql, self.host_id, room, self._full_models(), self.lease_s)
-
     async def _claim(self, sql: str, room: int) -> int:
-        found = await self.pg.transaction(lambda con: self._claim_statement(con, sql, room))
+        found = await self.pg.fetch(sql, self.host_id, room, self._full_models(), self.lease_s)
         self.claims += 1
         self.claimed += len(found)
         over: list[Any] = []
@@ -522,16 +513,9 @@ class PgQueue:
         attempts = [a for seq, _, r, _ in items for a in rows.attempt_rows(seq, r)]
         sessions = list({sid for *_, sid in items if sid is not None})
 
-        async def store(con: Any) -> set[int]:
-            if sessions:
-                await con.fetchval(schema.LOCK_SESSIONS, sessions)
-            found = await con.fetch(schema.STORE_RESULTS, self.host_id, *columns(stored, len(schema.STORE_TYPES)),
-                                    *columns(attempts, len(schema.ATTEMPT_TYPES)))
-            if sessions:
-                await con.execute(schema.FIX_HEADS, sessions)
-            return {r["seq"] for r in found}
-
-        written = await self.pg.transaction(store)
+        found = await self.pg.fetch(schema.STORE_CALL, self.host_id, *columns(stored, len(schema.STORE_TYPES)),
+                                    *columns(attempts, len(schema.ATTEMPT_TYPES)), sessions)
+        written = {r["seq"] for r in found}
         return [seq in written for seq, *_ in items]
 
     def _stop_run(self, run: Run, reason: str) -> None:
