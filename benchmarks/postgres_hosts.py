@@ -188,16 +188,17 @@ def main_drivers(args: argparse.Namespace) -> None:
         return [*columns(rows, len(schema.ACCEPT_TYPES)), *columns(pays, len(schema.PAYLOAD_COLUMNS)), me,
                 [r[0] for r in rows]]
 
-    def store_args(me: str, taken: list[tuple[int, int]]) -> list[Any]:
+    def store_args(me: str, taken: list[tuple[int, int, str]]) -> list[Any]:
         rows = [(seq, epoch, "ok", 1.0, 2.0, "ok", json.dumps({"role": "assistant", "content": "ok"}), "stop", "m", "p",
-                 None, 10, 5, 15, 0.0001, None, None, None, None) for seq, epoch in taken]
-        att = [(seq, 1, "p", None, None, None, 1.0, None) for seq, _ in taken]
+                 None, 10, 5, 15, 0.0001, None, None, None, None) for seq, epoch, _ in taken]
+        att = [(seq, 1, "p", None, None, None, 1.0, None) for seq, _, _ in taken]
         return [me, *columns(rows, len(schema.STORE_TYPES)), *columns(att, len(schema.ATTEMPT_TYPES)),
-                [f"s{seq % 100}" for seq, _ in taken]]
+                sorted({sid for *_, sid in taken})]
 
     async def bench(fetch: Any, n: int, b: int) -> dict[str, float]:
         me, tag = uuid.uuid4().hex, uuid.uuid4().hex[:6]
         t = dict.fromkeys(("accept", "claim", "store", "sent", "end"), 0.0)
+        stored = 0
         for k in range(0, n, b):
             t0 = time.perf_counter()
             await fetch(schema.ACCEPT_CALL, accept_args(b, f"{tag}-{k}", me))
@@ -209,8 +210,10 @@ def main_drivers(args: argparse.Namespace) -> None:
             if not found:
                 break
             t0 = time.perf_counter()
-            await fetch(schema.STORE_CALL, store_args(me, [(r[0], r[1]) for r in found]))
+            await fetch(schema.STORE_CALL, store_args(me, [(r[0], r[1], r[6]) for r in found]))  # 6: session_id
+            stored += len(found)
             t["store"] += time.perf_counter() - t0
+        assert stored == n, f"claimed and stored {stored} of {n}"
         for k in range(0, n, b):
             sent = [(uuid.uuid4().hex, f"r{k}-{i}", 1, "s", "a", None, None, "m", "p", time.time()) for i in range(b)]
             t0 = time.perf_counter()
