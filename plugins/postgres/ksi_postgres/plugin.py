@@ -95,6 +95,7 @@ class Plugin:
         finally:
             pg, self.pg = self.pg, None
             self.queue = None
+            self.ledger = None  # a call cut short that reports later stays 'sent'; the other hosts settle it as unknown
             await pg.close()
 
     # -- the queue ----------------------------------------------------------------------------------
