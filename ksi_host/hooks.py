@@ -113,6 +113,11 @@ class HookCaller:
         self.reset()
         return idle
 
+    @property
+    def claimed(self) -> bool:
+        """Has a plugin taken hooks over (``ksi_exclusive_hooks``)?"""
+        return bool(self._owners)
+
     def give_exclusively(self, owners: dict[str, str]) -> list[str]:
         """From now on call only ``owners[hook]``'s implementation of each hook in ``owners``. Returns the
         plugins left with nothing to do: no hook but those every plugin may have (see ``ksi_exclusive_hooks``)."""

@@ -88,18 +88,6 @@ INSTALL_HINTS: dict[str, str] = {
     "ksi_prepare_request": "ksi-sessions",
 }
 
-#: Which distribution declares a config table, for a table left behind by an uninstalled plugin.
-#: (Going: the CLI will find the tables of installed-but-not-loaded plugins from their entry points.)
-TABLE_HINTS: dict[str, str] = {
-    "queue": "ksi-queue",
-    "litellm": "ksi-provider-litellm",
-    "retry": "ksi-retry",
-    "tokens": "ksi-tokens",
-    "openai": "ksi-provider-openai",
-    "claude_cli": "ksi-provider-claude-cli",
-}
-
-
 @hookspec
 def ksi_config_spec() -> tuple[str, type] | None:
     """Declare the plugin's config table.

@@ -104,7 +104,10 @@ class Host:
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
         for name in await self.hooks.claim_exclusive(self):  # plugins left idle by ksi_exclusive_hooks
             self.plugins = [p for p in self.plugins if p.name != name]
-        self.db = await Database(self.db_path, create=self.serve).open()
+        path = self.db_path
+        if not self.serve and self.hooks.claimed and not os.path.exists(path):
+            path = ":memory:"  # a shared store (ksi-postgres) holds the queue and ledger: nothing to read locally
+        self.db = await Database(path, create=self.serve).open()
         try:
             for impl in reversed(self.hooks.impls("ksi_startup")):  # registration order
                 try:

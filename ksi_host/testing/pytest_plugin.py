@@ -71,3 +71,23 @@ def openai_server() -> Any:
         yield server
     finally:
         server.stop_thread()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Any:
+    """A throw-away PostgreSQL cluster for the whole test session (:class:`ksi_host.testing.postgres.PostgresCluster`):
+    ``initdb`` in a temporary folder, run as the ``postgres`` user when the tests run as root, on a Unix socket,
+    stopped and removed at the end. It does not wait for the disk (``fsync`` off): it is thrown away."""
+    from .postgres import PostgresCluster
+
+    cluster = PostgresCluster(fast=True).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_cluster: Any) -> str:
+    """The DSN of a fresh, empty database in the session's cluster, for one test."""
+    return str(postgres_cluster.create_database())

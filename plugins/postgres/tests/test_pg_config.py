@@ -1,0 +1,104 @@
+"""Configuration: unconfigured it changes nothing; configured it takes the queue and ledger hooks over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import ENV, pg_config
+from ksi_postgres import schema
+from ksi_postgres.plugin import CLAIMED_HOOKS, Plugin
+from pg_helpers import rows
+
+import ksi_host
+from ksi_host.errors import DatabaseStartupError, StartupError
+from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
+
+
+class OtherQueue:
+    """A stand-in for ksi-queue / ksi-tokens: records whether it was started and used."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.enqueued = 0
+
+    @ksi_host.hookimpl
+    def ksi_startup(self, host: Any) -> None:
+        self.started = True
+
+    @ksi_host.hookimpl
+    def ksi_enqueue(self, host: Any, request: Any) -> Any:
+        self.enqueued += 1
+        return DirectQueue().ksi_enqueue(host, request)
+
+    @ksi_host.hookimpl
+    def ksi_usage_report(self, host: Any, by: str, since: Any) -> list[dict[str, Any]]:
+        return [{"key": "other"}]
+
+
+async def test_unconfigured_it_answers_nothing(make_host) -> None:
+    other = OtherQueue()
+    async with make_host(Plugin(), other, ScriptedProviders(FakeProvider("a"))) as host:
+        result = await host.complete({"model": "m", "prompt": "hi"})
+        assert result.ok and other.started and other.enqueued == 1
+        assert await host.usage_report() == [{"key": "other"}]
+        assert "hosts" not in await host.status()
+
+
+async def test_unconfigured_and_alone_it_says_what_is_missing(make_host) -> None:
+    async with make_host(Plugin(), ScriptedProviders(FakeProvider("a"))) as host:
+        with pytest.raises(ksi_host.MissingPluginError, match="ksi-queue"):
+            await host.submit({"model": "m", "prompt": "hi"})
+
+
+async def test_configured_it_takes_the_hooks_over_and_the_other_queue_is_not_started(make_host, pg_env) -> None:
+    other = OtherQueue()
+    async with make_host(Plugin(), other, ScriptedProviders(FakeProvider("a")), config=pg_config()) as host:
+        result = await host.complete({"model": "m", "prompt": "hi", "request_id": "r1"})
+        assert result.ok and not other.started and other.enqueued == 0
+        assert [r["key"] for r in await host.usage_report()] == ["m"]
+        for hook in CLAIMED_HOOKS:
+            assert [i.plugin for i in host.hooks.impls(hook)] == ["Plugin"], hook
+    stored = await rows(pg_env, "SELECT status FROM ksi_pg_requests WHERE request_id = 'r1'")
+    assert [r["status"] for r in stored] == ["ok"]
+
+
+async def test_an_unset_dsn_variable_stops_the_start_naming_it(make_host, monkeypatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(StartupError, match=f"postgres.dsn_env: the environment variable {ENV} is not set"):
+        async with make_host(Plugin(), config=pg_config()):
+            pass
+
+
+async def test_an_unreachable_database_is_a_start_up_error_without_the_password(make_host, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv(ENV, f"postgresql://ksi:s3cret-pw@/nodb?host={tmp_path}&port=1")
+    with pytest.raises(DatabaseStartupError) as caught:
+        async with make_host(Plugin(), config=pg_config()):
+            pass
+    assert "s3cret-pw" not in str(caught.value) and "***" in str(caught.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("lease_s", 0.0), ("lease_s", float("nan")), ("concurrency", 0),
+                                            ("dsn_env", "not a name"), ("model_limits", {"m": 0})])
+async def test_bad_values_are_refused_naming_the_key(make_host, key, value) -> None:
+    with pytest.raises(StartupError, match=key):
+        async with make_host(Plugin(), config=pg_config(**{key: value})):
+            pass
+
+
+async def test_migrations_apply_once_and_a_newer_database_is_refused(make_host, pg_env) -> None:
+    for _ in range(2):
+        async with make_host(Plugin(), config=pg_config(), serve=False):
+            pass
+    versions = await rows(pg_env, "SELECT owner, version FROM ksi_pg_schema_versions")
+    assert [(r["owner"], r["version"]) for r in versions] == [(schema.OWNER, len(schema.MIGRATIONS))]
+    await rows(pg_env, "UPDATE ksi_pg_schema_versions SET version = 99")
+    with pytest.raises(DatabaseStartupError, match="version 99, newer than this code knows"):
+        async with make_host(Plugin(), config=pg_config()):
+            pass
+
+
+def test_every_chat_parameter_has_a_column() -> None:
+    from ksi_host.chat import PARAMETERS
+
+    assert set(schema.PARAMETER_TYPES) == set(PARAMETERS)
