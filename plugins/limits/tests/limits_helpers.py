@@ -108,15 +108,18 @@ def most_in_any_window(sent: list[Sent], window_s: float, *, tokens: bool = True
 
 
 class FakeLedger:
-    """``ksi_usage_report`` from a list of rows per ``by``; counts how often it was asked."""
+    """``ksi_usage_report`` from a list of rows per ``by``, answered after ``delay_s`` real seconds; ``asked``
+    lists the questions."""
 
-    def __init__(self, rows: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    def __init__(self, rows: dict[str, list[dict[str, Any]]] | None = None, delay_s: float = 0.0) -> None:
         self.rows = rows or {}
+        self.delay_s = delay_s
         self.asked: list[tuple[str, float | None]] = []
 
     @hookimpl
-    def ksi_usage_report(self, by: str, since: float | None) -> list[dict[str, Any]]:
+    async def ksi_usage_report(self, by: str, since: float | None) -> list[dict[str, Any]]:
         self.asked.append((by, since))
+        await asyncio.sleep(self.delay_s)
         return [dict(r) for r in self.rows.get(by, [])]
 
 

@@ -58,7 +58,7 @@ async def test_the_windows_start_from_what_the_ledger_holds_of_the_last_window(m
 
 
 async def test_seeding_happens_once_for_concurrent_first_admissions(make_host: Any) -> None:
-    ledger = FakeLedger({"provider": [row("dep", calls=1, tokens=1)]})
+    ledger = FakeLedger({"provider": [row("dep", calls=1, tokens=1)]}, delay_s=0.05)
     config = {"limits": {"rules": [{"scope": "deployment", "match": "dep", "tpm": 10000}]}}
     async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("dep")), ledger, Plugin(), config=config) as host:
         results = await asyncio.gather(*(host.complete({"model": "m", "prompt": "hi"}) for _ in range(5)))
