@@ -118,6 +118,16 @@ class Plugin:
         self._seeded = False
         self._seeding = None
 
+    @hookimpl
+    async def ksi_shutdown(self) -> None:
+        """Stop a ledger reading still under way (its admissions are gone: the host is stopping)."""
+        tasks = [self._seeding] if self._seeding is not None else []
+        if self.budgets is not None:
+            tasks += [view.task for view in self.budgets.views.values() if view.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- admission ----------------------------------------------------------------------
 
     def _rules_for(self, scope: str, name: str | None) -> tuple[Rule, ...]:

@@ -63,3 +63,14 @@ async def test_seeding_happens_once_for_concurrent_first_admissions(make_host: A
     async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("dep")), ledger, Plugin(), config=config) as host:
         results = await asyncio.gather(*(host.complete({"model": "m", "prompt": "hi"}) for _ in range(5)))
     assert all(r.ok for r in results) and len(ledger.asked) == 1
+
+
+async def test_a_ledger_reading_left_behind_by_a_deadline_stops_with_the_host(make_host: Any) -> None:
+    ledger = FakeLedger({"provider": []}, delay_s=3600)  # a reading that never ends
+    plugin = Plugin()
+    config = {"limits": {"rules": [{"scope": "deployment", "match": "dep", "tpm": 10000}]}}
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("dep")), ledger, plugin, config=config) as host:
+        result = await host.complete({"model": "m", "prompt": "hi", "timeout_s": 0.1})
+        assert result.error is not None and result.error["type"] == "DeadlineExceeded"
+        assert plugin._seeding is not None and not plugin._seeding.done()  # shielded: it goes on for the others
+    assert plugin._seeding.cancelled()

@@ -76,3 +76,19 @@ async def test_seeded_usage_counts_from_the_seed() -> None:
     store = LocalWindowStore()
     await store.seed((0, "d"), TPM, 3, 90, now=5.0)
     assert await store.take(1, [Claim((0, "d"), TPM, 20)], now=6.0) == Refusal(((0, "d"),), 65.0)
+
+
+async def test_calls_that_end_close_together_share_one_entry_counted_from_the_later_end() -> None:
+    store = LocalWindowStore()
+    limit = Limit(60.0, rpm=10**6, tpm=10**9)
+    for i in range(10_000):  # 10,000 calls over 1 s
+        assert await store.take(i, [Claim((0, "d"), limit, 5)], now=i / 10_000) is None
+        await store.settle(i, 3, now=i / 10_000)
+    window = store.windows[(0, "d")]
+    assert len(window.log) <= 1 / 0.06 + 1
+    assert (window.log_tokens, window.log_requests) == (30_000, 10_000)
+    first_end, tokens, requests = window.log[0]
+    window.expire(first_end + 60.0 - 1e-9)
+    assert window.log_tokens == 30_000  # nothing leaves before its own end + 60 s
+    window.expire(60.0 + 0.9999 + 0.06)
+    assert window.log_tokens == 0
