@@ -2,10 +2,11 @@
 
 host_only's way (``benchmarks/host_only.py``: an instant in-process provider,
 the real queue, retry and tokens plugins on a database file, one CPU), in
-three configurations, interleaved round by round (fresh process and database
+four configurations, interleaved round by round (fresh process and database
 each):
 
 * ``none``: no limits plugin (host_only itself);
+* ``no table``: ksi-limits loaded, with no ``[limits]`` table (installed, unused);
 * ``one limit``: ksi-limits with one deployment rule (rpm and tpm, never
   reached: every request pays the estimate, the window's take and true-up);
 * ``limit+budget``: that rule plus a daily budget per agent (the spend check
@@ -36,6 +37,7 @@ TARGET_RPS = 5000
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "none": None,
+    "no table": {},
     "one limit": {"rules": [{"scope": "deployment", "match": "instant", "rpm": 10**9, "tpm": 10**12}]},
     "limit+budget": {"rules": [{"scope": "deployment", "match": "instant", "rpm": 10**9, "tpm": 10**12}],
                      "budgets": [{"scope": "agent", "match": "*", "usd": 1e9}], "budget_refresh_s": 3600},

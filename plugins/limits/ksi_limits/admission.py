@@ -26,7 +26,12 @@ import bisect
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
-from .store import Claim, Key, Refusal, WindowStore
+from .store import Claim, Key, WindowStore
+
+
+async def answer(value: Any) -> Any:
+    """``value``, or what it gives if it is awaitable (a store's answer: see :class:`WindowStore`)."""
+    return await value if hasattr(value, "__await__") else value
 
 
 class Waiter:
@@ -62,18 +67,21 @@ class Admission:
         """How many attempts wait in ``key``'s queue."""
         return len(self.queues.get(key, ()))
 
-    async def acquire(self, lease: Hashable, claims: Sequence[Claim]) -> None:
-        """Return once every claim is reserved under ``lease`` (wait for room, in arrival order)."""
+    def acquire(self, lease: Hashable, claims: Sequence[Claim]) -> Awaitable[None] | None:
+        """Reserve every claim under ``lease``: None when that was done at once (nobody waits on these windows
+        and they have room), else an awaitable that returns once it is done (waiting for room, in order)."""
         queues = self.queues
-        if not queues or not any(c.key in queues for c in claims):  # nobody waits on these windows
-            refusal = await self.store.take(lease, claims, self.clock())
+        if queues and any(c.key in queues for c in claims):
+            return self._wait(lease, claims, None)
+        refusal = self.store.take(lease, claims, self.clock())
+        return None if refusal is None else self._wait(lease, claims, refusal)
+
+    async def _wait(self, lease: Hashable, claims: Sequence[Claim], refusal: Any) -> None:
+        """``refusal``: the store's first answer (a Refusal, or an awaitable of one), or None when others wait."""
+        if hasattr(refusal, "__await__"):  # a shared store's first answer
+            refusal = await refusal
             if refusal is None:
                 return
-        else:
-            refusal = None
-        await self._wait(lease, claims, refusal)
-
-    async def _wait(self, lease: Hashable, claims: Sequence[Claim], refusal: Refusal | None) -> None:
         self._arrivals += 1
         me = Waiter(self._arrivals)
         joined: list[Key] = []
@@ -86,7 +94,7 @@ class Admission:
                     if ahead:
                         blocked, retry_at = ahead, None
                     else:
-                        refusal = await self.store.take(lease, claims, self.clock())
+                        refusal = await answer(self.store.take(lease, claims, self.clock()))
                         if refusal is None:
                             return
                 if refusal is not None:

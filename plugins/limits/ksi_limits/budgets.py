@@ -103,13 +103,20 @@ class BudgetBook:
         self.in_flight: dict[tuple[str, str], float] = {}  # (scope, name) -> USD reserved by calls in flight
         self.holds: dict[Hashable, Hold] = {}
 
+    def _stale(self, view: View, wall: float, now: float) -> bool:
+        return view.start is None or wall >= view.end or (view.task is None and now - view.read_at >= self.refresh_s)
+
+    def stale(self) -> bool:
+        """Must the ledger be read before the next check (see :meth:`fresh`)?"""
+        wall, now = self.wall(), self.clock()
+        return any(self._stale(view, wall, now) for view in self.views.values())
+
     async def fresh(self) -> None:
         """Read the ledger where a period began (every admission waits for that reading) or where the reading
         is older than ``refresh_s`` (the admission that notices waits; the others go on with the last one)."""
-        wall = self.wall()
-        now = self.clock()
+        wall, now = self.wall(), self.clock()
         for view in self.views.values():
-            if view.start is None or wall >= view.end or (view.task is None and now - view.read_at >= self.refresh_s):
+            if self._stale(view, wall, now):
                 await self._reading(view, wall)
 
     async def _reading(self, view: View, wall: float) -> None:

@@ -29,12 +29,16 @@ A store shared by several hosts (a Postgres table, one row per key and one per
 lease, taken in one transaction with ``SELECT ... FOR UPDATE``) implements the
 same five methods; its ``poll_s`` tells waiters to look again that often,
 since room freed by another host wakes nobody here.
+
+Like a hookimpl, each method answers at once or returns an awaitable of its
+answer: :class:`LocalWindowStore` answers at once (so an admission with room
+costs no coroutine); a shared store, which does I/O, returns awaitables.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from typing import Protocol
 
 import attrs
@@ -83,27 +87,28 @@ class WindowState:
 
 
 class WindowStore(Protocol):
-    """The windows of every key, behind the five operations an admission needs (see the module docstring)."""
+    """The windows of every key, behind the five operations an admission needs (see the module docstring).
+    Each method returns its answer, or an awaitable of it."""
 
     poll_s: float | None
     """How often a waiter looks again without being woken (None: room is always announced)."""
     shared: bool
     """Are the windows kept outside this process (shared by hosts)? If not, they start from the ledger."""
 
-    async def take(self, lease: Hashable, claims: Sequence[Claim], now: float) -> Refusal | None:
+    def take(self, lease: Hashable, claims: Sequence[Claim], now: float) -> Refusal | None | Awaitable[Refusal | None]:
         """Reserve every claim under ``lease``, or none: None when taken, else why not."""
 
-    async def settle(self, lease: Hashable, tokens: int | None, now: float) -> tuple[Key, ...]:
+    def settle(self, lease: Hashable, tokens: int | None, now: float) -> tuple[Key, ...] | Awaitable[tuple[Key, ...]]:
         """The lease's call ended at ``now``: free its slots, count ``tokens`` (None: what it reserved) and
         its request from now on. Returns the keys it held (nothing if the lease is unknown)."""
 
-    async def release(self, lease: Hashable, now: float) -> tuple[Key, ...]:
+    def release(self, lease: Hashable, now: float) -> tuple[Key, ...] | Awaitable[tuple[Key, ...]]:
         """The lease's attempt sent nothing: forget it. Returns the keys it held."""
 
-    async def seed(self, key: Key, limit: Limit, requests: int, tokens: int, now: float) -> None:
+    def seed(self, key: Key, limit: Limit, requests: int, tokens: int, now: float) -> None | Awaitable[None]:
         """Count ``requests`` and ``tokens`` sent before this process started (from the ledger), as of ``now``."""
 
-    async def snapshot(self, now: float) -> dict[Key, WindowState]:
+    def snapshot(self, now: float) -> dict[Key, WindowState] | Awaitable[dict[Key, WindowState]]:
         """Every window the store knows, as of ``now``."""
 
 
@@ -177,7 +182,7 @@ class Window:
 
 class LocalWindowStore:
     """The windows in this process's memory: exact and cheap, shared by every request of this host (and so
-    by the one process that serves a database). Its methods never suspend."""
+    by the one process that serves a database). Its methods answer at once."""
 
     poll_s: float | None = None
     shared = False
@@ -192,7 +197,7 @@ class LocalWindowStore:
             window = self.windows[key] = Window(limit)
         return window
 
-    async def take(self, lease: Hashable, claims: Sequence[Claim], now: float) -> Refusal | None:
+    def take(self, lease: Hashable, claims: Sequence[Claim], now: float) -> Refusal | None:
         if lease in self.leases:
             raise RuntimeError(f"lease {lease!r} is already held")
         windows = []
@@ -213,7 +218,7 @@ class LocalWindowStore:
         self.leases[lease] = windows
         return None
 
-    async def settle(self, lease: Hashable, tokens: int | None, now: float) -> tuple[Key, ...]:
+    def settle(self, lease: Hashable, tokens: int | None, now: float) -> tuple[Key, ...]:
         held = self.leases.pop(lease, None)
         if held is None:
             return ()
@@ -223,7 +228,7 @@ class LocalWindowStore:
             window.add(now, reserved if tokens is None else tokens, 1)
         return tuple(key for _, _, key in held)
 
-    async def release(self, lease: Hashable, now: float) -> tuple[Key, ...]:
+    def release(self, lease: Hashable, now: float) -> tuple[Key, ...]:
         held = self.leases.pop(lease, None)
         if held is None:
             return ()
@@ -232,8 +237,8 @@ class LocalWindowStore:
             window.flight_requests -= 1
         return tuple(key for _, _, key in held)
 
-    async def seed(self, key: Key, limit: Limit, requests: int, tokens: int, now: float) -> None:
+    def seed(self, key: Key, limit: Limit, requests: int, tokens: int, now: float) -> None:
         self._window(key, limit).add(now, tokens, requests)
 
-    async def snapshot(self, now: float) -> dict[Key, WindowState]:
+    def snapshot(self, now: float) -> dict[Key, WindowState]:
         return {key: window.state(now) for key, window in self.windows.items()}

@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import attrs
+from ksi_limits.store import LocalWindowStore
 
 from ksi_host import ProviderResponse, Usage, hookimpl
 from ksi_host.testing import FakeProvider
@@ -105,6 +106,29 @@ def most_in_any_window(sent: list[Sent], window_s: float, *, tokens: bool = True
     for i, (t, _) in enumerate(times):
         most = max(most, sum(n for u, n in times[i:] if u < t + window_s))
     return most
+
+
+class AwaitingStore:
+    """A LocalWindowStore behind awaitable answers that pause first, as a store shared by hosts would (its
+    operations go over the network), with ``poll_s`` set: the plugin's path for such a store."""
+
+    shared = True
+
+    def __init__(self, sleep: Any, poll_s: float | None = 30.0) -> None:
+        self.inner = LocalWindowStore()
+        self.sleep = sleep
+        self.poll_s = poll_s
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            self.calls += 1
+            await asyncio.sleep(0)
+            return method(*args, **kw)
+
+        return call
 
 
 class FakeLedger:

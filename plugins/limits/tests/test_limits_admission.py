@@ -8,9 +8,10 @@ import random
 import time
 from typing import Any
 
+import pytest
 from ksi_limits.estimate import estimate
 from ksi_limits.plugin import Plugin
-from limits_helpers import LoggingProvider, VirtualTime, most_in_any_window
+from limits_helpers import AwaitingStore, LoggingProvider, VirtualTime, most_in_any_window
 
 from ksi_host import Usage
 from ksi_host.testing import DirectQueue, ScriptedProviders
@@ -20,7 +21,13 @@ def limits(*rules: dict[str, Any], **top: Any) -> dict[str, Any]:
     return {"limits": {"rules": list(rules), **top}}
 
 
-async def test_two_hundred_concurrent_requests_never_exceed_the_tpm_in_any_window(make_host: Any, vt: VirtualTime) -> None:
+def store_of(kind: str, vt: VirtualTime) -> Any:
+    return None if kind == "local" else AwaitingStore(vt.sleep)
+
+
+@pytest.mark.parametrize("kind", ["local", "awaiting"])
+async def test_two_hundred_concurrent_requests_never_exceed_the_tpm_in_any_window(make_host: Any, vt: VirtualTime,
+                                                                                  kind: str) -> None:
     rng = random.Random(7)
 
     def usage(request: Any) -> Usage:  # what the upstream reports: at most the estimate
@@ -30,7 +37,8 @@ async def test_two_hundred_concurrent_requests_never_exceed_the_tpm_in_any_windo
 
     dep = LoggingProvider("dep", vt.clock, vt.sleep, latency=3.0, usage=usage)
     config = limits({"scope": "deployment", "match": "dep", "tpm": 2000})
-    async with make_host(DirectQueue(), ScriptedProviders(dep), Plugin(), config=config, clock=vt.clock,
+    store = store_of(kind, vt)
+    async with make_host(DirectQueue(), ScriptedProviders(dep), Plugin(store), config=config, clock=vt.clock,
                          sleep=vt.sleep) as host:
         requests = [{"model": "m", "agent_id": f"agent{i % 8}", "max_tokens": rng.randint(10, 200),
                      "prompt": "word " * rng.randint(1, 400)} for i in range(200)]
@@ -42,6 +50,7 @@ async def test_two_hundred_concurrent_requests_never_exceed_the_tpm_in_any_windo
     assert 1500 < most <= 2000
     total = sum(s.tokens for s in dep.sent)
     assert vt.now - started >= (total / 2000 - 1) * 60  # the limit held the run back
+    assert store is None or store.calls >= 400  # (the awaiting store's path was the one taken)
 
 
 async def test_rpm_and_concurrency_hold(make_host: Any, vt: VirtualTime) -> None:
@@ -68,11 +77,12 @@ async def test_rpm_and_concurrency_hold(make_host: Any, vt: VirtualTime) -> None
     assert most_in_any_window(dep.sent, 60.0, tokens=False) == 10
 
 
-async def test_a_big_request_is_not_starved_by_small_ones_behind_it(make_host: Any, vt: VirtualTime) -> None:
+@pytest.mark.parametrize("kind", ["local", "awaiting"])
+async def test_a_big_request_is_not_starved_by_small_ones_behind_it(make_host: Any, vt: VirtualTime, kind: str) -> None:
     dep = LoggingProvider("dep", vt.clock, vt.sleep, latency=1.0,
                           usage=lambda r: Usage(0, r.max_tokens, r.max_tokens))
     config = limits({"scope": "deployment", "match": "dep", "tpm": 100, "window_s": 10}, chars_per_token=1000.0)
-    async with make_host(DirectQueue(), ScriptedProviders(dep), Plugin(), config=config, clock=vt.clock,
+    async with make_host(DirectQueue(), ScriptedProviders(dep), Plugin(store_of(kind, vt)), config=config, clock=vt.clock,
                          sleep=vt.sleep) as host:
 
         async def small_stream() -> None:  # a small request every second, for a minute
@@ -144,3 +154,21 @@ async def test_room_freed_by_a_true_up_wakes_the_waiter(make_host: Any, vt: Virt
     assert all(r.ok for r in results)
     # each reserved 88 (80 + 8 framing); only one fits at a time until its true-up to 2 frees the rest
     assert [s.at for s in dep.sent] == [1000.0, 1002.0, 1004.0]
+
+
+async def test_two_hosts_sharing_one_store_hold_one_limit_between_them(make_host: Any, vt: VirtualTime,
+                                                                      tmp_path: Any) -> None:
+    """What a shared store (ksi-postgres) gives: one window for two hosts. Room freed by one host wakes
+    nobody in the other: its waiters look again every poll_s (here 5 s)."""
+    shared = AwaitingStore(vt.sleep, poll_s=5.0)
+    deps = [LoggingProvider("dep", vt.clock, vt.sleep, latency=2.0) for _ in range(2)]
+    config = limits({"scope": "deployment", "match": "dep", "tpm": 300, "window_s": 20}, chars_per_token=1000.0)
+    hosts = [make_host(DirectQueue(), ScriptedProviders(dep), Plugin(shared), config=config, clock=vt.clock,
+                       sleep=vt.sleep, db_path=tmp_path / f"h{i}.db") for i, dep in enumerate(deps)]
+    async with hosts[0] as a, hosts[1] as b:
+        batch = [host.complete({"model": "m", "prompt": "x", "max_tokens": 40}) for host in (a, b) for _ in range(25)]
+        results = await vt.run(asyncio.gather(*batch))
+    assert all(r.ok for r in results)
+    sent = deps[0].sent + deps[1].sent
+    assert len(deps[0].sent) > 5 and len(deps[1].sent) > 5
+    assert most_in_any_window(sent, 20.0) <= 300

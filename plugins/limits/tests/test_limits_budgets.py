@@ -146,3 +146,22 @@ async def test_a_new_period_reads_the_ledger_again_and_forgets_the_old_true_ups(
                                              datetime(2025, 4, 1, tzinfo=UTC).timestamp()]
     assert period_bounds("month", wall[0]) == (datetime(2025, 4, 1, tzinfo=UTC).timestamp(),
                                                datetime(2025, 5, 1, tzinfo=UTC).timestamp())
+
+
+async def test_spend_that_grew_while_an_attempt_waited_refuses_it_then(make_host: Any, vt: VirtualTime) -> None:
+    from limits_helpers import LoggingProvider
+
+    dep = LoggingProvider("dep", vt.clock, vt.sleep, latency=1.0, usage=lambda r: Usage(10, 5, 15, 1.0))
+    plugin = Plugin()
+    config = {"limits": {"rules": [{"scope": "deployment", "match": "dep", "concurrency": 1}],
+                         "budgets": [{"scope": "agent", "match": "a", "usd": 2.5}]}}
+    async with make_host(DirectQueue(), ScriptedProviders(dep), FakeLedger(), plugin, config=config, clock=vt.clock,
+                         sleep=vt.sleep) as host:
+        results = await vt.run(asyncio.gather(*(host.complete({"model": "m", "prompt": "hi", "agent_id": "a"})
+                                                for _ in range(4))))
+        (window,) = (await host.status())["limits"]
+    # all four passed the check before waiting (nothing spent yet); the fourth, let through after three calls
+    # had spent $3, is refused then
+    assert [r.status for r in results] == ["ok", "ok", "ok", "error"]
+    assert "it spent $3.000000 of the day's $2.50" in (results[3].error or {})["message"]
+    assert len(dep.sent) == 3 and window["in_flight"] == 0 and plugin.leases == {}
