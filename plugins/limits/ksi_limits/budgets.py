@@ -157,13 +157,13 @@ class BudgetBook:
     def _message(i: int, budget: BudgetRule, request: CompletionRequest, name: str, view: View, spent: float,
                  flying: float, usd: float, provider: str) -> str:
         whose = {"agent": "it", "purpose": f"purpose {name!r}", "total": "all agents together"}[budget.scope]
-        what = f"{whose} spent ${spent:.6f}"
+        message = (f"budget exceeded for agent {request.agent_id!r}: {whose} spent ${spent:.6f} of the {budget.period}'s "
+                   f"${budget.usd:.2f} (limits.budgets[{i}]: {budget.scope} {budget.match!r}, since {iso(view.start)})")
         if flying:
-            what += f" (and ${flying:.6f} is in flight)"
+            message += f"; ${flying:.6f} more is in flight"
         if usd and spent + flying < budget.usd:
-            what += f", and this call to {provider} is estimated at ${usd:.6f}"
-        return (f"budget exceeded for agent {request.agent_id!r}: {what} of the {budget.period}'s ${budget.usd:.2f} "
-                f"(limits.budgets[{i}]: {budget.scope} {budget.match!r}, since {iso(view.start)}); nothing was sent")
+            message += f"; this call to {provider} is estimated at ${usd:.6f}"
+        return message + "; nothing was sent"
 
     def hold(self, lease: Hashable, request: CompletionRequest, usd: float) -> None:
         """Count ``usd`` in flight for ``lease`` under every name of ``request`` the budgets use."""

@@ -85,8 +85,9 @@ async def test_a_priced_call_in_flight_counts_its_estimate(make_host: Any) -> No
                        "since": status[0]["since"], "usd": 3.5, "spent_usd": 0.0, "in_flight_usd": 3.0,
                        "left_usd": 0.5}]
     message = next(r.error["message"] for r in results if r.error)
-    assert "purpose 'review' spent $0.000000 (and $3.000000 is in flight), and this call to dep is estimated " \
-           "at $1.000000 of the day's $3.50" in message
+    assert message.startswith("budget exceeded for agent 'a")
+    assert "purpose 'review' spent $0.000000 of the day's $3.50 (limits.budgets[0]: purpose 'review', since " in message
+    assert message.endswith("; $3.000000 more is in flight; this call to dep is estimated at $1.000000; nothing was sent")
 
 
 async def test_the_ledger_is_read_again_after_budget_refresh_s(make_host: Any, vt: VirtualTime) -> None:
