@@ -204,13 +204,13 @@ class Plugin:
             usd = (price(guess.prompt, guess.completion) or 0.0) if price is not None else 0.0
             book.check(request, usd, provider.name)  # over a budget: refused before anything waits
         lease = (request.request_id, attempt)
+        self.leases[lease] = bool(matched.rules)  # from here on, ksi_attempt_finished releases what the store holds
         if matched.rules:
             waiting = self.admission.acquire(lease, self._claims(matched, guess, provider))
             if waiting is not None:
                 return self._after_wait(host, waiting, lease, request, provider, usd)
         if book is not None:
             book.hold(lease, request, usd)
-        self.leases[lease] = bool(matched.rules)
         return None
 
     async def _after_wait(self, host: Any, waiting: Awaitable[None], lease: Hashable, request: CompletionRequest,
@@ -225,7 +225,6 @@ class Plugin:
                 self.admission.wake(await answer(self.store.release(lease, host.clock())))
                 raise
             book.hold(lease, request, usd)
-        self.leases[lease] = True
 
     # -- the true-up ------------------------------------------------------------------------
 

@@ -114,10 +114,11 @@ class AwaitingStore:
 
     shared = True
 
-    def __init__(self, sleep: Any, poll_s: float | None = 30.0) -> None:
+    def __init__(self, sleep: Any, poll_s: float | None = 30.0, answer_after_s: float = 0.0) -> None:
         self.inner = LocalWindowStore()
         self.sleep = sleep
         self.poll_s = poll_s
+        self.answer_after_s = answer_after_s  # real seconds between doing the operation and answering
         self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -126,7 +127,10 @@ class AwaitingStore:
         async def call(*args: Any, **kw: Any) -> Any:
             self.calls += 1
             await asyncio.sleep(0)
-            return method(*args, **kw)
+            done = method(*args, **kw)
+            if self.answer_after_s:
+                await asyncio.sleep(self.answer_after_s)
+            return done
 
         return call
 

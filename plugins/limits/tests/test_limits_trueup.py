@@ -85,3 +85,20 @@ async def test_every_attempt_is_trued_up_on_its_own(make_host: Any) -> None:
         assert result.ok and [x.provider for x in result.attempts] == ["dep", "other"]
         rows = {r["name"]: (r["tokens"], r["requests"], r["in_flight"]) for r in (await host.status())["limits"]}
     assert rows == {"dep": (0, 1, 0), "other": (6, 1, 0)}
+
+
+async def test_a_reservation_whose_answer_was_cut_off_by_the_deadline_is_released(make_host: Any) -> None:
+    """A shared store took the lease, but the deadline cut the admission off before the answer came back:
+    ksi_attempt_finished still releases it."""
+    import asyncio
+
+    from limits_helpers import AwaitingStore
+
+    store = AwaitingStore(asyncio.sleep, answer_after_s=0.5)
+    dep = FakeProvider("dep")
+    async with make_host(DirectQueue(), ScriptedProviders(dep), Plugin(store), config=CONFIG) as host:
+        result = await host.complete({**PROMPT, "timeout_s": 0.1})
+        assert result.error is not None and result.error["type"] == "DeadlineExceeded"
+        assert store.inner.leases == {}
+        state = store.inner.snapshot(0.0)[(0, "dep")]
+    assert (state.tokens, state.requests, state.in_flight) == (0, 0, 0) and dep.calls == []
