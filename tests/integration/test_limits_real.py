@@ -113,3 +113,20 @@ async def test_nothing_waits_past_its_deadline(openai_server: Any, tmp_path: Pat
     cut_short = [r for r in late if "ProviderTimeout" in r.error["message"]]
     assert len(ok) <= len(openai_server.arrivals) <= len(ok) + len(cut_short)
     assert most_tokens_in_any_window(openai_server.arrivals, WINDOW_S) <= 300
+
+
+async def test_a_session_waits_for_its_agent_and_the_other_sessions_go_on(openai_server: Any, tmp_path: Path) -> None:
+    limits = {"rules": [{"scope": "agent", "match": "slow", "rpm": 1, "window_s": 1.0}]}
+    plugins = [Queue(), Retry(), Tokens(), OpenAI(), Limits()]
+    async with Host(config(openai_server, limits), tmp_path / "ksi.db", plugins=plugins) as host:
+        batch = [{"model": "gpt-test", "prompt": f"{agent} {i}", "agent_id": agent, "session_id": agent, "max_tokens": 5}
+                 for i in range(3) for agent in ("slow", "fast1", "fast2")]
+        t0 = time.time()
+        results = await run_all(host, batch)
+    assert all(r.ok for r in results)
+    done = {(r.session_id, i // 3): r.finished_at - t0 for i, r in enumerate(results)}
+    slow = [a.t - t0 for a in openai_server.arrivals if a.body["messages"][0]["content"].startswith("slow")]
+    assert [a.body["messages"][0]["content"] for a in openai_server.arrivals
+            if a.body["messages"][0]["content"].startswith("slow")] == ["slow 0", "slow 1", "slow 2"]  # in order
+    assert slow[2] - slow[0] >= 2.0  # one a second
+    assert max(done["fast1", 2], done["fast2", 2]) < slow[1]  # the other sessions did not wait for it

@@ -35,7 +35,7 @@ import attrs
 from ksi_host.errors import BudgetExceeded
 from ksi_host.models import CompletionRequest, iso
 
-from .config import BudgetRule, matches
+from .config import BudgetRule, is_glob, matches
 
 GROUPING = {"agent": "agent", "purpose": "purpose", "total": "total"}
 """Budget scope -> the ``by`` of ``host.usage_report``."""
@@ -200,9 +200,9 @@ class BudgetBook:
             if budget.scope == "total":
                 names = [""]
             else:
-                seen = set(view.spent) | set(view.recent) | {n for s, n in self.in_flight if s == budget.scope}
+                seen = {*view.spent, *view.pending, *view.recent, *(n for s, n in self.in_flight if s == budget.scope)}
                 names = sorted(n for n in seen if matches(budget.match, n))
-                if budget.match not in names and not any(c in budget.match for c in "*?["):
+                if budget.match not in names and not is_glob(budget.match):
                     names.insert(0, budget.match)
             for name in names:
                 spent = view.total(name)
