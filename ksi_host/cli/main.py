@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 from ..commands import host_from_args, log_to_stderr, plugin_commands
+from . import inspect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 USAGE_GROUPS = ("model", "agent", "session", "purpose", "provider", "day")
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clear-session", parents=[common], help="cancel every queued request of a session")
     p.add_argument("session_id")
+
+    inspect.add_arguments(sub, common, _since, _positive)
 
     for plugin, command in plugin_commands():
         if command.name in sub.choices:
@@ -368,7 +371,16 @@ async def _clear(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cancel": _cancel, "clear-session": _clear}
+async def _show(args: argparse.Namespace) -> int:
+    return await inspect.show(args, _host)
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    return await inspect.logs(args, _host)
+
+
+COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cancel": _cancel, "clear-session": _clear,
+            "show": _show, "logs": _logs}
 
 
 def main(argv: list[str] | None = None) -> int:
