@@ -12,6 +12,7 @@ what a failed attempt becomes, within the request's deadline;
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import attrs
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .service import Host
 
 _NO_EXCLUDE: frozenset[str] = frozenset()
+log = logging.getLogger("ksi_host")
 
 
 class AttemptRunner:
@@ -175,9 +177,14 @@ class AttemptRunner:
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Wait for the reports of attempts cut short (the host calls this before closing its database)."""
+        """Wait for the reports of attempts cut short (the host calls this before closing its database). A
+        report that failed operationally (the database full, say) is logged; a programming error propagates."""
         while self._background:
-            await asyncio.gather(*self._background)
+            for outcome in await asyncio.gather(*self._background, return_exceptions=True):
+                if isinstance(outcome, OperationalError):
+                    log.warning("the record of an attempt cut short was lost: %s: %s", outcome.type, outcome.message)
+                elif isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
 
     async def decide(self, request: CompletionRequest, error: OperationalError, number: int, run: _Run,
                      started: float, deadline: float | None, history: list[Attempt], excluded: set[str]) -> FailureDecision:

@@ -364,3 +364,32 @@ async def test_listing_requests_needs_a_plugin_that_keeps_them(make_host: Any) -
             await host.list_requests()
     with pytest.raises(ValueError):
         RequestQuery(status="weird")
+
+
+async def test_a_cut_short_attempt_whose_record_fails_is_logged_at_stop_not_lost_in_a_task(make_host: Any, caplog: Any) -> None:
+    from ksi_host import DatabaseError
+
+    release = asyncio.Event()
+
+    class Hangs(FakeProvider):
+        async def complete(self, request: CompletionRequest, *, timeout_s: float | None) -> Any:
+            await release.wait()
+            return await super().complete(request, timeout_s=timeout_s)
+
+    class FullDisk:
+        @hookimpl
+        def ksi_attempt_started(self, call: Any) -> None:
+            pass
+
+        @hookimpl
+        def ksi_record_usage(self, call: Any) -> None:
+            raise DatabaseError("k.db", "database or disk is full")
+
+    caplog.set_level(logging.WARNING, "ksi_host")
+    async with make_host(DirectQueue(), ScriptedProviders(Hangs("p")), FullDisk()) as host:
+        task = asyncio.ensure_future(host.execute(CompletionRequest.from_dict({"model": "m", "prompt": "hi"})))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert "the record of an attempt cut short was lost: DatabaseError" in caplog.text
