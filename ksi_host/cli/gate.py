@@ -32,14 +32,14 @@ class ExecuteGate:
         self._idle: asyncio.Event | None = None
         host.execute = self.execute
 
-    async def execute(self, request: CompletionRequest) -> CompletionResult:
+    async def execute(self, request: CompletionRequest, **kw: Any) -> CompletionResult:
         if self.closed:
             # never set: the host's shutdown cancels this wait; the request stays stored unfinished
             await asyncio.get_running_loop().create_future()
         rid = request.request_id
         self.running.add(rid)
         try:
-            result = await self._execute(request)
+            result = await self._execute(request, **kw)  # (submitted_at=...: when the queue accepted it)
         finally:
             self.running.discard(rid)
             if self._idle is not None and not self.running:

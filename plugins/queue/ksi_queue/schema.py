@@ -134,55 +134,142 @@ MIGRATIONS = [
     """
     ALTER TABLE ksi_queue_requests ADD COLUMN request_hash TEXT
     """,
+    # v4: the whole chat surface (issue 17). The scalar chat parameters become columns of the request row
+    # (booleans as 0/1), the chat parameters that are JSON documents (tool schemas, response_format, ...)
+    # columns of the payload; the result keeps its finish_reason, cached and reasoning tokens and its assistant
+    # message (a document: its tool calls), the attempt its time to first token. Rows stored before keep NULL
+    # there (and continue_session 0), which is what those requests asked or all that is known of them.
+    # The indexes serve ksi_list_requests (ksi-host logs): newest first (created_at, then seq: the rowid every
+    # index ends with), alone or within one session, agent or model, each read from its newest end. By status:
+    # the few failed rows have a partial index of their own (written only when a request fails), the unfinished
+    # ones the partial index of v1; 'ok' rows are most rows, found reading the time index. An index on status
+    # itself would be written three times per request (queued, then deleted, then ok): about 2 us more per request
+    # (a loop of the queue's and the ledger's statements, commits of 16) for what reading the time index does as fast.
+    """
+    ALTER TABLE ksi_queue_requests ADD COLUMN max_completion_tokens INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN top_p REAL;
+    ALTER TABLE ksi_queue_requests ADD COLUMN seed INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN presence_penalty REAL;
+    ALTER TABLE ksi_queue_requests ADD COLUMN frequency_penalty REAL;
+    ALTER TABLE ksi_queue_requests ADD COLUMN logprobs INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN top_logprobs INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN n INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN user TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN parallel_tool_calls INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN reasoning_effort TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN verbosity TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN service_tier TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN store INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN prompt_cache_key TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN safety_identifier TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN continue_session INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE ksi_queue_requests ADD COLUMN finish_reason TEXT;
+    ALTER TABLE ksi_queue_requests ADD COLUMN cached_tokens INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN reasoning_tokens INTEGER;
+    ALTER TABLE ksi_queue_requests ADD COLUMN result_message_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN tools_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN tool_choice_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN response_format_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN stop_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN logit_bias_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN modalities_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN audio_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN prediction_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN web_search_options_json TEXT;
+    ALTER TABLE ksi_queue_payloads ADD COLUMN provider_options_json TEXT;
+    ALTER TABLE ksi_queue_attempts ADD COLUMN ttft_ms REAL;
+    CREATE INDEX ksi_queue_requests_created ON ksi_queue_requests(created_at);
+    CREATE INDEX ksi_queue_requests_session ON ksi_queue_requests(session_id, created_at);
+    CREATE INDEX ksi_queue_requests_agent ON ksi_queue_requests(agent_id, created_at);
+    CREATE INDEX ksi_queue_requests_model ON ksi_queue_requests(model, created_at);
+    CREATE INDEX ksi_queue_requests_failed ON ksi_queue_requests(created_at) WHERE status = 'error' OR status = 'cancelled';
+    """,
 ]
 
-REQUEST_COLUMNS = (
-    "r.seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,"
-    " r.max_tokens, r.temperature, r.timeout_s"
+SCALAR_PARAMETERS = (
+    "max_completion_tokens", "top_p", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "n",
+    "user", "parallel_tool_calls", "reasoning_effort", "verbosity", "service_tier", "store", "prompt_cache_key",
+    "safety_identifier",
 )
+"""The chat parameters stored as columns of ``ksi_queue_requests`` (under their own names; besides ``max_tokens``
+and ``temperature``, columns since v1)."""
+BOOLEAN_PARAMETERS = ("logprobs", "parallel_tool_calls", "store")
+"""Of those, the ones stored as 0/1 and read back as booleans."""
+DOCUMENTS = (
+    "tools", "tool_choice", "response_format", "stop", "logit_bias", "modalities", "audio", "prediction",
+    "web_search_options", "provider_options",
+)
+"""The request fields that are JSON documents, stored in ``ksi_queue_payloads`` as ``<name>_json`` (NULL when unset)."""
+
+# The request's own columns (besides seq and request_id), as request_from_row reads them.
+REQUEST_FIELDS = (
+    "session_id", "agent_id", "originator_agent_id", "purpose", "model", "priority", "max_tokens", "temperature",
+    "timeout_s", *SCALAR_PARAMETERS, "continue_session",
+)
+PAYLOAD_COLUMNS = ("messages_json", "metadata_json", *(f"{name}_json" for name in DOCUMENTS))
+
+REQUEST_COLUMNS = ", ".join(("r.seq", "r.request_id", *(f"r.{c}" for c in REQUEST_FIELDS), "r.created_at"))
+PAYLOAD_SELECT = ", ".join(f"p.{c}" for c in PAYLOAD_COLUMNS)
 RESULT_COLUMNS = (
-    "request_hash, status, started_at, finished_at, result_text, result_model, result_provider, result_session_id,"
-    " prompt_tokens, completion_tokens, total_tokens, cost_usd, error_type, error_message"
+    "request_hash, status, created_at, started_at, finished_at, result_text, result_model, result_provider,"
+    " result_session_id, prompt_tokens, completion_tokens, total_tokens, cost_usd, cached_tokens, reasoning_tokens,"
+    " error_type, error_message, finish_reason, result_message_json"
 )
 
-_REQUEST_INSERT_COLUMNS = (
-    "seq, request_id, session_id, agent_id, originator_agent_id, purpose, model, priority, max_tokens, temperature,"
-    " timeout_s, status, created_at, request_hash"
-)
-INSERT_REQUEST = (
-    f"INSERT INTO ksi_queue_requests ({_REQUEST_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)"
-)
+# Accepting a request writes its row and its payload, in the order of these columns (status: 'queued'). The chat
+# parameter columns come last, and so do the document columns: a request that sets none of them binds none
+# (they stay NULL, continue_session 0). Python's sqlite3 binds a None through its adapter lookup, about 0.27 us
+# each against 0.02 for an int: the 27 NULLs of a request that sets no parameter cost 7.5 us per request on the
+# database thread (measured: 20,000 requests in batches of 16, 10.5 -> 18 us for the two inserts).
+# So each statement has two forms, keyed by the number of values given.
+_REQUEST_INSERT = ("seq", "request_id", *REQUEST_FIELDS[:9], "status", "created_at", "request_hash")
+_CHAT_COLUMNS = (*SCALAR_PARAMETERS, "continue_session")
+PLAIN_REQUEST_VALUES = len(_REQUEST_INSERT) - 1  # (status is the constant 'queued')
+PLAIN_PAYLOAD_VALUES = 3  # seq, messages, metadata
+
+
+def _values(columns: tuple[str, ...]) -> str:
+    return ", ".join("'queued'" if c == "status" else "?" for c in columns)
+
+
+def _request_forms(tail: str) -> dict[int, str]:
+    """The INSERT of a request row for a row of each length (``tail``: what follows its values)."""
+    forms = {}
+    for columns in (_REQUEST_INSERT, _REQUEST_INSERT + _CHAT_COLUMNS):
+        forms[len(columns) - 1] = f"INSERT INTO ksi_queue_requests ({', '.join(columns)}) {tail.format(_values(columns))}"
+    return forms
+
+
 # Accepting in one transaction without looking first: a request id stored before is skipped
 # (not counted in the transaction's changes), and so is the payload of a row that was not inserted.
-INSERT_REQUEST_NEW = INSERT_REQUEST + " ON CONFLICT(request_id) DO NOTHING"
-INSERT_PAYLOAD_NEW = (
-    "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"
-    " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM ksi_queue_requests WHERE seq = ?1)"
-)
+INSERT_REQUEST_NEW = _request_forms("VALUES ({}) ON CONFLICT(request_id) DO NOTHING")
+INSERT_PAYLOAD_NEW = {  # (seq, messages_json, metadata_json[, <document>_json...])
+    n: f"INSERT INTO ksi_queue_payloads (seq, {', '.join(PAYLOAD_COLUMNS[:n - 1])})"
+       f" SELECT {', '.join(f'?{i}' for i in range(1, n + 1))} WHERE EXISTS (SELECT 1 FROM ksi_queue_requests WHERE seq = ?1)"
+    for n in (PLAIN_PAYLOAD_VALUES, 1 + len(PAYLOAD_COLUMNS))
+}
 
 # The owner row is absent, or is the one the writer saw (a process that is gone); two parameters: its pid and
 # started_at, or NULL and NULL. `IS` compares NULL as a value: an owner row written since never matches.
 OWNER_UNCHANGED = "NOT EXISTS (SELECT 1 FROM ksi_queue_owner WHERE NOT (pid IS ? AND started_at IS ?))"
 # A process that does not serve stores a request only while no process serves (SQLite numbers the row; the
 # serving process reads the highest seq after it claimed the queue, so the numbers never collide).
-INSERT_REQUEST_UNSERVED = (
-    f"INSERT INTO ksi_queue_requests ({_REQUEST_INSERT_COLUMNS})"
-    f" SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ? WHERE {OWNER_UNCHANGED} ON CONFLICT(request_id) DO NOTHING"
-)
-INSERT_PAYLOAD_UNSERVED = (  # (messages_json, metadata_json, request_id): the payload of the row just inserted, if any
-    "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json)"
-    " SELECT seq, ?, ? FROM ksi_queue_requests WHERE request_id = ? ON CONFLICT(seq) DO NOTHING"
-)
+INSERT_REQUEST_UNSERVED = _request_forms(f"SELECT {{}} WHERE {OWNER_UNCHANGED} ON CONFLICT(request_id) DO NOTHING")
+INSERT_PAYLOAD_UNSERVED = {  # (messages_json, metadata_json[, <document>_json...], request_id): keyed as above
+    n: f"INSERT INTO ksi_queue_payloads (seq, {', '.join(PAYLOAD_COLUMNS[:n - 1])})"  # the payload of the row just
+       f" SELECT seq, {', '.join(['?'] * (n - 1))} FROM ksi_queue_requests WHERE request_id = ?"  # inserted, if any
+       " ON CONFLICT(seq) DO NOTHING"
+    for n in (PLAIN_PAYLOAD_VALUES, 1 + len(PAYLOAD_COLUMNS))
+}
 MARK_RUNNING = "UPDATE ksi_queue_requests SET status = 'running', started_at = ? WHERE seq = ? AND status = 'queued'"
 STORE_RESULT = (
     "UPDATE ksi_queue_requests SET status = ?, started_at = ?, finished_at = ?, result_text = ?, result_model = ?,"
     " result_provider = ?, result_session_id = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost_usd = ?,"
-    " error_type = ?, error_message = ? WHERE seq = ?"
+    " cached_tokens = ?, reasoning_tokens = ?, error_type = ?, error_message = ?, finish_reason = ?,"
+    " result_message_json = ? WHERE seq = ?"
 )
-INSERT_ATTEMPT = (
-    "INSERT INTO ksi_queue_attempts (request_id, number, provider, error_type, error_message, delay_s, latency_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
+ATTEMPT_COLUMNS = "request_id, number, provider, error_type, error_message, delay_s, latency_ms, ttft_ms"
+INSERT_ATTEMPT = f"INSERT INTO ksi_queue_attempts ({ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 # Cancelling a row no process has in memory (``ksi-host cancel`` on a stopped queue), while the owner row is
 # unchanged: (now, now, message, request_id or session_id, owner pid, owner started_at).
 _CANCEL_ROWS = (
@@ -193,11 +280,19 @@ CANCEL_STORED = _CANCEL_ROWS + f" WHERE request_id = ? AND status IN ('queued', 
 CLEAR_STORED = (
     _CANCEL_ROWS + f" WHERE status IN ('queued', 'running') AND session_id = ? AND status = 'queued' AND {OWNER_UNCHANGED}"
 )
+# The rows one CLEAR_STORED cancelled (its session, its finished_at and its message), to report their results.
+SELECT_CLEARED = (
+    "SELECT request_id FROM ksi_queue_requests WHERE session_id = ? AND status = 'cancelled' AND finished_at = ?"
+    " AND error_message = ? ORDER BY seq"
+)
 
 SELECT_UNFINISHED = (
     "SELECT seq, request_id, session_id, model, priority, created_at FROM ksi_queue_requests"
     " WHERE status IN ('queued', 'running') ORDER BY seq"
 )
+# At a serving start, before restoring: a row still 'running' was left so by a process that is gone; it runs
+# again, so it is queued (the first condition lets SQLite use the index of unfinished rows).
+REQUEUE_RUNNING = "UPDATE ksi_queue_requests SET status = 'queued' WHERE status IN ('queued', 'running') AND status = 'running'"
 SELECT_MAX_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM ksi_queue_requests"
 SELECT_STATUS = (
     "SELECT session_id, SUM(status = 'queued'), SUM(status = 'running'), MIN(CASE WHEN status = 'queued' THEN created_at END)"
@@ -215,17 +310,14 @@ def select_requests(n: int) -> str:
     """The requests (fields and payload) of the rows whose seq is one of ``n`` values."""
     marks = ", ".join("?" * n)
     return (
-        f"SELECT {REQUEST_COLUMNS}, p.messages_json, p.metadata_json FROM ksi_queue_requests r"
+        f"SELECT {REQUEST_COLUMNS}, {PAYLOAD_SELECT} FROM ksi_queue_requests r"
         f" JOIN ksi_queue_payloads p ON p.seq = r.seq WHERE r.seq IN ({marks})"
     )
 
 
 def select_attempts(n: int) -> str:
     marks = ", ".join("?" * n)
-    return (
-        "SELECT request_id, number, provider, error_type, error_message, delay_s, latency_ms FROM ksi_queue_attempts"
-        f" WHERE request_id IN ({marks}) ORDER BY request_id, number"
-    )
+    return f"SELECT {ATTEMPT_COLUMNS} FROM ksi_queue_attempts WHERE request_id IN ({marks}) ORDER BY request_id, number"
 
 
 SELECT_OWNER = "SELECT pid, process_start, started_at FROM ksi_queue_owner WHERE id = 1"

@@ -15,16 +15,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+from ksi_host.chat import PARAMETERS
 from ksi_host.db import Database
-from ksi_host.errors import ValidationError
+from ksi_host.errors import DatabaseError, ValidationError
 from ksi_host.models import Attempt, CompletionRequest, CompletionResult, Usage
 
 from . import schema
 from .scheduler import Entry
+
+log = logging.getLogger("ksi_host.queue")
 
 CHUNK = 500  # ids per SELECT ... IN (...)
 MARK_DELAY_S = 0.05  # a request still running this long after it started gets its running mark written
@@ -52,10 +57,13 @@ class Stored:
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-HASHED_FIELDS = ("model", "messages", "max_tokens", "temperature")
-"""What a request asks, for the check of a request id submitted again: the same id with any of these
-different is refused. Who asks and how it is scheduled (session, agent, purpose, priority, timeout,
-metadata) may differ: the stored result still answers the question."""
+HASHED_FIELDS = ("model", "messages", *PARAMETERS, "provider_options", "continue_session")
+"""What a request asks (what changes the question sent upstream), for the check of a request id submitted
+again: the same id with any of these different is refused. Who asks and how it is scheduled (session, agent,
+purpose, priority, timeout, metadata) may differ: the stored result still answers the question."""
+
+_scalars = operator.attrgetter(*schema.SCALAR_PARAMETERS)
+_documents = operator.attrgetter(*schema.DOCUMENTS)
 
 
 def _json(value: Any, field: str) -> str:
@@ -67,9 +75,39 @@ def _json(value: Any, field: str) -> str:
         raise ValidationError(field, f"must be JSON-serialisable to be queued ({e})") from None
 
 
-def request_hash(r: CompletionRequest, messages_json: str) -> str:
-    """A hash of the ``HASHED_FIELDS`` of ``r`` (``messages_json``: its messages as stored)."""
+def _document_json(name: str, value: Any) -> str | None:
+    """A document field as stored: JSON text, or NULL when unset (an empty list or object is set: it stays one)."""
+    if value is None:
+        return None
+    try:
+        return _encode(value)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(name, f"must be JSON-serialisable to be queued ({e})") from None
+
+
+def request_hash(r: CompletionRequest, messages_json: str, scalars: tuple[Any, ...] | None = None,
+                 documents_json: tuple[str | None, ...] | None = None) -> str:
+    """A hash of the ``HASHED_FIELDS`` of ``r`` (``messages_json``: its messages as stored; ``scalars`` and
+    ``documents_json``: its ``SCALAR_PARAMETERS`` and ``DOCUMENTS`` as stored, if at hand).
+
+    The fields beyond model, messages, max_tokens and temperature count only when set, so a request that sets
+    none of them has the hash rows stored before migration 4 were given. (The hash is a quick check: when it
+    differs, the stored request is loaded and compared by value.)"""
+    if scalars is None:
+        scalars = _scalars(r)
+    if documents_json is None:
+        documents_json = tuple(_document_json(name, v) for name, v in zip(schema.DOCUMENTS, _documents(r), strict=True))
     text = f"{r.model}\x00{r.max_tokens!r}\x00{r.temperature!r}\x00{messages_json}"
+    if scalars.count(None) != len(scalars):
+        for name, value in zip(schema.SCALAR_PARAMETERS, scalars, strict=True):
+            if value is not None:
+                text += f"\x00{name}={value!r}"
+    if documents_json.count(None) != len(documents_json):
+        for name, doc in zip(schema.DOCUMENTS, documents_json, strict=True):
+            if doc is not None:
+                text += f"\x00{name}={doc}"
+    if r.continue_session:
+        text += "\x00continue_session"
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
@@ -83,31 +121,72 @@ def differences(stored: CompletionRequest, new: CompletionRequest) -> list[str]:
     return [name for name in HASHED_FIELDS if getattr(stored, name) != getattr(new, name)]
 
 
-def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The ``ksi_queue_requests`` row (its last value: the request hash) and the ``ksi_queue_payloads`` row
-    (seq, messages, metadata) of ``r``. With ``seq`` None SQLite numbers the row."""
+class Accepting(NamedTuple):
+    """What accepting a request writes: its ``ksi_queue_requests`` row and its ``ksi_queue_payloads`` row
+    (values for ``schema.INSERT_REQUEST_NEW[len(row)]`` and ``schema.INSERT_PAYLOAD_NEW[len(payload)]``), and its
+    request hash (also in the row)."""
+
+    row: tuple[Any, ...]
+    payload: tuple[Any, ...]
+    hash: str
+
+
+def request_params(seq: int | None, r: CompletionRequest, created_at: float) -> Accepting:
+    """The rows accepting ``r`` writes (seq, the request's fields and its hash; seq, messages, metadata and the
+    documents). With ``seq`` None SQLite numbers the row."""
     messages = _json(r.messages, "messages")
-    row = (seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model, r.priority,
-           r.max_tokens, r.temperature, r.timeout_s, created_at, request_hash(r, messages))
-    payload = (seq, messages, _json(r.metadata, "metadata"))
-    return row, payload
+    scalars = _scalars(r)
+    documents = _documents(r)
+    if documents.count(None) != len(documents):
+        documents = tuple(_document_json(name, v) for name, v in zip(schema.DOCUMENTS, documents, strict=True))
+    hashed = request_hash(r, messages, scalars, documents)
+    row: tuple[Any, ...] = (seq, r.request_id, r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.model,
+                            r.priority, r.max_tokens, r.temperature, r.timeout_s, created_at, hashed)
+    if scalars.count(None) != len(scalars) or r.continue_session:  # (else the chat columns are left out: NULL)
+        row += (*scalars, r.continue_session)
+    payload: tuple[Any, ...] = (seq, messages, _json(r.metadata, "metadata"))
+    if documents.count(None) != len(documents):  # (likewise the document columns)
+        payload += documents
+    return Accepting(row, payload, hashed)
 
 
 def request_from_row(row: Any) -> CompletionRequest:
-    return CompletionRequest(
-        model=row["model"],
-        messages=json.loads(row["messages_json"]),
-        request_id=row["request_id"],
-        session_id=row["session_id"],
-        agent_id=row["agent_id"],
-        originator_agent_id=row["originator_agent_id"],
-        purpose=row["purpose"],
-        priority=row["priority"],
-        max_tokens=row["max_tokens"],
-        temperature=row["temperature"],
-        timeout_s=row["timeout_s"],
-        metadata=json.loads(row["metadata_json"]),
-    )
+    """The request a row of :func:`schema.select_requests` holds, as it was submitted."""
+    fields = {name: row[name] for name in schema.REQUEST_FIELDS}
+    for name in schema.BOOLEAN_PARAMETERS:
+        if fields[name] is not None:
+            fields[name] = bool(fields[name])
+    fields["continue_session"] = bool(fields["continue_session"])
+    for name in schema.DOCUMENTS:
+        text = row[f"{name}_json"]
+        if text is not None:
+            fields[name] = json.loads(text)
+    return CompletionRequest(request_id=row["request_id"], messages=json.loads(row["messages_json"]),
+                             metadata=json.loads(row["metadata_json"]), **fields)
+
+
+def _message_json(r: CompletionResult) -> str | None:
+    """The assistant message as stored: without its content when that is the result's text (as in every result
+    of ``host.execute``), which ``result_text`` holds already: an answer is stored once, not twice."""
+    m = r.message
+    if m is None:
+        return None
+    if "content" in m and m["content"] == r.text:
+        m = {k: v for k, v in m.items() if k != "content"}
+    return _encode(m)
+
+
+def _message(text: str | None, stored: str | None) -> dict[str, Any] | None:
+    """The assistant message from ``result_message_json`` (its content put back from ``result_text``)."""
+    if stored is None:
+        return None
+    m = json.loads(stored)
+    if "content" in m:
+        return m
+    message = {"role": m.pop("role")} if "role" in m else {}
+    message["content"] = text
+    message.update(m)
+    return message
 
 
 def result_params(seq: int, r: CompletionResult) -> tuple[Any, ...]:
@@ -115,18 +194,22 @@ def result_params(seq: int, r: CompletionResult) -> tuple[Any, ...]:
     err = r.error or {}
     return (
         r.status, r.started_at, r.finished_at, r.text, r.model, r.provider, r.session_id,
-        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd, err.get("type"), err.get("message"), seq,
+        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd, u.cached_tokens, u.reasoning_tokens,
+        err.get("type"), err.get("message"), r.finish_reason, _message_json(r), seq,
     )
 
 
 def attempt_params(request_id: str, a: Attempt) -> tuple[Any, ...]:
-    return (request_id, a.number, a.provider, a.error_type, a.error_message, a.delay_s, a.latency_ms)
+    return (request_id, a.number, a.provider, a.error_type, a.error_message, a.delay_s, a.latency_ms, a.ttft_ms)
 
 
 def result_from_row(row: Any, attempts: Sequence[Attempt] = ()) -> CompletionResult:
+    """The final result a row holds (the columns of ``schema.RESULT_COLUMNS``), as it was first returned."""
     error = None
     if row["error_type"] is not None:
         error = {"type": row["error_type"], "message": row["error_message"]}
+    usage = Usage(row["prompt_tokens"] or 0, row["completion_tokens"] or 0, row["total_tokens"] or 0, row["cost_usd"],
+                  row["cached_tokens"], row["reasoning_tokens"])
     return CompletionResult(
         row["request_id"],
         row["status"],
@@ -134,16 +217,20 @@ def result_from_row(row: Any, attempts: Sequence[Attempt] = ()) -> CompletionRes
         model=row["result_model"],
         provider=row["result_provider"],
         session_id=row["result_session_id"],
-        usage=Usage(row["prompt_tokens"] or 0, row["completion_tokens"] or 0, row["total_tokens"] or 0, row["cost_usd"]),
+        usage=usage,
         attempts=tuple(attempts),
         error=error,
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        message=_message(row["result_text"], row["result_message_json"]),
+        finish_reason=row["finish_reason"],
+        submitted_at=row["created_at"],
     )
 
 
-def _attempt_from_row(row: Any) -> Attempt:
-    return Attempt(row["number"], row["provider"], row["error_type"], row["error_message"], row["delay_s"], row["latency_ms"])
+def attempt_from_row(row: Any) -> Attempt:
+    return Attempt(row["number"], row["provider"], row["error_type"], row["error_message"], row["delay_s"],
+                   row["latency_ms"], row["ttft_ms"])
 
 
 # -- the store ---------------------------------------------------------------------
@@ -190,23 +277,26 @@ class QueueStore:
         now = time.time()
         return bool(await self.db.write_batch([(schema.CANCEL_STORED, (now, now, message, request_id, *owner))], count=True))
 
-    async def clear_stored(self, session_id: str, message: str, owner: tuple[Any, Any]) -> int:
-        """Cancel the queued rows of ``session_id`` if the owner row is still ``owner``; how many."""
+    async def clear_stored(self, session_id: str, message: str, owner: tuple[Any, Any]) -> list[str]:
+        """Cancel the queued rows of ``session_id`` if the owner row is still ``owner``; their request ids."""
         now = time.time()
-        return await self.db.write_batch([(schema.CLEAR_STORED, (now, now, message, session_id, *owner))], count=True)
+        if not await self.db.write_batch([(schema.CLEAR_STORED, (now, now, message, session_id, *owner))], count=True):
+            return []
+        return [rid for (rid,) in await self.db.fetchall(schema.SELECT_CLEARED, (session_id, now, message))]
 
-    async def accept_unserved(self, params: tuple[tuple[Any, ...], tuple[Any, ...]],
+    async def accept_unserved(self, params: Accepting,
                               owner: tuple[Any, Any]) -> Stored | None | bool:
         """Store a request (``request_params`` with seq None) for the next serving process, if the owner row is
         still ``owner``. None once stored; the row found if its id was stored before; False if the owner row
         changed (a process started serving: nothing was stored)."""
-        row, (_, messages, metadata) = params
+        row, payload = params.row, params.payload
         rid = row[1]
-        inserted = await self.db.write_batch([(schema.INSERT_REQUEST_UNSERVED, (*row, *owner)),
-                                              (schema.INSERT_PAYLOAD_UNSERVED, (messages, metadata, rid))], count=True)
+        inserted = await self.db.write_batch([(schema.INSERT_REQUEST_UNSERVED[len(row)], (*row, *owner)),
+                                              (schema.INSERT_PAYLOAD_UNSERVED[len(payload)], (*payload[1:], rid))],
+                                             count=True)
         if inserted:
             return None
-        return (await self._fetch_stored([rid])).get(rid, False)
+        return (await self.fetch_stored([rid])).get(rid, False)
 
     # -- batched reads ---------------------------------------------------------
 
@@ -214,7 +304,7 @@ class QueueStore:
         """The stored row of ``request_id`` (with its result if final), or None."""
         return self._ask(request_id, None)
 
-    def accept(self, request_id: str, params: tuple[tuple[Any, ...], tuple[Any, ...]]) -> asyncio.Future[Stored | None]:
+    def accept(self, request_id: str, params: Accepting) -> asyncio.Future[Stored | None]:
         """Store a request (``request_params``) unless its id is already stored.
 
         The future gives None once the new row is committed, or the row found
@@ -258,18 +348,18 @@ class QueueStore:
         """Store the new requests of ``batch``; return the rows stored before of every id it holds."""
         new = {rid: params for rid, (_, params) in batch.items() if params is not None}
         if not new:
-            return await self._fetch_stored(list(batch))
-        statements = [(schema.INSERT_REQUEST_NEW, row) for row, _ in new.values()]
-        statements += [(schema.INSERT_PAYLOAD_NEW, payload) for _, payload in new.values()]
+            return await self.fetch_stored(list(batch))
+        statements = [(schema.INSERT_REQUEST_NEW[len(a.row)], a.row) for a in new.values()]
+        statements += [(schema.INSERT_PAYLOAD_NEW[len(a.payload)], a.payload) for a in new.values()]
         inserted = await self.db.write_batch(statements, count=True)
         lookups = [rid for rid in batch if rid not in new]
         if inserted == 2 * len(new):  # every request and payload inserted: none was stored before
-            return await self._fetch_stored(lookups) if lookups else {}
+            return await self.fetch_stored(lookups) if lookups else {}
         # some were stored before (by another process, or before a restart): those rows' seq is not ours
-        found = await self._fetch_stored(list(batch))
-        return {rid: s for rid, s in found.items() if rid not in new or s.seq != new[rid][0][0]}
+        found = await self.fetch_stored(list(batch))
+        return {rid: s for rid, s in found.items() if rid not in new or s.seq != new[rid].row[0]}
 
-    async def _fetch_stored(self, ids: list[str]) -> dict[str, Stored]:
+    async def fetch_stored(self, ids: list[str]) -> dict[str, Stored]:
         found: dict[str, Stored] = {}
         final_rows = []
         for i in range(0, len(ids), CHUNK):
@@ -285,7 +375,7 @@ class QueueStore:
             for i in range(0, len(final_ids), CHUNK):
                 chunk = final_ids[i:i + CHUNK]
                 for a in await self.db.fetchall(schema.select_attempts(len(chunk)), chunk):
-                    attempts.setdefault(a["request_id"], []).append(_attempt_from_row(a))
+                    attempts.setdefault(a["request_id"], []).append(attempt_from_row(a))
             for row in final_rows:
                 rid = row["request_id"]
                 found[rid] = Stored(row["seq"], row["status"], row["request_hash"], result_from_row(row, attempts.get(rid, ())))
@@ -394,7 +484,10 @@ class QueueStore:
                 except Exception as exc:
                     if results:
                         self.on_save_failed(results, exc)
-                    else:  # only running marks were lost: restore treats running like queued anyway
+                    elif isinstance(exc, DatabaseError):  # only running marks were lost: restore treats running like
+                        # queued anyway; an expected failure (a full disk), so one line, not a traceback
+                        log.warning("ksi-queue: could not store the running marks of %d request(s): %s", len(marks), exc)
+                    else:
                         asyncio.get_running_loop().call_exception_handler(
                             {"message": "ksi-queue: could not store running marks", "exception": exc})
                     continue

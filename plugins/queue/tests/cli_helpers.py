@@ -3,7 +3,8 @@
 The in-test plugins are installed as a fake distribution (a module and a ``*.dist-info`` with
 ``ksi_host`` entry points on PYTHONPATH): ``logged``, a provider whose every call appends the
 request id to the file ``$KSI_TEST_CALLS`` before it answers (after ``$KSI_TEST_DELAY_S``), and
-``disklimit``, which lets the database grow by ``$KSI_TEST_EXTRA_PAGES`` pages only (a full disk).
+``disklimit``, which lets the database grow by ``$KSI_TEST_EXTRA_PAGES`` pages only once the first request
+ran (a disk that fills up while results are stored, whatever accepting the batch took).
 """
 
 from __future__ import annotations
@@ -52,10 +53,15 @@ class Logged:
 
 
 class DiskLimit:
+    def __init__(self):
+        self.limited = False
+
     @hookimpl
-    async def ksi_startup(self, host):
+    async def ksi_request_finished(self, host):
+        # the first request ran: the batch is stored, its results are about to be
         extra = os.environ.get("KSI_TEST_EXTRA_PAGES")
-        if extra:
+        if extra and not self.limited:
+            self.limited = True
             pages = await host.db.pragma("page_count")
             await host.db.pragma(f"max_page_count = {pages + int(extra)}")
 '''

@@ -148,8 +148,6 @@ async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_a
     import asyncio
     import sqlite3
 
-    from ksi_queue import schema
-
     provider = FakeProvider("p1")
     async with make_host(Plugin(), ScriptedProviders(provider)) as host:
         await host.complete(req("warm"))
@@ -157,11 +155,13 @@ async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_a
         now = 1_700_000_000.0
         for seq, rid in ((900, "done-elsewhere"), (901, "queued-elsewhere")):
             # (no request hash, as in rows stored before migration 3: their messages differ from req(rid)'s, and pass)
-            other.execute(schema.INSERT_REQUEST, (seq, rid, None, None, None, None, "m", "normal", None, None, None, now,
-                                                  None))
-            other.execute(schema.INSERT_PAYLOAD_NEW, (seq, '[{"role":"user","content":"from elsewhere"}]', "{}"))
-        other.execute(schema.STORE_RESULT, ("ok", now, now, "answered elsewhere", "m", "p0", None, 1, 1, 2, None, None,
-                                            None, 900))
+            other.execute("INSERT INTO ksi_queue_requests (seq, request_id, model, priority, status, created_at)"
+                          " VALUES (?, ?, 'm', 'normal', 'queued', ?)", (seq, rid, now))
+            other.execute("INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json) VALUES (?, ?, '{}')",
+                          (seq, '[{"role":"user","content":"from elsewhere"}]'))
+        other.execute("UPDATE ksi_queue_requests SET status = 'ok', started_at = ?, finished_at = ?, result_text = ?,"
+                      " result_model = 'm', result_provider = 'p0', prompt_tokens = 1, completion_tokens = 1,"
+                      " total_tokens = 2 WHERE seq = 900", (now, now, "answered elsewhere"))
         other.close()
         done, queued, fresh = await asyncio.gather(*(host.complete(req(rid)) for rid in
                                                      ("done-elsewhere", "queued-elsewhere", "fresh")))

@@ -60,3 +60,42 @@ async def test_stopping_writes_the_marks_of_running_requests_at_once(make_host: 
         await gate.wait_calls(1)
         assert status_of(ksi_db_path, "r1") == "queued"  # not due for 10 s
     assert status_of(ksi_db_path, "r1") == "running"  # written by the shutdown's drain
+
+
+async def test_running_marks_a_full_disk_loses_are_one_warning_not_a_traceback(
+        make_host: Any, ksi_db_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Lost marks change nothing (a restart runs queued and running rows alike); a database fault is an expected
+    failure: one line in the log, nothing for the event loop's exception handler (which prints a traceback)."""
+    from ksi_queue import schema
+
+    from ksi_host.errors import DatabaseError
+
+    monkeypatch.setattr(store, "MARK_DELAY_S", 0.0)
+    loop = asyncio.get_running_loop()
+    handled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: handled.append(context))
+    gate = GatedProvider()
+    async with make_host(Plugin(), ScriptedProviders(gate)) as host:
+        real = host.db.write_batch
+
+        def full_for_marks(statements: Any, **kw: Any) -> Any:
+            if all(sql == schema.MARK_RUNNING for sql, _ in statements):
+                failed = loop.create_future()
+                failed.set_exception(DatabaseError(str(ksi_db_path), "database or disk is full"))
+                return failed
+            return real(statements, **kw)
+
+        monkeypatch.setattr(host.db, "write_batch", full_for_marks)
+        ticket = await host.submit(req("slow", "s1"))
+        await gate.wait_calls(1)
+        for _ in range(200):
+            if "running marks" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+        gate.release_all()
+        assert (await ticket.result()).ok
+    loop.set_exception_handler(None)
+    assert handled == []
+    assert f"could not store the running marks of 1 request(s): database {ksi_db_path}: database or disk is full" in \
+        caplog.text
+    assert status_of(ksi_db_path, "slow") == "ok"

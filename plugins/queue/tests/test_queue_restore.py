@@ -140,16 +140,22 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
     v1_insert = ("INSERT INTO ksi_queue_requests (seq, request_id, session_id, agent_id, originator_agent_id, purpose, model,"
                  " priority, max_tokens, temperature, timeout_s, status, created_at)"
                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)")
+    v1_payload = "INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json) VALUES (?, ?, ?)"
+    v1_result = ("UPDATE ksi_queue_requests SET status = ?, started_at = ?, finished_at = ?, result_text = ?, result_model = ?,"
+                 " result_provider = ?, result_session_id = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?,"
+                 " cost_usd = ?, error_type = ?, error_message = ? WHERE seq = ?")
+    v1_attempt = ("INSERT INTO ksi_queue_attempts (request_id, number, provider, error_type, error_message, delay_s,"
+                  " latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
     async with Database(ksi_db_path) as db:  # a database a version-1 ksi-queue left behind
         await db.migrate(schema.OWNER, schema.MIGRATIONS[:1])
         now = 1_700_000_000.0
         await db.write_batch([
             (v1_insert, (1, "done", "A", None, None, None, "m", "normal", None, None, None, now)),
             (v1_insert, (2, "waiting", "A", "ag", None, "p", "m", "high", 7, 0.5, None, now)),
-            (schema.INSERT_PAYLOAD_NEW, (1, '[{"role":"user","content":"one"}]', "{}")),
-            (schema.INSERT_PAYLOAD_NEW, (2, '[{"role":"user","content":"two"}]', '{"k":1}')),
-            (schema.STORE_RESULT, ("ok", now, now + 1, "stored answer", "m", "p1", "A", 1, 2, 3, None, None, None, 1)),
-            (schema.INSERT_ATTEMPT, ("done", 1, "p1", None, None, None, 12.5)),
+            (v1_payload, (1, '[{"role":"user","content":"one"}]', "{}")),
+            (v1_payload, (2, '[{"role":"user","content":"two"}]', '{"k":1}')),
+            (v1_result, ("ok", now, now + 1, "stored answer", "m", "p1", "A", 1, 2, 3, None, None, None, 1)),
+            (v1_attempt, ("done", 1, "p1", None, None, None, 12.5)),
         ])
     gate = GatedProvider(open=True)
     async with make_host(Plugin(), ScriptedProviders(gate)) as host:
@@ -159,7 +165,8 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
         "stored answer", 3, [("p1", 12.5)])
     assert waiting.ok
     con = sqlite3.connect(ksi_db_path)
-    assert con.execute("SELECT version FROM ksi_schema_versions WHERE owner = ?", (schema.OWNER,)).fetchone() == (3,)
+    assert con.execute("SELECT version FROM ksi_schema_versions WHERE owner = ?", (schema.OWNER,)).fetchone() == (
+        len(schema.MIGRATIONS),)
     # rows stored before migration 3 have no request hash: "done" and "waiting" were accepted although
     # req()'s messages differ from the ones stored
     assert con.execute("SELECT COUNT(*) FROM ksi_queue_requests WHERE request_hash IS NULL").fetchone() == (2,)

@@ -3,7 +3,8 @@
 Implements ``ksi_attempt_started`` and ``ksi_record_usage`` (one durable row
 per upstream call, written before it is sent, completed when it ends),
 ``ksi_usage_report`` (calls, requests, calls of unknown outcome, tokens and
-cost per group) and ``ksi_status`` (running totals). See ``README.md``.
+cost per group), ``ksi_status`` (running totals) and ``ksi_request_details``
+(the rows of one request). See ``README.md``.
 """
 
 from .reports import GROUPINGS

@@ -50,5 +50,12 @@ class Plugin:
         return reports.to_dicts(await host.db.fetchall(sql, params), by)
 
     @ksi_host.hookimpl
+    async def ksi_request_details(self, host: Any, request_id: str) -> dict[str, Any] | None:
+        """``calls``: the ledger's rows of the request, every column, in the order they were sent; None when
+        it made no call."""
+        rows = await host.db.fetchall(schema.CALLS_OF_REQUEST, (request_id,))
+        return {"calls": [dict(row) for row in rows]} if rows else None
+
+    @ksi_host.hookimpl
     async def ksi_status(self, host: Any) -> dict[str, Any]:
         return {"usage": reports.status(await host.db.fetchone(reports.STATUS))}
