@@ -78,10 +78,10 @@ class OwnOnlyGate:
         self.started = asyncio.Event()
         host.execute = self.execute
 
-    async def execute(self, request: CompletionRequest) -> CompletionResult:
+    async def execute(self, request: CompletionRequest, **kw: Any) -> CompletionResult:
         if request.request_id not in self.own:
             self.held += 1
             # never set: the host's shutdown cancels this wait; the request stays stored unfinished
             await asyncio.get_running_loop().create_future()
         self.started.set()
-        return await self._execute(request)
+        return await self._execute(request, **kw)
