@@ -13,9 +13,10 @@ other CPU with the load generator (this process: aiohttp client coroutines, one 
 The same requests go to both (a prompt holding a unique id, ``Authorization: Bearer``), in interleaved
 rounds. Two phases per round and server:
 
-* throughput: ``-n`` requests by ``-c`` workers, each sending its next request when it has its answer;
+* throughput: ``-c`` workers, each sending its next request when it has its answer, for ``--tp-seconds``;
   completions/s;
-* added latency: an open loop at ``--rate`` requests/s for ``--seconds``; for each request the client's
+* added latency: an open loop at ``--rate`` requests/s (or half the server's throughput, if that is lower:
+  a server that cannot keep up only queues, unless ``--same-rate``) for ``--seconds``; for each request the client's
   time (sending to the end of the answer) minus the upstream's own time for it (from its arrival log:
   arrival to answer sent, matched by the prompt's id); p50, p99, mean. A direct run (client -> upstream,
   no server between) shows the floor of that measure: the client's and the network's own share.
@@ -25,7 +26,7 @@ Prints the tables, the ratios, and PASS or MISS for the targets (throughput >= 5
 <= 1 ms and p99 <= 5 ms at 500/s).
 
     python benchmarks/serve_vs_litellm_proxy.py --litellm /path/to/venv/bin/litellm
-        [--delay 0.02] [-n 4000] [-c 64] [--rate 500] [--seconds 10] [--rounds 2] [--json out.json]
+        [--delay 0.02] [--tp-seconds 10] [-c 64] [--rate 500] [--seconds 10] [--rounds 2] [--json out.json]
 
 ``litellm[proxy]`` is large: install it in a venv of its own, with the OpenTelemetry SDK (its key check
 imports ``opentelemetry.sdk`` on every request without depending on it; missing, each request retries the
@@ -213,20 +214,23 @@ class Load:
         self.sent += 1
         return rid, time.perf_counter() - started, status
 
-    async def closed_loop(self, url: str, tag: str, n: int, concurrency: int) -> tuple[float, int]:
-        """``n`` requests by ``concurrency`` workers: (completions/s, errors)."""
-        counter = iter(range(n))
-        errors = 0
+    async def closed_loop(self, url: str, tag: str, seconds: float, concurrency: int) -> tuple[float, int]:
+        """``concurrency`` workers, each sending its next request when it has its answer, for ``seconds``:
+        (completions/s, errors)."""
+        errors = done = 0
+        counter = iter(range(10**9))
+        started = time.perf_counter()
+        deadline = started + seconds
 
         async def worker() -> None:
-            nonlocal errors
-            for i in counter:
-                _, _, status = await self.one(url, f"{tag}-{i}")
+            nonlocal errors, done
+            while time.perf_counter() < deadline:
+                _, _, status = await self.one(url, f"{tag}-{next(counter)}")
                 errors += status != 200
+                done += 1
 
-        started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return n / (time.perf_counter() - started), errors
+        return done / (time.perf_counter() - started), errors
 
     async def open_loop(self, url: str, tag: str, rate: float, seconds: float) -> tuple[list[tuple[str, float, int]], float]:
         """One request every ``1/rate`` s for ``seconds``, whatever the answers do; (rid, client s, status) and
@@ -283,14 +287,17 @@ async def measure(args: argparse.Namespace, up_url: str, servers: dict[str, str]
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
-                rps, errors = await loads[name].closed_loop(servers[name], f"tp{r}-{name}", args.n, args.concurrency)
+                rps, errors = await loads[name].closed_loop(servers[name], f"tp{r}-{name}", args.tp_seconds, args.concurrency)
                 runs[name]["rps"].append(rps)
                 runs[name]["errors"].append(errors)
                 print(f"  round {r + 1}: {name} throughput {rps:,.0f}/s ({errors} errors)", file=sys.stderr, flush=True)
                 upstream_times(base)
             for name in [*order, "direct"]:
                 url = up_url if name == "direct" else servers[name]
-                samples, achieved = await loads[name].open_loop(url, f"lat{r}-{name}", args.rate, args.seconds)
+                rate = args.rate
+                if name != "direct" and not args.same_rate:  # a rate the server can keep up with, at most --rate
+                    rate = min(args.rate, round(0.5 * statistics.median(runs[name]["rps"]), 1))
+                samples, achieved = await loads[name].open_loop(url, f"lat{r}-{name}", rate, args.seconds)
                 stats = added_ms(samples, upstream_times(base))
                 stats["rate"] = achieved
                 runs[name]["latency"].append(stats)
@@ -318,12 +325,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--litellm", help="the litellm command of a venv with litellm[proxy] (without it: serve alone)")
     ap.add_argument("--delay", type=float, default=0.02, help="the upstream's fixed latency, seconds (default 0.02)")
-    ap.add_argument("-n", type=int, default=4000, help="requests per throughput run (default 4000)")
+    ap.add_argument("--tp-seconds", type=float, default=10.0, help="length of each throughput run (default 10)")
     ap.add_argument("-c", "--concurrency", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load per server (default 3)")
     ap.add_argument("--rate", type=float, default=500.0, help="requests/s of the latency runs (default 500)")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each latency run (default 10)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2); medians are compared")
+    ap.add_argument("--same-rate", action="store_true",
+                    help="measure every server's latency at --rate, also one that cannot keep up with it (by default a "
+                         "server is measured at --rate or half its throughput, whichever is lower)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the servers and the load to CPUs")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()

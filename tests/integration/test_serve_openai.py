@@ -219,6 +219,23 @@ def test_a_tool_call_round_trip(tmp_path: Path, upstream: OpenAIServer):
     assert streamed[0].function.name == "get_weather" and streamed[0].index == 0
 
 
+def test_a_retried_tool_call_is_answered_from_the_store_with_its_tool_calls(tmp_path: Path, upstream: OpenAIServer):
+    site = fake_plugin(tmp_path / "site")
+    env = environment(PLUGINS + ",toolbox", PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    with ServeProcess(write_config(tmp_path / "ksi.toml", upstream), tmp_path / "ksi.db", env=env) as served:
+        client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
+        answers = [client.chat.completions.create(model="toolbox/m", messages=[{"role": "user", "content": "weather?"}],
+                                                  tools=[weather], extra_headers={"Idempotency-Key": "tool-once"})
+                   for _ in range(2)]
+        details = client.get("/requests/tool-once", cast_to=object)
+    first, again = (a.choices[0] for a in answers)
+    assert again.finish_reason == first.finish_reason == "tool_calls"
+    assert again.message.tool_calls == first.message.tool_calls and first.message.tool_calls[0].id == "call_1"
+    assert details["state"] == "ok" and details["result"]["message"]["tool_calls"][0]["id"] == "call_1"
+    assert [c["outcome"] for c in details["calls"]] == ["ok"]  # the ledger's one call
+
+
 def test_models_and_metrics(served: ServeProcess):
     client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}])

@@ -41,6 +41,8 @@ log = logging.getLogger("ksi_serve")
 
 REQUIRED_HOOKS = ("ksi_enqueue", "ksi_select_provider")
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
+"""With ``-v``: the peer, the request line, the status, the size and the seconds taken; no header."""
 SHUTDOWN_GRACE_S = 30.0
 """After the drain, how long open streams may take to write what they hold before their connections close."""
 
@@ -81,7 +83,8 @@ async def serve(args: argparse.Namespace) -> int:
 
         server = Server(host, config, gate, metrics, on_crash)
         access = logging.getLogger("ksi_serve.access") if getattr(args, "verbose", 0) else None
-        runner = web.AppRunner(server.app(), access_log=access, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.AppRunner(server.app(), access_log=access, access_log_format=ACCESS_LOG_FORMAT, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         site = web.TCPSite(runner, address, port, backlog=1024)
         try:
