@@ -91,6 +91,8 @@ class Server:
             response = await handler(request)
         except ApiError as e:
             response = _error_response(e)
+            if e.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="ksi-host"'
         except web.HTTPException as e:  # aiohttp's own: 404, 405, 413, ...
             status = e.status
             if status == 413:

@@ -231,11 +231,26 @@ ERRORS: dict[str, tuple[int, str, str | None]] = {
 """How a request's final error answers: see the README's table. Any other error type: 500 ``server_error``."""
 
 
+def _mapping(kind: str) -> tuple[int, str, str | None]:
+    """The row of :data:`ERRORS` for an error type, or for its nearest base class the host defines
+    (``ConsumerGone`` is a ``Cancelled``); 500 for a type the host does not know."""
+    if kind in ERRORS:
+        return ERRORS[kind]
+    from ksi_host import errors, streaming
+
+    cls = getattr(errors, kind, None) or getattr(streaming, kind, None)
+    if isinstance(cls, type):
+        for base in cls.__mro__:
+            if base.__name__ in ERRORS:
+                return ERRORS[base.__name__]
+    return 500, "server_error", None
+
+
 def result_error(result: CompletionResult, retry_after_s: int) -> ApiError:
     """A failed (or cancelled) result as an ApiError. The host already retried it as its policy says, and a retry
     with the same request id gets this same stored result: ``x-should-retry: false``."""
     info = result.error or {"type": "OperationalError", "message": f"the request ended {result.status}"}
     kind = info.get("type") or "OperationalError"
-    status, type_, code = ERRORS.get(kind, (500, "server_error", None))
+    status, type_, code = _mapping(kind)
     return ApiError(status, f"{kind}: {info.get('message') or kind}", type_, code=code, retry=False,
                     retry_after=retry_after_s if status == 429 else None)

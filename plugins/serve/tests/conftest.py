@@ -20,6 +20,14 @@ from ksi_serve.plugin import Plugin
 from ksi_host import CompletionRequest, CompletionResult, Host, Ticket, hookimpl
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` holds; AssertionError after ``timeout_s`` (a test never hangs)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
 class MemoryQueue:
     """A queue kept in memory: runs each request at once (no order), one run per request id (a request id
     seen before gets that run's ticket), ``ksi_request_details``, ``ksi_cancel`` and ``ksi_drain``."""
@@ -99,6 +107,7 @@ class Served:
 
     def client(self, key: str = "no-key", **kw: Any) -> openai.AsyncOpenAI:
         kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 20)  # a test never hangs
         return openai.AsyncOpenAI(base_url=self.url, api_key=key, **kw)
 
 

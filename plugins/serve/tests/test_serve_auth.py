@@ -32,6 +32,7 @@ async def test_with_clients_every_call_needs_a_valid_token(serve):
         async with aiohttp.ClientSession() as http:
             async with http.post(s.url + "/chat/completions", json={"model": "m1", "messages": MESSAGES}) as resp:
                 assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
             for path in ("/v1/models", "/metrics", "/v1/requests/x"):
                 async with http.get(s.base + path) as resp:
                     assert resp.status == 401, path

@@ -167,6 +167,20 @@ async def test_final_errors_map_to_openai_statuses(serve, error, status, kind, c
     assert ("Retry-After" in headers) == (status == 429)
 
 
+@pytest.mark.parametrize(("kind", "status", "code"), [
+    ("ConsumerGone", 409, "request_cancelled"),  # a Cancelled: another consumer of a stream left
+    ("DatabaseStartupError", 503, "database_error"),  # a DatabaseError
+    ("SomePluginsOwnError", 500, None),  # a type the host does not define
+])
+def test_error_types_map_by_their_nearest_known_base(kind, status, code):
+    from ksi_serve.wire import result_error
+
+    from ksi_host import CompletionResult
+
+    error = result_error(CompletionResult("r", "error", error={"type": kind, "message": "m"}), 1)
+    assert (error.status, error.code) == (status, code) and error.message == f"{kind}: m"
+
+
 async def test_a_model_nothing_serves_is_404_model_not_found(serve):
     async with serve(ScriptedProviders(FakeProvider("p1", model="gpt-*"))) as s:
         with pytest.raises(openai.NotFoundError) as e:

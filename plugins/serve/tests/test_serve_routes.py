@@ -10,6 +10,8 @@ import openai
 import pytest
 
 from ksi_host import ProviderInfo, ProviderResponse, ProviderUnavailable, Usage, hookimpl
+from conftest import until
+
 from ksi_host.testing import FailOver, FakeProvider, ScriptedProviders
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -67,8 +69,7 @@ async def test_a_running_request_is_cancelled_and_its_caller_told(serve):
         client = s.client()
         call = asyncio.ensure_future(client.chat.completions.create(model="m1", messages=MESSAGES,
                                                                     extra_headers={"Idempotency-Key": "c1"}))
-        while not blocking.waiting:
-            await asyncio.sleep(0.01)
+        await until(lambda: blocking.waiting > 0)
         cancelled = await client.post("/requests/c1/cancel", cast_to=object)
         with pytest.raises(openai.ConflictError) as e:
             await call
@@ -132,9 +133,8 @@ async def test_a_full_server_answers_429_with_retry_after_and_takes_nothing_more
     async with serve(ScriptedProviders(provider), serve={"max_pending": 3, "retry_after_s": 2}) as s:
         client = s.client()
         calls = [asyncio.ensure_future(client.chat.completions.create(model="m1", messages=MESSAGES)) for _ in range(3)]
-        while blocking.waiting < 3:
-            await asyncio.sleep(0.01)
-        async with aiohttp.ClientSession() as http:
+        await until(lambda: blocking.waiting >= 3)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             async with http.post(f"{s.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}) as resp:
                 body = await resp.json()
                 headers = resp.headers
@@ -154,8 +154,7 @@ async def test_pending_bytes_are_bounded_too(serve):
         client = s.client()
         first = asyncio.ensure_future(client.chat.completions.create(model="m1", messages=[
             {"role": "user", "content": "y" * 400}]))
-        while not blocking.waiting:
-            await asyncio.sleep(0.01)
+        await until(lambda: blocking.waiting > 0)
         with pytest.raises(openai.RateLimitError) as e:
             await client.chat.completions.create(model="m1", messages=[{"role": "user", "content": "z" * 400}])
         blocking.release.set()
@@ -169,8 +168,7 @@ async def test_stopping_refuses_new_work_and_releases_waiters_with_503(serve):
         client = s.client()
         waiting = asyncio.ensure_future(client.chat.completions.create(model="m1", messages=MESSAGES,
                                                                        extra_headers={"Idempotency-Key": "w"}))
-        while not blocking.waiting:
-            await asyncio.sleep(0.01)
+        await until(lambda: blocking.waiting > 0)
         s.server.stop_accepting()
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{s.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}) as resp:
@@ -179,7 +177,7 @@ async def test_stopping_refuses_new_work_and_releases_waiters_with_503(serve):
                 health = resp.status
         s.server.release_waiters()
         with pytest.raises(openai.InternalServerError) as e:
-            await waiting
+            await asyncio.wait_for(waiting, 10)
         blocking.release.set()
     assert refused == (503, "1", "server_stopping") and health == 503
     assert e.value.status_code == 503 and e.value.body["code"] == "server_stopping"

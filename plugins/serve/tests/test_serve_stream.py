@@ -77,7 +77,9 @@ async def test_a_streamed_tool_call(serve):
 
 async def test_a_stream_whose_client_leaves_finishes_and_is_stored(serve):
     gate = asyncio.Event()
-    provider = FakeStreamingProvider("p1", script=[["first ", gate.wait(), "second"]])
+    # after the client left, the pieces keep coming, slowly enough for a write to find the connection gone
+    pieces = ["first ", gate.wait(), "a", asyncio.sleep(0.1), "b", asyncio.sleep(0.1), "c", asyncio.sleep(0.1), "d"]
+    provider = FakeStreamingProvider("p1", script=[pieces])
     async with serve(ScriptedProviders(provider)) as s:
         async with aiohttp.ClientSession() as http:
             resp = await http.post(f"{s.url}/chat/completions", json={"model": "m1", "messages": MESSAGES, "stream": True},
@@ -87,7 +89,7 @@ async def test_a_stream_whose_client_leaves_finishes_and_is_stored(serve):
         gate.set()
         again = await s.client().chat.completions.create(model="m1", messages=MESSAGES,
                                                          extra_headers={"Idempotency-Key": "left"})
-    assert again.choices[0].message.content == "first second"
+    assert again.choices[0].message.content == "first abcd"
     assert len(provider.calls) == 1 and provider.closed == 0  # the upstream stream was never cut
 
 
