@@ -8,10 +8,9 @@ import re
 import aiohttp
 import openai
 import pytest
-
-from ksi_host import ProviderInfo, ProviderResponse, ProviderUnavailable, Usage, hookimpl
 from conftest import until
 
+from ksi_host import ProviderInfo, ProviderResponse, ProviderUnavailable, Usage, hookimpl
 from ksi_host.testing import FailOver, FakeProvider, ScriptedProviders
 
 MESSAGES = [{"role": "user", "content": "hello"}]
