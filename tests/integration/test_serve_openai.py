@@ -168,6 +168,8 @@ class ToolProvider:
     name, timeout_s = "toolbox", 10.0
 
     async def complete(self, request, *, timeout_s):
+        if request.model == "toolbox/bug":
+            raise KeyError("a bug in the toolbox")
         last = request.messages[-1]
         if last["role"] == "tool":
             return ProviderResponse(f"the tool said: {last['content']}", Usage(9, 4, 13), finish_reason="stop")
@@ -234,6 +236,22 @@ def test_a_retried_tool_call_is_answered_from_the_store_with_its_tool_calls(tmp_
     assert again.message.tool_calls == first.message.tool_calls and first.message.tool_calls[0].id == "call_1"
     assert details["state"] == "ok" and details["result"]["message"]["tool_calls"][0]["id"] == "call_1"
     assert [c["outcome"] for c in details["calls"]] == ["ok"]  # the ledger's one call
+
+
+def test_a_programming_error_answers_500_and_stops_the_server_with_exit_70(tmp_path: Path, upstream: OpenAIServer):
+    site = fake_plugin(tmp_path / "site")
+    env = environment(PLUGINS + ",toolbox", PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    served = ServeProcess(write_config(tmp_path / "ksi.toml", upstream), tmp_path / "ksi.db", env=env).start()
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0).chat.completions.create(
+                model="toolbox/bug", messages=[{"role": "user", "content": "crash"}])
+        assert e.value.status_code == 500
+        assert served.wait() == 70
+    finally:
+        served.kill()
+    log = served.log()
+    assert "KeyError: 'a bug in the toolbox'" in log and "Traceback" in log and "toolbox" in log
 
 
 def test_models_and_metrics(served: ServeProcess):

@@ -105,7 +105,8 @@ class Server:
                                  code="not_found" if status == 404 else None)
             response = _error_response(error)
         except Exception as e:  # a programming error: answered 500, then the server stops (exit 70)
-            log.exception("programming error while answering %s %s", request.method, request.path)
+            log.error("programming error while answering %s %s: the server stops (its traceback follows at exit)",
+                      request.method, request.path)
             self.on_crash(e)
             response = _error_response(ApiError(500, "internal error (the server stops; its log has the traceback)",
                                                 "server_error", retry=True, retry_after=self._retry_after))
@@ -156,8 +157,8 @@ class Server:
             self.pending_bytes -= size
 
     async def _result(self, req: CompletionRequest) -> CompletionResult:
-        """Submit ``req`` (stored before this returns) and wait for its final result (raises Stopping when the
-        server stops first)."""
+        """Submit ``req`` (stored before this returns) and wait for its final result (ApiError 503 when the
+        server's drain ends first)."""
         try:
             ticket = await self.host.submit(req)
         except ValidationError as e:  # refused by the queue: a request id reused with another request
