@@ -25,5 +25,6 @@ PYTHON_SNIPPETS = {
     "def test_my_policy(make_host)": "tests/test_readme.py (an outside project, strict mode)",
     "class EchoProvider": "tests/test_readme.py",
     "from ksi_host.providers import (": "tests/test_readme.py (the provider kit's public names import)",
+    'base_url="http://127.0.0.1:8787/v1"': "tests/integration/test_serve_readme.py (against ksi-host serve)",
 }
 """Each Python block of the README, by a line it holds, and the test that runs it."""

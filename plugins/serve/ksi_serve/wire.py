@@ -1,0 +1,256 @@
+"""The OpenAI shapes at the HTTP edge: a chat-completions call to a :class:`~ksi_host.CompletionRequest`,
+a :class:`~ksi_host.CompletionResult` to a ``chat.completion`` (or its chunks), an error to OpenAI's error
+body and an HTTP status.
+
+What the host adds rides in headers, so the stock ``openai`` client sends it with ``default_headers`` or
+``extra_headers``: :data:`HEADER_FIELDS`, and the request id (``Idempotency-Key`` or ``X-KSI-Request-Id``),
+scoped to the calling client (:func:`scoped_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ksi_host import CompletionRequest, CompletionResult, Usage, ValidationError
+from ksi_host.chat import PARAMETERS
+from ksi_host.models import new_request_id
+
+HEADER_FIELDS = {
+    "X-KSI-Session-Id": "session_id",
+    "X-KSI-Agent-Id": "agent_id",
+    "X-KSI-Originator-Agent-Id": "originator_agent_id",
+    "X-KSI-Purpose": "purpose",
+    "X-KSI-Priority": "priority",
+}
+"""Request headers -> the CompletionRequest field each sets."""
+
+_HEADER_OF = {field: header for header, field in HEADER_FIELDS.items()}
+BODY_KEYS = frozenset(PARAMETERS) | {"model", "messages", "metadata", "stream", "stream_options"}
+"""What a chat-completions body may hold: the OpenAI parameters the host takes (:data:`ksi_host.chat.PARAMETERS`),
+``model``, ``messages``, ``metadata``, ``stream`` and ``stream_options``."""
+
+MAX_ID = 200
+"""The longest request id a client may give (``Idempotency-Key``, ``X-KSI-Request-Id``)."""
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def dumps(data: Any) -> bytes:
+    return _dumps(data).encode()
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}`` with ``status``.
+
+    ``retry`` sets ``x-should-retry`` (the ``openai`` client obeys it: True for a full queue or a stopping
+    server, False for a final stored result); ``retry_after`` (seconds) sets ``Retry-After``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
+                 code: str | None = None, retry: bool | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retry = retry
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        h = {}
+        if self.retry is not None:
+            h["x-should-retry"] = "true" if self.retry else "false"
+        if self.retry_after is not None:
+            h["Retry-After"] = str(self.retry_after)
+        return h
+
+
+# -- requests ------------------------------------------------------------------------------------------
+
+
+def scoped_id(client: str | None, visible: str) -> str:
+    """The stored request id of the id ``visible`` a client gave: ``<client>:<visible>`` (client names hold
+    no ``:``), so two clients' keys never meet; with no clients configured, ``visible`` itself."""
+    return visible if client is None else f"{client}:{visible}"
+
+
+def visible_id(client: str | None, stored: str) -> str:
+    """The inverse of :func:`scoped_id`."""
+    return stored if client is None else stored.removeprefix(f"{client}:")
+
+
+def given_id(headers: Mapping[str, str]) -> str | None:
+    """The request id the caller chose: ``Idempotency-Key``, else ``X-KSI-Request-Id`` (both: they must agree)."""
+    key = headers.get("Idempotency-Key")
+    rid = headers.get("X-KSI-Request-Id")
+    if key is not None and rid is not None and key != rid:
+        raise ApiError(400, "Idempotency-Key and X-KSI-Request-Id differ: give one, or the same value in both",
+                       param="Idempotency-Key", code="invalid_request_id")
+    value = key if key is not None else rid
+    if value is None:
+        return None
+    name = "Idempotency-Key" if key is not None else "X-KSI-Request-Id"
+    if not value or len(value) > MAX_ID or not all(" " < c <= "~" for c in value):
+        raise ApiError(400, f"{name} must be 1 to {MAX_ID} printable ASCII characters without spaces",
+                       param=name, code="invalid_request_id")
+    return value
+
+
+def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_id: str | None
+               ) -> tuple[CompletionRequest, bool, bool, str]:
+    """A chat-completions call as ``(request, stream, include_usage, visible id)``.
+
+    ``client``: the calling client's name (None: no clients configured); ``agent_id``: the agent id the
+    client is configured with (the ``X-KSI-Agent-Id`` header does not override it). Raises ApiError 400
+    naming the field (``param``; a header's name for what came in a header)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, got a JSON {type(body).__name__}")
+    unknown = [k for k in body if k not in BODY_KEYS]
+    if unknown:
+        name = str(unknown[0])
+        raise ApiError(400, f"{name}: unknown or unsupported parameter", param=name, code="unknown_parameter")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "stream: must be true or false", param="stream")
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+            raise ApiError(400, "stream_options: must be an object with include_usage", param="stream_options")
+        include_usage = options.get("include_usage") is True
+    visible = given_id(headers) or new_request_id()
+    data = {k: v for k, v in body.items() if v is not None and k != "stream" and k != "stream_options"}
+    data["request_id"] = scoped_id(client, visible)
+    for header, field in HEADER_FIELDS.items():
+        value = headers.get(header)
+        if value is not None:
+            data[field] = value
+    if agent_id is not None:
+        data["agent_id"] = agent_id
+    try:
+        request = CompletionRequest.from_dict(data)
+    except ValidationError as e:
+        raise invalid(e) from None
+    return request, bool(stream), include_usage, visible
+
+
+def invalid(e: ValidationError) -> ApiError:
+    """A ValidationError as a 400 naming the field (the header's name for a field that came in one); a request
+    id given again with a different request as a 422 (``Idempotency-Key`` reused)."""
+    root = e.field.split(".", 1)[0].split("[", 1)[0]
+    if root == "request_id":
+        return ApiError(422, f"this request id was used before with a different request: {e.reason}",
+                        param="Idempotency-Key", code="idempotency_key_reused", retry=False)
+    return ApiError(400, e.message, param=_HEADER_OF.get(root, e.field), code="invalid_value")
+
+
+# -- answers --------------------------------------------------------------------------------------------
+
+
+def usage_of(usage: Usage) -> dict[str, Any]:
+    u: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                         "total_tokens": usage.total_tokens}
+    if usage.cached_tokens is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens is not None:
+        u["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return u
+
+
+def completion_id(visible: str) -> str:
+    return f"chatcmpl-{visible}"
+
+
+def created_of(result: CompletionResult | None) -> int:
+    if result is not None and (result.submitted_at or result.started_at):
+        return int(result.submitted_at or result.started_at or 0)
+    return int(time.time())
+
+
+def completion(result: CompletionResult, visible: str, requested_model: str) -> dict[str, Any]:
+    """An ``ok`` result as a ``chat.completion`` object."""
+    message = result.message or {"role": "assistant", "content": result.text or ""}
+    return {
+        "id": completion_id(visible),
+        "object": "chat.completion",
+        "created": created_of(result),
+        "model": result.model or requested_model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": result.finish_reason or ("tool_calls" if message.get("tool_calls") else "stop")}],
+        "usage": usage_of(result.usage),
+        "system_fingerprint": None,
+    }
+
+
+def chunk(visible: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+    """One server-sent event of a stream: a ``chat.completion.chunk``."""
+    return b"data: " + dumps({
+        "id": completion_id(visible), "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }) + b"\n\n"
+
+
+def usage_chunk(visible: str, created: int, model: str, usage: Usage) -> bytes:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    return b"data: " + dumps({"id": completion_id(visible), "object": "chat.completion.chunk", "created": created,
+                              "model": model, "choices": [], "usage": usage_of(usage)}) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_event(error: ApiError) -> bytes:
+    """A failure after the first chunk: an ``error`` event (the ``openai`` client raises it), and no ``[DONE]``."""
+    return b"data: " + dumps(error.body()) + b"\n\n"
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+ERRORS: dict[str, tuple[int, str, str | None]] = {
+    # error type: (HTTP status, OpenAI error type, code)
+    "ValidationError": (400, "invalid_request_error", "invalid_value"),
+    "BadRequest": (400, "invalid_request_error", "upstream_bad_request"),
+    "ContextWindowExceeded": (400, "invalid_request_error", "context_length_exceeded"),
+    "NoProviderError": (404, "invalid_request_error", "model_not_found"),
+    "Cancelled": (409, "invalid_request_error", "request_cancelled"),
+    "RateLimited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "BudgetExceeded": (429, "insufficient_quota", "insufficient_quota"),
+    "AuthFailed": (502, "upstream_error", "upstream_auth_failed"),
+    "ProviderUnavailable": (502, "upstream_error", "upstream_unavailable"),
+    "ProviderError": (502, "upstream_error", "upstream_error"),
+    "DatabaseError": (503, "server_error", "database_error"),
+    "ProviderTimeout": (504, "timeout_error", "upstream_timeout"),
+    "DeadlineExceeded": (504, "timeout_error", "deadline_exceeded"),
+}
+"""How a request's final error answers: see the README's table. Any other error type: 500 ``server_error``."""
+
+
+def _mapping(kind: str) -> tuple[int, str, str | None]:
+    """The row of :data:`ERRORS` for an error type, or for its nearest base class the host defines
+    (``ConsumerGone`` is a ``Cancelled``); 500 for a type the host does not know."""
+    if kind in ERRORS:
+        return ERRORS[kind]
+    from ksi_host import errors, streaming
+
+    cls = getattr(errors, kind, None) or getattr(streaming, kind, None)
+    if isinstance(cls, type):
+        for base in cls.__mro__:
+            if base.__name__ in ERRORS:
+                return ERRORS[base.__name__]
+    return 500, "server_error", None
+
+
+def result_error(result: CompletionResult, retry_after_s: int) -> ApiError:
+    """A failed (or cancelled) result as an ApiError. The host already retried it as its policy says, and a retry
+    with the same request id gets this same stored result: ``x-should-retry: false``."""
+    info = result.error or {"type": "OperationalError", "message": f"the request ended {result.status}"}
+    kind = info.get("type") or "OperationalError"
+    status, type_, code = _mapping(kind)
+    return ApiError(status, f"{kind}: {info.get('message') or kind}", type_, code=code, retry=False,
+                    retry_after=retry_after_s if status == 429 else None)

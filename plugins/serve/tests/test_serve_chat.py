@@ -1,0 +1,215 @@
+"""POST /v1/chat/completions through the stock openai client: answers, headers, ids, tools, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from ksi_host import (
+    AuthFailed,
+    BadRequest,
+    BudgetExceeded,
+    ContextWindowExceeded,
+    DeadlineExceeded,
+    ProviderResponse,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+    Usage,
+)
+from ksi_host.testing import FakeProvider, ScriptedProviders
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+async def test_a_completion_in_openai_shape(serve):
+    provider = FakeProvider("p1", script=[ProviderResponse("hi there", Usage(7, 3, 10, 0.25, cached_tokens=2),
+                                                           model="up-model", finish_reason="stop")])
+    async with serve(ScriptedProviders(provider)) as s:
+        raw = await s.client().chat.completions.with_raw_response.create(
+            model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "k-1"})
+        answer = raw.parse()
+    assert raw.headers["X-KSI-Request-Id"] == "k-1"
+    assert answer.id == "chatcmpl-k-1" and answer.object == "chat.completion" and answer.model == "up-model"
+    assert answer.choices[0].message.content == "hi there" and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].finish_reason == "stop"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (7, 3, 10)
+    assert answer.usage.prompt_tokens_details.cached_tokens == 2
+    assert provider.calls[0].request_id == "k-1" and provider.calls[0].model == "m1"
+
+
+async def test_headers_set_the_host_fields(serve):
+    provider = FakeProvider("p1")
+    async with serve(ScriptedProviders(provider)) as s:
+        await s.client(default_headers={"X-KSI-Session-Id": "s-7", "X-KSI-Agent-Id": "writer"}).chat.completions.create(
+            model="m1", messages=MESSAGES, temperature=0.5, max_tokens=20, user="u1", metadata={"k": "v"},
+            extra_headers={"X-KSI-Originator-Agent-Id": "boss", "X-KSI-Purpose": "draft", "X-KSI-Priority": "high"})
+    r = provider.calls[0]
+    assert (r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.priority) == ("s-7", "writer", "boss", "draft",
+                                                                                         "high")
+    assert (r.temperature, r.max_tokens, r.user, r.metadata) == (0.5, 20, "u1", {"k": "v"})
+
+
+async def test_a_request_without_a_key_gets_an_id_of_its_own(serve):
+    provider = FakeProvider("p1")
+    async with serve(ScriptedProviders(provider)) as s:
+        a = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+        b = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert a.id != b.id and a.id.startswith("chatcmpl-") and len(provider.calls) == 2
+
+
+async def test_the_same_key_is_answered_once_upstream(serve):
+    provider = FakeProvider("p1", script=["first", "second"])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        a = await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "same"})
+        b = await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"X-KSI-Request-Id": "same"})
+    assert a.choices[0].message.content == b.choices[0].message.content == "first"
+    assert len(provider.calls) == 1
+
+
+async def test_two_keys_that_disagree_are_refused(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
+        with pytest.raises(openai.BadRequestError) as e:
+            await s.client().chat.completions.create(model="m1", messages=MESSAGES,
+                                                     extra_headers={"Idempotency-Key": "a", "X-KSI-Request-Id": "b"})
+    assert e.value.body["param"] == "Idempotency-Key" and e.value.body["code"] == "invalid_request_id"
+
+
+async def test_a_key_with_spaces_is_refused(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
+        with pytest.raises(openai.BadRequestError) as e:
+            await s.client().chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "a b"})
+    assert e.value.body["param"] == "Idempotency-Key"
+
+
+async def test_bad_input_names_the_field(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
+        client = s.client()
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m1", messages=[{"role": "wizard", "content": "x"}])
+        assert e.value.status_code == 400 and e.value.body["param"] == "messages[0].role"
+        assert e.value.body["type"] == "invalid_request_error"
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"X-KSI-Priority": "urgent"})
+        assert e.value.body["param"] == "X-KSI-Priority"
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, extra_body={"functions": []})
+        assert e.value.body["param"] == "functions" and e.value.body["code"] == "unknown_parameter"
+        with pytest.raises(openai.BadRequestError) as e:  # the host's own fields ride in headers, never in the body
+            await client.chat.completions.create(model="m1", messages=MESSAGES, extra_body={"request_id": "x"})
+        assert e.value.body["param"] == "request_id"
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, temperature=7)
+        assert e.value.body["param"] == "temperature"
+
+
+async def test_a_body_that_is_not_json_gets_400(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s, aiohttp.ClientSession() as http:
+        async with http.post(f"{s.url}/chat/completions", data=b"{not json") as resp:
+            body = await resp.json()
+        assert resp.status == 400 and body["error"]["code"] == "invalid_json"
+        async with http.post(f"{s.url}/chat/completions", json=[1, 2]) as resp:
+            body = await resp.json()
+        assert resp.status == 400 and "JSON object" in body["error"]["message"]
+
+
+async def test_a_tool_call_round_trip(serve):
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+    async def answer(request):
+        last = request.messages[-1]
+        assert last["role"] == "tool" and last["tool_call_id"] == "call_1"
+        return ProviderResponse(f"it is {last['content']} in Oslo", Usage(20, 6, 26), finish_reason="stop")
+
+    provider = FakeProvider("p1", script=[ProviderResponse("", Usage(10, 5, 15), tool_calls=[call],
+                                                           finish_reason="tool_calls"), answer])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        messages = [{"role": "user", "content": "weather in Oslo?"}]
+        first = await client.chat.completions.create(model="m1", messages=messages, tools=[weather], tool_choice="auto")
+        assert first.choices[0].finish_reason == "tool_calls" and first.choices[0].message.content is None
+        (tool_call,) = first.choices[0].message.tool_calls
+        assert tool_call.id == "call_1" and json.loads(tool_call.function.arguments) == {"city": "Oslo"}
+        messages += [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": tool_call.id, "content": "sunny"}]
+        second = await client.chat.completions.create(model="m1", messages=messages, tools=[weather])
+    assert second.choices[0].message.content == "it is sunny in Oslo"
+    assert provider.calls[0].tools[0]["function"]["name"] == "get_weather" and provider.calls[0].tool_choice == "auto"
+    assert provider.calls[1].messages[1]["tool_calls"][0]["id"] == "call_1"
+
+
+@pytest.mark.parametrize(("error", "status", "kind", "code"), [
+    (BadRequest("the upstream said no"), 400, "invalid_request_error", "upstream_bad_request"),
+    (ContextWindowExceeded("too long"), 400, "invalid_request_error", "context_length_exceeded"),
+    (AuthFailed("bad upstream key"), 502, "upstream_error", "upstream_auth_failed"),
+    (RateLimited("slow down", retry_after=3.0), 429, "rate_limit_error", "rate_limit_exceeded"),
+    (BudgetExceeded("budget spent"), 429, "insufficient_quota", "insufficient_quota"),
+    (ProviderTimeout("no answer"), 504, "timeout_error", "upstream_timeout"),
+    (DeadlineExceeded("too late"), 504, "timeout_error", "deadline_exceeded"),
+    (ProviderUnavailable("down"), 502, "upstream_error", "upstream_unavailable"),
+])
+async def test_final_errors_map_to_openai_statuses(serve, error, status, kind, code):
+    async with serve(ScriptedProviders(FakeProvider("p1", script=[error]))) as s, aiohttp.ClientSession() as http:
+        async with http.post(f"{s.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}) as resp:
+            body = await resp.json()
+            headers = resp.headers
+    assert resp.status == status
+    assert body["error"]["type"] == kind and body["error"]["code"] == code and error.message in body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert headers["x-should-retry"] == "false"  # the host retried as its policy says; the same id gets the same answer
+    assert ("Retry-After" in headers) == (status == 429)
+
+
+@pytest.mark.parametrize(("kind", "status", "code"), [
+    ("ConsumerGone", 409, "request_cancelled"),  # a Cancelled: another consumer of a stream left
+    ("DatabaseStartupError", 503, "database_error"),  # a DatabaseError
+    ("SomePluginsOwnError", 500, None),  # a type the host does not define
+])
+def test_error_types_map_by_their_nearest_known_base(kind, status, code):
+    from ksi_serve.wire import result_error
+
+    from ksi_host import CompletionResult
+
+    error = result_error(CompletionResult("r", "error", error={"type": kind, "message": "m"}), 1)
+    assert (error.status, error.code) == (status, code) and error.message == f"{kind}: m"
+
+
+async def test_a_model_nothing_serves_is_404_model_not_found(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1", model="gpt-*"))) as s:
+        with pytest.raises(openai.NotFoundError) as e:
+            await s.client().chat.completions.create(model="llama", messages=MESSAGES)
+    assert e.value.body["code"] == "model_not_found"
+
+
+async def test_a_programming_error_answers_500_and_is_reported(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1", script=[KeyError("bug")]))) as s:
+        with pytest.raises(openai.InternalServerError) as e:
+            await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+        assert e.value.status_code == 500
+        assert [type(c) for c in s.crashes] == [KeyError]
+
+
+async def test_a_client_that_leaves_does_not_cancel_its_request(serve):
+    release = asyncio.Event()
+
+    async def slow(request):
+        await release.wait()
+        return ProviderResponse("late but stored", Usage(1, 1, 2))
+
+    provider = FakeProvider("p1", script=[slow])
+    async with serve(ScriptedProviders(provider)) as s:
+        with pytest.raises(openai.APITimeoutError):
+            await s.client(timeout=0.3).chat.completions.create(model="m1", messages=MESSAGES,
+                                                                extra_headers={"Idempotency-Key": "gone"})
+        release.set()
+        again = await s.client().chat.completions.create(model="m1", messages=MESSAGES,
+                                                         extra_headers={"Idempotency-Key": "gone"})
+    assert again.choices[0].message.content == "late but stored"
+    assert len(provider.calls) == 1

@@ -1,0 +1,193 @@
+"""The other routes (models, requests, cancel, healthz, metrics), the limits (413, 429) and stopping (503)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+import openai
+import pytest
+from conftest import until
+
+from ksi_host import ProviderInfo, ProviderResponse, ProviderUnavailable, Usage, hookimpl
+from ksi_host.testing import FailOver, FakeProvider, ScriptedProviders
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+class Blocking:
+    """A provider script item that waits until ``release`` is set, counting how many wait."""
+
+    def __init__(self, text: str = "released") -> None:
+        self.release = asyncio.Event()
+        self.waiting = 0
+        self.text = text
+
+    async def __call__(self, request):
+        self.waiting += 1
+        await self.release.wait()
+        return ProviderResponse(self.text, Usage(2, 2, 4, 0.001))
+
+
+class TwoPlugins:
+    @hookimpl
+    def ksi_list_providers(self, model):
+        return [ProviderInfo("local-llama", "llama-*", "openai"), ProviderInfo("gpt-main", "gpt-4o", "openai"),
+                ProviderInfo("gpt-backup", "gpt-4o", "litellm", state="open")]
+
+
+async def test_models_lists_names_and_patterns(serve):
+    async with serve(TwoPlugins()) as s:
+        models = await s.client().models.list()
+    by_id = {m.id: m for m in models.data}
+    assert set(by_id) == {"llama-*", "gpt-4o"}
+    assert by_id["llama-*"].ksi_pattern is True and by_id["gpt-4o"].ksi_pattern is False
+    assert [d["name"] for d in by_id["gpt-4o"].ksi_deployments] == ["gpt-main", "gpt-backup"]
+    assert by_id["gpt-4o"].ksi_deployments[1]["state"] == "open"
+
+
+async def test_a_request_is_read_back_by_its_id(serve):
+    providers = ScriptedProviders(FakeProvider("p1", script=[ProviderUnavailable("blip")]), FakeProvider("p2", script=["fine"]))
+    async with serve(providers, FailOver()) as s:
+        client = s.client()
+        answer = await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "r1"})
+        details = await client.get("/requests/r1", cast_to=object)
+        by_completion_id = await client.get(f"/requests/{answer.id}", cast_to=object)
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.get("/requests/never-seen", cast_to=object)
+    assert details == by_completion_id and details["id"] == "r1" and details["object"] == "ksi.request"
+    assert details["state"] == "ok" and details["request"]["messages"] == MESSAGES
+    assert [a["error_type"] for a in details["result"]["attempts"]] == ["ProviderUnavailable", None]
+    assert e.value.body["code"] == "request_not_found"
+
+
+async def test_a_running_request_is_cancelled_and_its_caller_told(serve):
+    blocking = Blocking()
+    async with serve(ScriptedProviders(FakeProvider("p1", script=[blocking]))) as s:
+        client = s.client()
+        call = asyncio.ensure_future(client.chat.completions.create(model="m1", messages=MESSAGES,
+                                                                    extra_headers={"Idempotency-Key": "c1"}))
+        await until(lambda: blocking.waiting > 0)
+        cancelled = await client.post("/requests/c1/cancel", cast_to=object)
+        with pytest.raises(openai.ConflictError) as e:
+            await call
+        again = await client.post("/requests/c1/cancel", cast_to=object)
+        with pytest.raises(openai.NotFoundError):
+            await client.post("/requests/nope/cancel", cast_to=object)
+    assert cancelled == {"id": "c1", "object": "ksi.request.cancel", "cancelled": True}
+    assert e.value.body["code"] == "request_cancelled" and again["cancelled"] is False
+
+
+async def test_healthz_and_metrics(serve):
+    provider = FakeProvider("p1", script=["a", ProviderUnavailable("down")])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        await client.chat.completions.create(model="m1", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError):
+            await client.chat.completions.create(model="m1", messages=MESSAGES)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(s.base + "/healthz") as resp:
+                health = await resp.json()
+            async with http.get(s.base + "/metrics") as resp:
+                text = await resp.text()
+                content_type = resp.headers["Content-Type"]
+    assert health == {"status": "ok", "pending": 0}
+    assert content_type.startswith("text/plain")
+    samples = dict(re.findall(r"^(\S+) (\S+)$", text, re.M))
+    assert samples['ksi_requests_total{status="ok"}'] == "1" and samples['ksi_requests_total{status="error"}'] == "1"
+    assert samples['ksi_attempts_total{outcome="ProviderUnavailable"}'] == "1"
+    assert samples['ksi_tokens_total{kind="prompt"}'] == "10"  # FakeProvider's usage: 10 + 5 (the failure has none)
+    assert samples["ksi_request_duration_seconds_count"] == "2"
+    assert samples['ksi_serve_http_responses_total{route="/v1/chat/completions",code="200"}'] == "1"
+    assert samples['ksi_serve_http_responses_total{route="/v1/chat/completions",code="502"}'] == "1"
+    assert samples["ksi_serve_added_seconds_count"] == "1" and samples["ksi_serve_pending"] == "0"
+    for line in text.splitlines():  # every line is a comment or a sample: the text format
+        assert line.startswith("# ") or re.match(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? \S+$', line), line
+
+
+async def test_a_body_over_the_limit_gets_413(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1")), serve={"max_body_bytes": 1000}) as s:
+        big = [{"role": "user", "content": "x" * 2000}]
+        with pytest.raises(openai.APIStatusError) as e:
+            await s.client().chat.completions.create(model="m1", messages=big)
+        assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+        async def chunked():  # no Content-Length: the limit holds while reading
+            yield b'{"model": "m1", "messages": [{"role": "user", "content": "'
+            for _ in range(30):
+                yield b"x" * 100
+            yield b'"}]}'
+
+        async with aiohttp.ClientSession() as http, http.post(f"{s.url}/chat/completions", data=chunked()) as resp:
+            body = await resp.json()
+        assert resp.status == 413 and body["error"]["code"] == "request_too_large"
+        ok = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert ok.choices[0].message.content == "ok"
+
+
+async def test_a_full_server_answers_429_with_retry_after_and_takes_nothing_more(serve):
+    blocking = Blocking()
+    provider = FakeProvider("p1", script=[blocking])
+    async with serve(ScriptedProviders(provider), serve={"max_pending": 3, "retry_after_s": 2}) as s:
+        client = s.client()
+        calls = [asyncio.ensure_future(client.chat.completions.create(model="m1", messages=MESSAGES)) for _ in range(3)]
+        await until(lambda: blocking.waiting >= 3)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.post(f"{s.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}) as resp:
+                body = await resp.json()
+                headers = resp.headers
+        assert resp.status == 429 and body["error"]["code"] == "queue_full"
+        assert headers["Retry-After"] == "2" and headers["x-should-retry"] == "true"
+        assert len(provider.calls) == 3  # the refused one was not queued
+        blocking.release.set()
+        answers = await asyncio.gather(*calls)
+        after = await client.chat.completions.create(model="m1", messages=MESSAGES)
+    assert [a.choices[0].message.content for a in answers] == ["released"] * 3
+    assert after.choices[0].message.content == "released"
+
+
+async def test_pending_bytes_are_bounded_too(serve):
+    blocking = Blocking()
+    async with serve(ScriptedProviders(FakeProvider("p1", script=[blocking])), serve={"max_pending_bytes": 600}) as s:
+        client = s.client()
+        first = asyncio.ensure_future(client.chat.completions.create(model="m1", messages=[
+            {"role": "user", "content": "y" * 400}]))
+        await until(lambda: blocking.waiting > 0)
+        with pytest.raises(openai.RateLimitError) as e:
+            await client.chat.completions.create(model="m1", messages=[{"role": "user", "content": "z" * 400}])
+        blocking.release.set()
+        await first
+    assert e.value.body["code"] == "queue_full"
+
+
+async def test_stopping_refuses_new_work_and_releases_waiters_with_503(serve):
+    blocking = Blocking()
+    async with serve(ScriptedProviders(FakeProvider("p1", script=[blocking]))) as s:
+        client = s.client()
+        waiting = asyncio.ensure_future(client.chat.completions.create(model="m1", messages=MESSAGES,
+                                                                       extra_headers={"Idempotency-Key": "w"}))
+        await until(lambda: blocking.waiting > 0)
+        s.server.stop_accepting()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{s.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}) as resp:
+                refused = resp.status, resp.headers.get("Retry-After"), (await resp.json())["error"]["code"]
+            async with http.get(s.base + "/healthz") as resp:
+                health = resp.status
+        s.server.release_waiters()
+        with pytest.raises(openai.InternalServerError) as e:
+            await asyncio.wait_for(waiting, 10)
+        blocking.release.set()
+    assert refused == (503, "1", "server_stopping") and health == 503
+    assert e.value.status_code == 503 and e.value.body["code"] == "server_stopping"
+    assert e.value.response.headers["x-should-retry"] == "true"
+
+
+async def test_unknown_routes_and_methods_answer_in_the_openai_shape(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s, aiohttp.ClientSession() as http:
+        async with http.get(f"{s.url}/embeddings") as resp:
+            missing = resp.status, await resp.json()
+        async with http.get(f"{s.url}/chat/completions") as resp:
+            wrong = resp.status, await resp.json()
+    assert missing[0] == 404 and set(missing[1]["error"]) == {"message", "type", "param", "code"}
+    assert wrong[0] == 405 and "GET" in wrong[1]["error"]["message"]
