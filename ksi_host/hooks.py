@@ -23,8 +23,10 @@ from .errors import KsiError, OperationalError, PluginLoadError, StartupError
 
 log = logging.getLogger("ksi_host.hooks")
 
-_HOUSEKEEPING = frozenset({"ksi_config_spec", "ksi_exclusive_hooks", "ksi_startup", "ksi_shutdown", "ksi_status"})
-"""Hooks that do not make a plugin worth starting on their own (see ``ksi_exclusive_hooks``)."""
+_HOUSEKEEPING = frozenset({"ksi_config_spec", "ksi_exclusive_hooks", "ksi_startup", "ksi_shutdown", "ksi_status",
+                           "ksi_cli_commands", "ksi_attempt_finished", "ksi_request_finished"})
+"""Hooks that do not keep a plugin worth starting once its others are taken over (see ``ksi_exclusive_hooks``):
+a queue that also observes its results has nothing to observe when another plugin queues."""
 
 
 @attrs.frozen
@@ -120,13 +122,15 @@ class HookCaller:
 
     def give_exclusively(self, owners: dict[str, str]) -> list[str]:
         """From now on call only ``owners[hook]``'s implementation of each hook in ``owners``. Returns the
-        plugins left with nothing to do: no hook but those every plugin may have (see ``ksi_exclusive_hooks``)."""
+        plugins that lost hooks to the owners and are left with nothing to do of their own (only the hooks of
+        :data:`_HOUSEKEEPING`: see ``ksi_exclusive_hooks``)."""
         self._owners.update(owners)
         self.reset()
         left = []
         for name, plugin in self.pm.list_name_plugin():
             hooks = {c.name for c in self.pm.get_hookcallers(plugin) or ()}
-            if not any(self.impls(h) and any(i.plugin == name for i in self.impls(h)) for h in hooks - _HOUSEKEEPING):
+            lost = any(owner != name for hook, owner in owners.items() if hook in hooks)
+            if lost and not any(any(i.plugin == name for i in self.impls(h)) for h in hooks - _HOUSEKEEPING):
                 left.append(name)
         return left
 

@@ -130,10 +130,11 @@ def ksi_exclusive_hooks(host: Host) -> list[str] | None:
     before start-up. Return the names of hooks this plugin takes over (for
     example a shared queue and ledger: ``ksi_enqueue``, ``ksi_cancel``,
     ``ksi_record_usage``, ...), or None. Other plugins' implementations of a
-    claimed hook are then never called; a plugin left with no hook but
-    ``ksi_config_spec``, ``ksi_exclusive_hooks``, ``ksi_startup``,
-    ``ksi_shutdown`` and ``ksi_status`` is not started at all (its config
-    table is still accepted). Two plugins claiming one hook stop start-up
+    claimed hook are then never called; a plugin that lost hooks to the claim
+    and is left with nothing but housekeeping (``ksi_config_spec``,
+    ``ksi_startup``, ``ksi_shutdown``, ``ksi_status``, ``ksi_cli_commands``)
+    and observer hooks (``ksi_attempt_finished``, ``ksi_request_finished``)
+    is not started at all (its config table is still accepted). Two plugins claiming one hook stop start-up
     (StartupError naming both). A plugin that is installed but not configured
     returns None and changes nothing.
     """

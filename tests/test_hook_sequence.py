@@ -393,3 +393,24 @@ async def test_a_cut_short_attempt_whose_record_fails_is_logged_at_stop_not_lost
         with pytest.raises(asyncio.CancelledError):
             await task
     assert "the record of an attempt cut short was lost: DatabaseError" in caplog.text
+
+
+async def test_a_plugin_that_loses_its_hooks_and_only_observes_besides_is_not_started_but_observers_are(make_host: Any) -> None:
+    class ObservingQueue(LocalQueue):
+        @hookimpl
+        def ksi_request_finished(self, result: Any) -> None: ...
+
+    class Audit:  # lost nothing: an observer only, it stays
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        @hookimpl
+        def ksi_request_finished(self, result: Any) -> None:
+            self.seen.append(result.status)
+
+    local, shared, audit = ObservingQueue(), SharedQueue(), Audit()
+    async with make_host(local, shared, audit, ScriptedProviders(FakeProvider("p")),
+                         config={"shared": {"dsn_env": "PG_DSN"}}) as host:
+        assert (await host.complete({"model": "m", "prompt": "hi"})).ok
+        assert "ObservingQueue" not in [p.name for p in host.plugins]
+    assert not local.started and audit.seen == ["ok"]

@@ -62,7 +62,7 @@ def test_the_ask_example_runs_as_shown(tmp_path: Path) -> None:
     p = subprocess.run(block, shell=True, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
     assert p.stdout == "mock response to: hello\n"
-    assert p.stderr.startswith("ksi-host: ok: 10 prompt + 20 completion = 30 tokens, cost $") and "provider mock" in p.stderr
+    assert p.stderr.startswith("ksi-host: ok: 8 prompt + 5 completion = 13 tokens, cost $") and "provider mock" in p.stderr
     assert (tmp_path / "ksi-host.db").exists()  # the default database, as the other commands use
 
 

@@ -38,7 +38,7 @@ async def test_a_continuing_request_without_a_session_plugin_ends_naming_what_to
         plain = await host.complete({"model": "m", "prompt": "Name?", "session_id": "s1"})
     assert r.status == "error" and r.attempts == () and len(p.calls) == 1  # only the plain request was sent
     assert r.error == {"type": "MissingPluginError",
-                       "message": "no plugin implements ksi_prepare_request: pip install ksi-sessions"}
+                       "message": "no plugin implements ksi_prepare_request: install ksi-sessions: pip install -e plugins/sessions"}
     assert plain.ok
 
 

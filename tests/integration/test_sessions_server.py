@@ -85,7 +85,7 @@ async def test_a_tool_call_conversation_goes_on_at_the_upstream(openai_server: A
         r3 = await host.complete({"model": "gpt-test", "session_id": "t", "prompt": "Thanks!", "continue_session": True})
     assert r2.ok and r3.ok, (r2.error, r3.error)
     asked = [user("Weather in Paris?"), {"role": "assistant", "content": None, "tool_calls": [call]}, result]
-    assert sent(openai_server) == [asked, [*asked, answer("echo: Weather in Paris?"), user("Thanks!")]]
+    assert sent(openai_server) == [asked, [*asked, answer("the tool said: 18 C"), user("Thanks!")]]  # the server answers a tool result
 
 
 async def test_old_turns_are_trimmed_and_the_system_message_stays(
