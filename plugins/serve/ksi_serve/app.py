@@ -225,6 +225,8 @@ class Server:
             await response.prepare(request)
             await response.write(wire.chunk(visible, created, model, _delta(first, role=True), first.finish_reason))
             async for delta in pieces:
+                if delta.content is None and not delta.tool_calls and delta.finish_reason is None and delta.refusal is None:
+                    continue  # only usage (or nothing): its numbers come in the usage chunk at the end
                 await response.write(wire.chunk(visible, created, model, _delta(delta), delta.finish_reason))
         except OperationalError as e:  # the request failed after its first piece: an error event, never a clean end
             result = getattr(e, "result", None)
