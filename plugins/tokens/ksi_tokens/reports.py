@@ -21,7 +21,7 @@ GROUPINGS: dict[str, str] = {
 """``by`` value -> the SQL expression of the group key. Only these strings ever reach SQL."""
 
 REPORT_KEYS = ("key", "calls", "requests", "unknown_calls", "in_flight_calls", "prompt_tokens", "completion_tokens",
-               "total_tokens", "cost_usd", "unpriced_calls")
+               "total_tokens", "cost_usd", "unpriced_calls", "cached_tokens", "reasoning_tokens")
 
 # Every call sent is a row. Token columns are NULL where the upstream reported no usage: their sums
 # are the tokens reported (0 when none was), and equal the results' usage sums. unknown_calls: the
@@ -34,7 +34,8 @@ _COLUMNS = (
     f" COALESCE(SUM(outcome = '{OUTCOME_SENT}'), 0) AS in_flight_calls,"
     " COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
     " COALESCE(SUM(total_tokens), 0) AS total_tokens, SUM(cost_usd) AS cost_usd,"
-    " COUNT(total_tokens) - COUNT(cost_usd) AS unpriced_calls"
+    " COUNT(total_tokens) - COUNT(cost_usd) AS unpriced_calls,"
+    " SUM(cached_tokens) AS cached_tokens, SUM(reasoning_tokens) AS reasoning_tokens"  # NULL: no call reported any
 )
 _SELECT = "SELECT {key} AS key, " + _COLUMNS + f" FROM {TABLE}"
 

@@ -101,6 +101,12 @@ MIGRATIONS: list[str] = [
     f"""
     CREATE INDEX token_usage_request ON {TABLE} (request_id);
     """,
+    # v5: the parts of the usage a provider may report besides the counts (issue 17): prompt tokens
+    # served from its cache and completion tokens spent reasoning; NULL where it reported none.
+    f"""
+    ALTER TABLE {TABLE} ADD COLUMN cached_tokens INTEGER;
+    ALTER TABLE {TABLE} ADD COLUMN reasoning_tokens INTEGER;
+    """,
 ]
 
 INDEXES = ("token_usage_created_at", "token_usage_call_id", "token_usage_sent", "token_usage_request")
@@ -122,11 +128,12 @@ INSERT_SENT = (
 # process's (``unknown``) gets its true ending if its process was alive after all.
 RECORD_END = (
     f"INSERT INTO {TABLE} (call_id, request_id, attempt, session_id, agent_id, originator_agent_id, purpose, model,"
-    " provider, prompt_tokens, completion_tokens, total_tokens, cost_usd, latency_ms, outcome, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " provider, prompt_tokens, completion_tokens, total_tokens, cost_usd, cached_tokens, reasoning_tokens, latency_ms,"
+    " outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (call_id) DO UPDATE SET prompt_tokens = excluded.prompt_tokens,"
     " completion_tokens = excluded.completion_tokens, total_tokens = excluded.total_tokens,"
-    " cost_usd = excluded.cost_usd, latency_ms = excluded.latency_ms, outcome = excluded.outcome"
+    " cost_usd = excluded.cost_usd, cached_tokens = excluded.cached_tokens, reasoning_tokens = excluded.reasoning_tokens,"
+    " latency_ms = excluded.latency_ms, outcome = excluded.outcome"
 )
 
 # At the start of a serving host: calls still 'sent' from before it started were sent by a
@@ -153,8 +160,9 @@ def end_row(request: CompletionRequest, call: UpstreamCall) -> tuple[Any, ...]:
     """
     u = call.usage
     if u is None:
-        tokens: tuple[Any, ...] = (None, None, None, None)
+        tokens: tuple[Any, ...] = (None, None, None, None, None, None)
     else:
-        tokens = (u.prompt_tokens, u.completion_tokens, u.total_tokens, None if u.cost_usd is None else float(u.cost_usd))
+        tokens = (u.prompt_tokens, u.completion_tokens, u.total_tokens, None if u.cost_usd is None else float(u.cost_usd),
+                  u.cached_tokens, u.reasoning_tokens)
     latency = None if call.latency_ms is None else float(call.latency_ms)
     return (*_request_part(request, call), *tokens, latency, call.outcome, float(call.created_at))

@@ -13,7 +13,7 @@ from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 DAY1 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 DAY2 = DAY1 + 86_400  # 2023-11-15
 KEYS = {"key", "calls", "requests", "unknown_calls", "in_flight_calls", "prompt_tokens", "completion_tokens", "total_tokens",
-        "cost_usd", "unpriced_calls"}
+        "cost_usd", "unpriced_calls", "cached_tokens", "reasoning_tokens"}
 
 
 async def seed(host):
@@ -168,3 +168,19 @@ async def test_without_the_plugin_the_host_names_it(make_host):
     async with make_host(DirectQueue()) as host:
         with pytest.raises(MissingPluginError, match="ksi-tokens"):
             await host.usage_report("model")
+
+
+async def test_cached_and_reasoning_tokens_are_columns_summed_where_reported(make_host):
+    from ksi_host import ProviderResponse, Usage
+    from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
+
+    answers = [ProviderResponse("a", usage=Usage(100, 20, 120, None, cached_tokens=64, reasoning_tokens=8)),
+               ProviderResponse("b", usage=Usage(10, 2, 12, None)),  # reported neither
+               ProviderResponse("c", usage=Usage(50, 30, 80, None, cached_tokens=0, reasoning_tokens=25))]
+    async with make_host(Plugin(), DirectQueue(), ScriptedProviders(FakeProvider("p", script=answers))) as host:
+        for i in range(3):
+            await host.complete({"model": "m", "prompt": f"q{i}", "agent_id": "x"})
+        rows = await host.db.fetchall("SELECT cached_tokens, reasoning_tokens FROM token_usage ORDER BY id")
+        (total,) = await host.usage_report("total")
+    assert [tuple(r) for r in rows] == [(64, 8), (None, None), (0, 25)]  # unknown stays NULL, not 0
+    assert (total["cached_tokens"], total["reasoning_tokens"]) == (64, 33)
