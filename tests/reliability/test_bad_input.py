@@ -104,7 +104,8 @@ def test_from_dict_validates_or_names_the_field(data: Any) -> None:
         assert isinstance(e.field, str) and e.reason
         root = field_root(e.field)
         if isinstance(data, dict):
-            assert e.field in data or root in data or root in ("model", "messages"), (e.field, data)
+            escaped = {str(k).encode("utf-8", "backslashreplace").decode("utf-8") for k in data}  # lone surrogates named escaped
+            assert e.field in data or root in data or root in ("model", "messages") or e.field in escaped, (e.field, data)
         else:
             assert e.field == "request"
         assert str(e).startswith(f"{e.field}: ")
