@@ -261,7 +261,7 @@ async def test_an_attempt_cut_short_by_a_cancel_joins_its_cancelled_request(otel
 
     async with otel_host(CancellingQueue(), ScriptedProviders(FakeProvider("a", script=[hang]))) as host:
         ticket = await host.submit({"model": "m", "prompt": "hi", "request_id": "r-cancel"})
-        await asyncio.sleep(0.02)  # the call is in flight
+        await asyncio.sleep(0.06)  # the call is in flight (for at least 20 ms of the 60, however slow the start)
         assert await host.cancel("r-cancel")
         assert (await ticket.result()).status == "cancelled"
         for _ in range(50):  # the attempt cut short is reported in the background
