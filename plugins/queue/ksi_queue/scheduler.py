@@ -89,6 +89,10 @@ class Scheduler:
         elif self.sessions[sid][0] is e:
             heappush(self.ready, (e.rank, e.seq, e))
 
+    def is_head(self, e: Entry) -> bool:
+        """Is ``e`` the first unfinished entry of its session (or of no session)?"""
+        return e.session_id is None or self.sessions[e.session_id][0] is e
+
     def restore(self, entries: Iterable[Entry]) -> None:
         """Bulk-add QUEUED entries given in submission order (start-up)."""
         sessions = self.sessions

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from ksi_queue import Plugin
 from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
-from ksi_host import Database
+from ksi_host import CompletionRequest, Database
 from ksi_host.errors import ConfigError, ProviderUnavailable
 from ksi_host.models import CompletionResult, Ticket
 from ksi_host.testing import FakeProvider, ScriptedProviders
@@ -172,3 +173,29 @@ async def test_ids_another_writer_stored_meanwhile_are_answered_from_the_table_a
     assert rows(ksi_db_path, "SELECT request_id, status FROM ksi_queue_requests WHERE request_id LIKE '%elsewhere'"
                 " ORDER BY seq") == [("done-elsewhere", "ok"), ("queued-elsewhere", "ok")]
     assert rows(ksi_db_path, "SELECT COUNT(*) FROM ksi_queue_requests") == [(4,)]
+
+
+async def test_a_deep_queue_keeps_only_the_rows_of_requests_behind_their_heads_and_runs_them_as_submitted(
+        make_host: Any, monkeypatch: Any) -> None:
+    from ksi_queue import plugin as queue_plugin
+
+    monkeypatch.setattr(queue_plugin, "HELD_IN_MEMORY", 3)
+    gate = asyncio.Event()
+
+    async def held(request: Any) -> str:
+        await gate.wait()
+        return "ok"
+
+    provider = FakeProvider("p1", script=[held])
+    submitted = [CompletionRequest.from_dict({"model": "m", "prompt": f"q{i}", "session_id": "s1", "request_id": f"d{i}",
+                                              "temperature": 0.5, "tools": [{"type": "function", "function": {"name": "f"}}]})
+                 for i in range(8)]
+    queue = Plugin()
+    async with make_host(queue, ScriptedProviders(provider)) as host:
+        tickets = [await host.submit(r) for r in submitted]
+        in_memory = [queue.entries[r.request_id].request is not None for r in submitted]
+        assert in_memory[:3] == [True] * 3 and in_memory[3:] == [False] * 5  # beyond 3 held, those behind the head do not
+        gate.set()
+        results = [await t.result() for t in tickets]
+    assert all(r.ok for r in results)
+    assert provider.calls == submitted  # loaded from their rows when their turn came: every field as submitted
