@@ -411,3 +411,35 @@ def needs(parameters: dict[str, Any], messages: Any) -> frozenset[str]:
         if isinstance(content, (list, tuple)):
             found.update(p["type"] for p in content if p.get("type") not in ("text", "refusal"))
     return frozenset(found)
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's ``content``: the string, or its parts' ``text`` joined by spaces."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def schema_example(schema: Any, text: str, depth: int = 0) -> Any:
+    """A JSON value of ``schema`` (a JSON schema), every property filled in, strings ``text``: what an offline
+    model (the test server, the litellm plugin's ``mock/``) answers a tool's parameters or a ``json_schema`` with."""
+    if not isinstance(schema, dict) or depth > 16:
+        return text
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema_example(schema[key][0], text, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        return {name: schema_example(sub, text, depth + 1) for name, sub in props.items()}
+    if kind == "array":
+        return [schema_example(schema.get("items"), text, depth + 1)]
+    return {"integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, text)  # type: ignore[arg-type]

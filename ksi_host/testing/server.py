@@ -106,6 +106,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+from ..chat import content_text, schema_example
+
 FAULTS = frozenset(
     {"ok", "429", "400", "401", "403", "500", "502", "503", "context_length", "hang", "malformed", "disconnect",
      "cut", "hold", "refusal"}
@@ -202,50 +204,8 @@ def _last_user_text(messages: Any) -> str:
     if isinstance(messages, list):
         for m in reversed(messages):
             if isinstance(m, dict) and m.get("role") == "user":
-                c = m.get("content")
-                if isinstance(c, str):
-                    return c
-                if isinstance(c, list):
-                    return " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+                return content_text(m.get("content"))
     return ""
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def _example(schema: Any, text: str, depth: int = 0) -> Any:
-    """A JSON value of ``schema`` (a JSON schema), every property filled in; strings are ``text``."""
-    if not isinstance(schema, dict) or depth > 16:
-        return text
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return _example(schema[key][0], text, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        return {name: _example(sub, text, depth + 1) for name, sub in props.items()}
-    if kind == "array":
-        return [_example(schema.get("items"), text, depth + 1)]
-    if kind == "integer":
-        return 1
-    if kind == "number":
-        return 1.5
-    if kind == "boolean":
-        return True
-    if kind == "null":
-        return None
-    return text
 
 
 def _tool_called(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -662,12 +622,12 @@ class OpenAIServer:
         tool = None if last.get("role") == "tool" else _tool_called(body)
         if tool is not None:
             params = tool.get("parameters") if isinstance(tool.get("parameters"), dict) else {"type": "object"}
-            arguments = _example(params, _last_user_text(messages))
+            arguments = schema_example(params, _last_user_text(messages))
             call = {"id": f"call_test_{self._next_id + 1}", "type": "function",
                     "function": {"name": str(tool.get("name")), "arguments": json.dumps(arguments)}}
             return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
         if last.get("role") == "tool":
-            text = f"the tool said: {_text_of(last.get('content'))}"
+            text = f"the tool said: {content_text(last.get('content'))}"
         else:
             text = self.reply if self.reply is not None else f"echo: {_last_user_text(messages)}"
         fmt = body.get("response_format")
@@ -675,7 +635,7 @@ class OpenAIServer:
             text = json.dumps({"echo": text})
         elif isinstance(fmt, dict) and fmt.get("type") == "json_schema":
             schema = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else {}
-            text = json.dumps(_example(schema.get("schema", {"type": "object"}), text))
+            text = json.dumps(schema_example(schema.get("schema", {"type": "object"}), text))
         return {"role": "assistant", "content": text}, "stop"
 
     def _usage(self, messages: Any, message: dict[str, Any]) -> dict[str, Any]:

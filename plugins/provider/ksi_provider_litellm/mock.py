@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 from ksi_host import CompletionRequest
+from ksi_host.chat import content_text, schema_example
 
 MAX_ECHO = 200
 """How much of the last user message a mock answer repeats."""
@@ -28,36 +29,8 @@ MAX_ECHO = 200
 def last_user_text(request: CompletionRequest) -> str:
     for m in reversed(request.messages):
         if m.get("role") == "user":
-            return _text(m.get("content"))
+            return content_text(m.get("content"))
     return ""
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return " ".join(str(p.get("text", "")) for p in content or () if isinstance(p, dict))
-
-
-def example(schema: Any, text: str, depth: int = 0) -> Any:
-    """A JSON value of ``schema`` (a JSON schema): every property filled in, strings ``text``."""
-    if not isinstance(schema, dict) or depth > 16:
-        return text
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            return example(schema[key][0], text, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        return {name: example(sub, text, depth + 1) for name, sub in props.items()}
-    if kind == "array":
-        return [example(schema.get("items"), text, depth + 1)]
-    return {"integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, text)  # type: ignore[arg-type]
 
 
 def tool_called(request: CompletionRequest) -> dict[str, Any] | None:
@@ -77,14 +50,14 @@ def text_of(request: CompletionRequest) -> str:
     """The text of a mock answer (see the module docstring)."""
     last = request.messages[-1]
     if last.get("role") == "tool":
-        text = f"mock response to the tool result: {_text(last.get('content'))[:MAX_ECHO]}"
+        text = f"mock response to the tool result: {content_text(last.get('content'))[:MAX_ECHO]}"
     else:
         text = f"mock response to: {last_user_text(request)[:MAX_ECHO]}"
     fmt = request.response_format or {}
     if fmt.get("type") == "json_object":
         return json.dumps({"response": text})
     if fmt.get("type") == "json_schema":
-        return json.dumps(example((fmt.get("json_schema") or {}).get("schema", {"type": "object"}), text))
+        return json.dumps(schema_example((fmt.get("json_schema") or {}).get("schema", {"type": "object"}), text))
     return text
 
 
@@ -93,11 +66,11 @@ def mock_response(lit: Any, request: CompletionRequest, model: str) -> Any:
     tool = tool_called(request)
     if tool is None:
         return text_of(request)
-    arguments = json.dumps(example(tool.get("parameters") or {"type": "object"}, last_user_text(request)[:MAX_ECHO]))
+    arguments = json.dumps(schema_example(tool.get("parameters") or {"type": "object"}, last_user_text(request)[:MAX_ECHO]))
     seed = json.dumps([list(request.messages), tool.get("name"), arguments], sort_keys=True).encode()  # same request, same id
     call = {"id": "call_mock_" + hashlib.sha256(seed).hexdigest()[:24], "type": "function",
             "function": {"name": str(tool.get("name")), "arguments": arguments}}
-    prompt = sum(len(_text(m.get("content")).split()) + 3 for m in request.messages)
+    prompt = sum(len(content_text(m.get("content")).split()) + 3 for m in request.messages)
     completion = max(1, len(arguments.split()))
     return lit.ModelResponse(
         model=model,
@@ -107,4 +80,4 @@ def mock_response(lit: Any, request: CompletionRequest, model: str) -> Any:
     )
 
 
-__all__ = ["example", "last_user_text", "mock_response", "text_of", "tool_called"]
+__all__ = ["last_user_text", "mock_response", "text_of", "tool_called"]
