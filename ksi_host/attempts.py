@@ -105,7 +105,7 @@ class AttemptRunner:
         ranked = await self.ranking.of(request.model)
         if not ranked.order:
             raise MissingPluginError("ksi_select_provider", hookspecs.INSTALL_HINTS["ksi_select_provider"])
-        unable = ranked.unable(request.needs())
+        unable = ranked.unable(request.needs()) if ranked.limited else {}  # (needs: ~3 us, only where it matters)
         exclude = frozenset(excluded | unable.keys()) if excluded or unable else _NO_EXCLUDE
         args = {"host": self.host, "request": request, "exclude": exclude}
         blocked: ProviderUnavailable | None = None

@@ -31,6 +31,11 @@ class Ranked:
     order: tuple[Impl, ...]  # the ``ksi_select_provider`` hookimpls, in the order to ask them
     supports: dict[str, frozenset[str] | None]  # deployment name -> what it supports (None: everything)
 
+    @property
+    def limited(self) -> bool:
+        """Does any deployment of the model declare what it supports (so a request's needs must be checked)?"""
+        return any(can is not None for can in self.supports.values())
+
     def unable(self, needs: frozenset[str]) -> dict[str, list[str]]:
         """The deployments that lack something of ``needs``: name -> what they lack."""
         return {name: sorted(needs - can) for name, can in self.supports.items() if can is not None and not needs <= can}

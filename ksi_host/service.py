@@ -45,7 +45,6 @@ from .plugins import PluginInfo, register
 from .streaming import CompletionStream, StreamSink
 
 log = logging.getLogger("ksi_host")
-_NO_EXCLUDE: frozenset[str] = frozenset()
 _NO_USAGE = Usage()
 
 

@@ -135,7 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_log_to_stderr = log_to_stderr
 
 
 def _err(message: str) -> None:
@@ -390,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if args.verbose:
-        _log_to_stderr("DEBUG" if args.verbose > 1 else "INFO")
+        log_to_stderr("DEBUG" if args.verbose > 1 else "INFO")
     from ..errors import MissingPluginError, OperationalError, StartupError
 
     try:
