@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from ksi_host import Database
-from ksi_host.db import WAL_AUTOCHECKPOINT_PAGES
+from ksi_host.db import CHECKPOINT_AFTER_ROWS
 from ksi_host.errors import DatabaseError, DatabaseStartupError, OperationalError, StartupError
 
 
@@ -15,7 +15,29 @@ async def test_pragmas(tmp_path):
         assert await db.pragma("foreign_keys") == 1
         assert await db.pragma("synchronous") == 1  # NORMAL
         assert await db.pragma("busy_timeout") >= 1000
-        assert await db.pragma("wal_autocheckpoint") == WAL_AUTOCHECKPOINT_PAGES > 1000
+        assert await db.pragma("wal_autocheckpoint") == 0  # checkpoints run on the reader's thread
+
+
+async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_database_thread(tmp_path):
+    path = tmp_path / "a.db"
+    async with Database(path) as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, thread INTEGER, pad TEXT)"])
+        db._writer.create_function("thread_id", 0, threading.get_ident)  # (the helper's own test: its writer)
+        await db.execute("INSERT INTO t(thread, pad) VALUES (thread_id(), '')")
+        assert (await db.fetchone("SELECT thread FROM t"))[0] == threading.get_ident()
+        assert db._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # never inside a commit
+
+        pad = "x" * 2000  # every row its own page: the log grows by thousands of pages
+        for _ in range(0, CHECKPOINT_AFTER_ROWS - 100, 500):
+            await db.executemany("INSERT INTO t(thread, pad) VALUES (?, ?)", [(0, pad)] * 500)
+        assert db.checkpoints == 0 and path.stat().st_size < 100_000  # the rows are in the log, not yet in the file
+        await db.executemany("INSERT INTO t(thread, pad) VALUES (?, ?)", [(0, pad)] * 200)
+        for _ in range(200):
+            if db.checkpoints:
+                break
+            await asyncio.sleep(0.01)
+        assert db.checkpoints == 1
+        assert path.stat().st_size > CHECKPOINT_AFTER_ROWS * 2000  # copied into the file
 
 
 async def test_migrations_are_recorded_per_owner_and_run_once(tmp_path):
