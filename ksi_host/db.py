@@ -13,9 +13,11 @@ One database file per host, two connections to it, each with one job:
 Both are opened with ``journal_mode=WAL``, ``synchronous=NORMAL``, ``foreign_keys=ON`` and
 a busy timeout, so readers never block the writer and a committed write survives a killed
 process. A commit then writes to the log and syncs nothing; what syncs (twice) is the
-checkpoint, and it runs on the reader's thread: after every ``CHECKPOINT_AFTER_ROWS``
-rows written, a ``PRAGMA wal_checkpoint(PASSIVE)`` there, which never holds the writer
-(``wal_autocheckpoint = 0`` on both connections: SQLite's own would run inside a commit).
+checkpoint that copies the log into the file. SQLite's own (``wal_autocheckpoint``, off on
+both connections here) runs inside a commit, and held every other commit for tens of
+milliseconds; here, after every ``CHECKPOINT_AFTER_ROWS`` rows written, the reader's thread
+copies the bulk while commits go on, and the writer then copies the few pages committed
+meanwhile (see :meth:`Database._run_checkpoint`).
 
 Why the writer runs on the loop's thread: a commit in WAL mode without a sync costs tens of
 microseconds, less than the trip to another thread and back it would need (two thread
@@ -55,11 +57,13 @@ if TYPE_CHECKING:  # imported on the database thread: `ksi-host --help` and `ksi
 
 log = logging.getLogger("ksi_host.db")
 
-CHECKPOINT_AFTER_ROWS = 3_000
-"""Checkpoint (on the reader's thread) once the writer has inserted, updated or deleted this many rows
-since the last one: about 10,000 log pages (~40 MB with 4 KiB pages) with the queue's and the ledger's
-statements, measured. Fewer, larger checkpoints copy a page that every commit rewrites (the last page
-of each table and index) once per checkpoint, and sync ten times more rarely than SQLite's default."""
+CHECKPOINT_AFTER_ROWS = 5_000
+"""Checkpoint once the writer has inserted, updated or deleted this many rows since the last one. With the
+queue's and the ledger's statements that is about 2,000 log pages (8 MB) when eight requests share a commit
+(benchmarks/host_only.py), several times more when each commits alone. Each checkpoint ends with the
+writer's own short one on the loop's thread (1.7 ms measured, mostly two syncs): rarer checkpoints make that
+rarer, and copy a page that every commit rewrites (the last page of each table and index) once for many
+commits; more frequent ones keep the log file smaller."""
 
 DEFAULT_DB_ENV = "KSI_HOST_DB"
 DEFAULT_DB_PATH = "ksi-host.db"
@@ -305,10 +309,25 @@ class Database:
         self._checkpoint = asyncio.ensure_future(self._run_checkpoint())
 
     async def _run_checkpoint(self) -> None:
-        """One passive checkpoint on the reader's thread. One that fails is logged and the next is asked for after
-        as many rows again: the log keeps every commit (nothing is lost), it only grows until a checkpoint succeeds."""
+        """Copy the log into the file without holding the writer, then let the writer start the log over.
+
+        The bulk is copied by a passive checkpoint on the reader's thread while commits go on. The log restarts
+        from its beginning (instead of growing) only when a write begins with every page of it copied; under a
+        steady load, pages committed while the bulk was copied are always left. So, back on the loop's thread
+        and before any other commit, the writer copies those few itself (a passive checkpoint of its own: those
+        pages and two syncs: 1.7 ms at the median, measured with benchmarks/host_only.py's load) and its next
+        commit starts the log over.
+
+        One that fails is logged, and the next is asked for after as many rows again: the log keeps every commit
+        (nothing is lost); it only grows until a checkpoint succeeds."""
         try:
             busy, frames, copied = await self._run(_checkpoint_sync, self._reader)
+            if self._writer is not None and self._writer is not self._reader:
+                try:
+                    _checkpoint_sync(self._writer)
+                except Exception as e:
+                    self._raise_failure(e)
+                    raise
         except DatabaseError as e:
             log.warning("%s; the write-ahead log grows until a checkpoint succeeds", e)
             return
@@ -375,7 +394,7 @@ def _close(conn: sqlite3.Connection) -> None:
 
 def _checkpoint_sync(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """``PRAGMA wal_checkpoint(PASSIVE)``: (1 if it could not copy everything, log pages, pages copied)."""
-    return tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())  # type: ignore[return-value]
+    return tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0])  # type: ignore[return-value]
 
 
 def _fetchall(conn: sqlite3.Connection, sql: str, params: Any) -> list[sqlite3.Row]:

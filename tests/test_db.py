@@ -1,11 +1,12 @@
 import asyncio
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 
+import ksi_host.db
 from ksi_host import Database
-from ksi_host.db import CHECKPOINT_AFTER_ROWS
 from ksi_host.errors import DatabaseError, DatabaseStartupError, OperationalError, StartupError
 
 
@@ -18,7 +19,8 @@ async def test_pragmas(tmp_path):
         assert await db.pragma("wal_autocheckpoint") == 0  # checkpoints run on the reader's thread
 
 
-async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_database_thread(tmp_path):
+async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_database_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(ksi_host.db, "CHECKPOINT_AFTER_ROWS", 300)
     path = tmp_path / "a.db"
     async with Database(path) as db:
         await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, thread INTEGER, pad TEXT)"])
@@ -27,17 +29,34 @@ async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_datab
         assert (await db.fetchone("SELECT thread FROM t"))[0] == threading.get_ident()
         assert db._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # never inside a commit
 
-        pad = "x" * 2000  # every row its own page: the log grows by thousands of pages
-        for _ in range(0, CHECKPOINT_AFTER_ROWS - 100, 500):
-            await db.executemany("INSERT INTO t(thread, pad) VALUES (?, ?)", [(0, pad)] * 500)
+        pad = "x" * 2000  # every row its own page: the log grows by a page a row
+        for _ in range(5):
+            await db.executemany("INSERT INTO t(thread, pad) VALUES (?, ?)", [(0, pad)] * 50)
         assert db.checkpoints == 0 and path.stat().st_size < 100_000  # the rows are in the log, not yet in the file
-        await db.executemany("INSERT INTO t(thread, pad) VALUES (?, ?)", [(0, pad)] * 200)
+        await db.executemany("INSERT INTO t(thread, pad) VALUES (?, ?)", [(0, pad)] * 50)
         for _ in range(200):
             if db.checkpoints:
                 break
             await asyncio.sleep(0.01)
         assert db.checkpoints == 1
-        assert path.stat().st_size > CHECKPOINT_AFTER_ROWS * 2000  # copied into the file
+        assert path.stat().st_size > 300 * 2000  # copied into the file
+
+
+async def test_under_a_steady_load_the_log_starts_over_after_each_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(ksi_host.db, "CHECKPOINT_AFTER_ROWS", 300)
+    path = tmp_path / "a.db"
+    async with Database(path) as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, pad TEXT)"])
+        pad = "x" * 2000
+
+        async def writer(n: int) -> None:  # never a pause for the checkpoint to catch up in
+            for _ in range(n):
+                await db.execute("INSERT INTO t(pad) VALUES (?)", (pad,))
+
+        await asyncio.gather(*(writer(750) for _ in range(4)))  # 3,000 pages of log written
+        assert db.checkpoints >= 3
+        assert Path(f"{path}-wal").stat().st_size < 1_500 * 4096  # it started over: it did not grow to 3,000 pages
+        assert (await db.fetchone("SELECT COUNT(*) FROM t"))[0] == 3000
 
 
 async def test_migrations_are_recorded_per_owner_and_run_once(tmp_path):
