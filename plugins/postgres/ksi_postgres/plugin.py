@@ -21,6 +21,7 @@ from .db import Pg
 from .ledger import Ledger, end_row, sent_row
 from .queue import PgQueue
 from .views import details, list_requests, status
+from .windows import PgWindowStore
 
 TABLE = "postgres"
 
@@ -38,6 +39,7 @@ class Plugin:
         self.pg: Pg | None = None
         self.queue: PgQueue | None = None
         self.ledger: Ledger | None = None
+        self.windows: PgWindowStore | None = None
 
     @ksi_host.hookimpl
     def ksi_config_spec(self) -> tuple[str, type]:
@@ -46,6 +48,16 @@ class Plugin:
     @ksi_host.hookimpl
     def ksi_exclusive_hooks(self, host: Any) -> list[str] | None:
         return list(CLAIMED_HOOKS) if host.config[TABLE].configured else None
+
+    @ksi_host.hookimpl
+    def ksi_window_store(self, host: Any) -> PgWindowStore | None:
+        """The rate windows of every host on the database (ksi-limits asks at its start-up, maybe before ours)."""
+        cfg: PostgresConfig = host.config[TABLE]
+        if not cfg.configured:
+            return None
+        if self.windows is None:
+            self.windows = PgWindowStore(cfg.window_poll_s)
+        return self.windows
 
     @ksi_host.hookimpl
     async def ksi_startup(self, host: Any) -> None:
@@ -69,6 +81,9 @@ class Plugin:
             self.ledger = Ledger(pg, queue.host_id)
             await queue.start()
             self.queue = queue
+            if self.windows is None:
+                self.windows = PgWindowStore(cfg.window_poll_s)
+            self.windows.bind(pg, queue.host_id)
         except BaseException:
             await pg.close()
             self.pg = None
@@ -95,6 +110,8 @@ class Plugin:
         finally:
             pg, self.pg = self.pg, None
             self.queue = None
+            if self.windows is not None:
+                self.windows.close()
             self.ledger = None  # a call cut short that reports later stays 'sent'; the other hosts settle it as unknown
             await pg.close()
 
