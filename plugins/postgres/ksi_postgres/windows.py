@@ -10,9 +10,15 @@ A window counts the rows of its key that are in flight or ended less than ``wind
 * ``take`` is one call of ``ksi_pg_window_take`` (one round trip, one transaction): it inserts the keys'
   rows it has not seen (``ON CONFLICT DO NOTHING``), locks them in (rule, name) order (``SELECT ... FOR
   UPDATE``: two hosts taking the same keys take turns, and cannot deadlock), ends the leases in flight of
-  hosts that are gone, deletes the rows that slid out, sums what each window counts, and inserts the leases
-  only if every key has room; else it answers, per key lacking room, in how many seconds the rows sliding out
-  will have made it (NULL: only calls in flight ending can).
+  hosts that are gone, sums what each window counts, and inserts the leases only if every key has room; else
+  it answers, per key lacking room, in how many seconds the rows sliding out will have made it (NULL: only
+  calls in flight ending can).
+* The sum: each key's row keeps ``tokens`` and ``requests`` of its *counted* leases (ended ones that a take
+  folded in, under the key's lock); a take folds in the leases that ended since the last one, deletes (and
+  subtracts) those that slid out, and adds the ones not counted (in flight). So a take touches the rows that
+  changed since the last take, not every row of the window: summing every row, admissions fell from 958 to
+  667 a second between 1,600 and 4,800 rows in the window; with the kept sums they stay flat to 24,000 rows
+  (see the README).
 * ``settle`` ends the lease's rows now (``tokens`` as reported, or the reservation); ``release`` deletes them.
 * Times are the database's clock (``ksi_pg_now()``): a host's ``host.clock`` is monotonic and its own, so a
   refusal's delay is given back as ``now + delay`` on the caller's clock.
@@ -45,6 +51,8 @@ CREATE TABLE ksi_pg_windows (
     rule     integer NOT NULL,
     name     text NOT NULL,
     window_s double precision NOT NULL,
+    tokens   bigint NOT NULL DEFAULT 0,
+    requests bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (rule, name)
 );
 
@@ -57,17 +65,21 @@ CREATE TABLE ksi_pg_window_leases (
     tokens     integer NOT NULL,
     started_at double precision NOT NULL,
     ended_at   double precision,
+    counted    boolean NOT NULL DEFAULT false,
     FOREIGN KEY (rule, name) REFERENCES ksi_pg_windows (rule, name)
 );
 CREATE INDEX ksi_pg_window_leases_key ON ksi_pg_window_leases (rule, name, ended_at);
+CREATE INDEX ksi_pg_window_leases_open ON ksi_pg_window_leases (rule, name) WHERE NOT counted;
 CREATE UNIQUE INDEX ksi_pg_window_leases_held ON ksi_pg_window_leases (host_id, lease, rule, name) WHERE ended_at IS NULL;
 
 CREATE FUNCTION ksi_pg_window_take(p_host text, p_lease text, p_rules integer[], p_names text[],
-    p_window double precision[], p_rpm integer[], p_tpm integer[], p_conc integer[], p_tokens integer[])
+    p_window double precision[], p_rpm bigint[], p_tpm bigint[], p_conc bigint[], p_tokens integer[])
 RETURNS TABLE (o_rule integer, o_name text, o_retry_in double precision) LANGUAGE plpgsql AS $fn$
 DECLARE
     t_now double precision := ksi_pg_now();
     k record;
+    d_tokens bigint;
+    d_requests bigint;
     n_tokens bigint;
     n_requests bigint;
     n_flight bigint;
@@ -82,12 +94,25 @@ BEGIN
         ORDER BY kw.rule, kw.name FOR UPDATE OF kw;
     FOR k IN SELECT * FROM unnest(p_rules, p_names, p_window, p_rpm, p_tpm, p_conc, p_tokens)
              AS u(r, n, w, rpm, tpm, conc, tok) ORDER BY u.r, u.n LOOP
+        -- the leases in flight of hosts that are gone end now
         UPDATE ksi_pg_window_leases l SET ended_at = t_now FROM ksi_pg_hosts h
-         WHERE l.rule = k.r AND l.name = k.n AND l.ended_at IS NULL AND h.host_id = l.host_id
+         WHERE l.rule = k.r AND l.name = k.n AND l.ended_at IS NULL AND NOT l.counted AND h.host_id = l.host_id
            AND (h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < t_now);
-        DELETE FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n AND ended_at <= t_now - k.w;
-        SELECT coalesce(sum(tokens), 0), count(*), count(*) FILTER (WHERE ended_at IS NULL)
-          INTO n_tokens, n_requests, n_flight FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n;
+        -- the key's row sums its counted leases: those that ended since the last take join them, those that
+        -- slid out leave them (and the table)
+        WITH folded AS (
+            UPDATE ksi_pg_window_leases SET counted = true
+            WHERE rule = k.r AND name = k.n AND NOT counted AND ended_at IS NOT NULL RETURNING tokens
+        ) SELECT coalesce(sum(tokens), 0), count(*) INTO d_tokens, d_requests FROM folded;
+        WITH gone AS (
+            DELETE FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n AND counted AND ended_at <= t_now - k.w
+            RETURNING tokens
+        ) SELECT d_tokens - coalesce(sum(tokens), 0), d_requests - count(*) INTO d_tokens, d_requests FROM gone;
+        UPDATE ksi_pg_windows SET tokens = tokens + d_tokens, requests = requests + d_requests, window_s = k.w
+         WHERE rule = k.r AND name = k.n RETURNING tokens, requests INTO n_tokens, n_requests;
+        -- plus what is not counted yet: in flight (or ended after the fold: only takes set counted, under the lock)
+        SELECT n_tokens + coalesce(sum(tokens), 0), n_requests + count(*), count(*) FILTER (WHERE ended_at IS NULL)
+          INTO n_tokens, n_requests, n_flight FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n AND NOT counted;
         CONTINUE WHEN (k.tpm IS NULL OR n_tokens + k.tok <= k.tpm) AND (k.rpm IS NULL OR n_requests < k.rpm)
                   AND (k.conc IS NULL OR n_flight < k.conc);
         refused := true;
@@ -122,7 +147,7 @@ SETTLE = (
 RELEASE = "DELETE FROM ksi_pg_window_leases WHERE host_id = $1 AND lease = $2 AND ended_at IS NULL RETURNING rule, name"
 END_GONE_HOSTS = """
 UPDATE ksi_pg_window_leases l SET ended_at = ksi_pg_now() FROM ksi_pg_hosts h
-WHERE l.ended_at IS NULL AND h.host_id = l.host_id AND (h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < ksi_pg_now())
+WHERE l.ended_at IS NULL AND NOT l.counted AND h.host_id = l.host_id AND (h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < ksi_pg_now())
 """
 """The leases in flight of hosts that are gone end now (as in ``ksi_pg_window_take``, for every key)."""
 SNAPSHOT = """
