@@ -1,7 +1,8 @@
 """The ksi-postgres plugin: the queue and the usage ledger on PostgreSQL, shared by any number of hosts.
 
 Configured (``[postgres] dsn_env = "KSI_PG_DSN"``), it claims the queue's and the ledger's hooks
-(``ksi_exclusive_hooks``), so ksi-queue and ksi-tokens, if installed, are not started. Installed but not
+(``ksi_exclusive_hooks``), so ksi-queue and ksi-tokens, if installed, are not started, and offers ksi-limits
+its rate windows shared by every host (``ksi_window_store``: :mod:`ksi_postgres.windows`). Installed but not
 configured, it answers nothing and changes nothing. See the README.
 """
 
