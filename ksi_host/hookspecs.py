@@ -38,7 +38,7 @@ The order of the hooks of one request, as ``host.execute`` runs it::
     ksi_prepare_request                         once, before the first attempt
     for each attempt:
         ksi_select_provider                     (plugins asked in the host's order)
-        ksi_admit                               may wait for room; may refuse
+        ksi_admit                               may wait for room (windows: ksi_window_store); may refuse
         ksi_attempt_started                     durable before the call is sent
         Provider.complete                       one upstream call
         ksi_record_usage                        durable, before the result is final
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
         UpstreamCall,
     )
     from .service import Host
+    from .windows import WindowStore
 
 PROJECT = "ksi_host"
 
@@ -307,6 +308,25 @@ def ksi_admit(host: Host, request: CompletionRequest, provider: Provider, attemp
     returned is followed by exactly one ``ksi_attempt_finished`` for the same
     request and attempt number (with the usage it reported, to true up a
     reservation), whatever happens after it.
+    """
+
+
+@hookspec(firstresult=True)
+def ksi_window_store(host: Host) -> WindowStore | None:
+    """Offer the store of rate windows, when this plugin keeps state shared by several hosts.
+
+    Called by a rate-limiting plugin (ksi-limits) once, in its ``ksi_startup``
+    (so possibly before this plugin's own ``ksi_startup`` has run: the store
+    must accept calls only from the first admission on, after every plugin
+    started). Return an object satisfying
+    :class:`~ksi_host.windows.WindowStore` (``take``, ``settle``, ``release``,
+    ``seed``, ``snapshot``, ``poll_s``, ``shared``) whose windows every host on
+    the same shared state sees, or None (not configured for sharing): the
+    limiting plugin then keeps its windows in its own process.
+
+    Raising a :class:`~ksi_host.errors.StartupError` stops start-up with its
+    message; anything else is a programming error.
+    firstresult. Reference implementation: ``ksi-postgres``.
     """
 
 

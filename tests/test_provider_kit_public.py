@@ -14,7 +14,8 @@ import ksi_host.providers as kit
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDER_PLUGINS = ["provider", "provider-openai", "provider-claude-cli"]
 READMES = [ROOT / "README.md"] + [ROOT / "plugins" / p / "README.md" for p in PROVIDER_PLUGINS]
-PUBLIC_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.errors", "ksi_host.models", "ksi_host.providers", "ksi_host.testing"} | {
+PUBLIC_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.errors", "ksi_host.models", "ksi_host.providers", "ksi_host.testing",
+                  "ksi_host.windows"} | {
     f"ksi_host.providers.{m}" for m in ("circuit", "circuit_store", "config", "deployment_provider", "deployments",
                                         "errormap", "plugin", "validators")}
 README_MODULES = {"ksi_host", "ksi_host.providers", "ksi_host.providers.validators", "ksi_host.testing"}

@@ -3,6 +3,8 @@
 See :mod:`ksi_limits.plugin` for the hooks and the README for the ``[limits]`` table.
 """
 
-from .store import Claim, Limit, LocalWindowStore, Refusal, WindowStore
+from ksi_host.windows import Claim, Key, Limit, Refusal, WindowState, WindowStore
 
-__all__ = ["Claim", "Limit", "LocalWindowStore", "Refusal", "WindowStore"]
+from .store import LocalWindowStore
+
+__all__ = ["Claim", "Key", "Limit", "LocalWindowStore", "Refusal", "WindowState", "WindowStore"]

@@ -1,6 +1,6 @@
 """Waiting for room, in arrival order: :class:`Admission`.
 
-An attempt asks the :class:`~ksi_limits.store.WindowStore` for room in every
+An attempt asks the :class:`~ksi_host.windows.WindowStore` for room in every
 window it needs (its deployment's, its agent's, its model's). When every one
 has room and nobody waits on any of them, it goes at once. Otherwise it waits,
 in the queue of each window that lacked room (and of each window where an
@@ -26,7 +26,7 @@ import bisect
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
-from .store import Claim, Key, WindowStore
+from ksi_host.windows import Claim, Key, WindowStore
 
 
 async def answer(value: Any) -> Any:

@@ -37,12 +37,13 @@ import attrs
 from ksi_host import hookimpl
 from ksi_host.errors import BadRequest, OperationalError, StartupError
 from ksi_host.models import OUTCOME_OK, OUTCOME_UNKNOWN, Attempt, CompletionRequest, Provider, UpstreamCall
+from ksi_host.windows import Claim, Key, Limit, WindowStore
 
 from .admission import Admission, answer
 from .budgets import BudgetBook
 from .config import LimitRule, LimitsConfig, is_glob, matches
 from .estimate import Estimate, estimate
-from .store import Claim, Key, Limit, LocalWindowStore, WindowStore
+from .store import LocalWindowStore
 
 TABLE = "limits"
 log = logging.getLogger("ksi_host.limits")
@@ -90,7 +91,9 @@ def _tokens(call: UpstreamCall) -> int | None:
 
 
 class Plugin:
-    """Rate limits and spending budgets. ``store``: the window store (default: :class:`LocalWindowStore`)."""
+    """Rate limits and spending budgets. ``store``: the window store (default: the one a plugin offers through
+    ``ksi_window_store``, such as ksi-postgres's shared by every host on its database; else
+    :class:`LocalWindowStore`, this process's memory)."""
 
     def __init__(self, store: WindowStore | None = None) -> None:
         self._store = store
@@ -112,7 +115,7 @@ class Plugin:
         return TABLE, LimitsConfig
 
     @hookimpl
-    def ksi_startup(self, host: Any) -> None:
+    async def ksi_startup(self, host: Any) -> None:
         config = host.config.get(TABLE)
         self.config = config if isinstance(config, LimitsConfig) else LimitsConfig()
         self.rules = {scope: [] for scope in SCOPES}
@@ -120,6 +123,8 @@ class Plugin:
             self.rules[r.scope].append(Rule(i, r, Limit(r.window_s, r.rpm, r.tpm, r.concurrency)))
         self._matched = {}
         self.store = self._store or LocalWindowStore()
+        if self._store is None and self.config.rules:  # a plugin keeping state shared by hosts may offer its windows
+            self.store = await host.hooks.first("ksi_window_store", host=host) or self.store
         self.admission = Admission(self.store, host.clock, host.sleep)
         self.budgets = None
         if self.config.budgets:

@@ -1,116 +1,20 @@
-"""Where the windows live: the :class:`WindowStore` interface and the in-process :class:`LocalWindowStore`.
+"""Where the windows live: the in-process :class:`LocalWindowStore`.
 
-A window is kept per *key*: one rule (its index in ``[[limits.rules]]``) and
-one name it matched (a deployment, an agent, a model). It counts, over its
-last ``window_s`` seconds, the requests and tokens sent, and the attempts in
-flight. One attempt takes a *lease* over several keys at once (its
-deployment's, its agent's, its model's), all or none:
-
-* ``take`` reserves the attempt's estimated tokens, one request and one
-  concurrency slot in every key, if every key has room; else it takes nothing
-  and says which keys lack room and when the windows alone will have made
-  room (:class:`Refusal`).
-* ``settle`` ends an attempt that was sent: its slot is freed and its tokens
-  become what the upstream reported (or stay the reservation), counted from
-  *now*, when the call ended, for ``window_s`` seconds.
-* ``release`` ends an attempt that sent nothing: it leaves no trace.
-
-Why an entry counts from its reservation until ``window_s`` after its call
-ended: the upstream counts a request when it arrives, at some moment between
-our reservation and the end of the call. Counted that way, any set of requests
-that arrive upstream within ``window_s`` of each other were all counted
-together at the admission of the last of them, so the upstream never sees
-more than the limit in any window, whatever the network's delays (as long as
-no call uses more tokens than it reserved). A call holds its tokens for its
-own duration longer than a window counted from the send would; that is the
-price of the bound.
-
-A store shared by several hosts (a Postgres table, one row per key and one per
-lease, taken in one transaction with ``SELECT ... FOR UPDATE``) implements the
-same five methods; its ``poll_s`` tells waiters to look again that often,
-since room freed by another host wakes nobody here.
-
-Like a hookimpl, each method answers at once or returns an awaitable of its
-answer: :class:`LocalWindowStore` answers at once (so an admission with room
-costs no coroutine); a shared store, which does I/O, returns awaitables.
+The interface (:class:`~ksi_host.windows.WindowStore`) and its value types (``Key``, ``Limit``, ``Claim``,
+``Refusal``, ``WindowState``) are the host's (:mod:`ksi_host.windows`, where what a window counts and why is
+told), so that a plugin that keeps state shared by several hosts can offer a store (``ksi_window_store``)
+without importing this one; they are re-exported here. :class:`LocalWindowStore` keeps every window in this
+process's memory: the windows of one host, and so of the one process that serves a SQLite database.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Hashable, Sequence
-from typing import Protocol
+from collections.abc import Hashable, Sequence
 
-import attrs
+from ksi_host.windows import Claim, Key, Limit, Refusal, WindowState, WindowStore
 
-Key = tuple[int, str]
-"""A window's key: the rule's index in ``[[limits.rules]]`` and the name it matched."""
-
-
-@attrs.frozen(slots=True)
-class Limit:
-    """What one window allows: per ``window_s`` seconds at most ``rpm`` requests and ``tpm`` tokens;
-    at most ``concurrency`` attempts in flight. None: no limit of that kind."""
-
-    window_s: float
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-
-
-@attrs.frozen(slots=True)
-class Claim:
-    """What one attempt asks of one window: one request and ``tokens`` tokens."""
-
-    key: Key
-    limit: Limit
-    tokens: int
-
-
-@attrs.frozen(slots=True)
-class Refusal:
-    """Why ``take`` took nothing: the ``keys`` that lack room now, and ``retry_at`` (a ``host.clock``
-    reading), when the windows sliding on will have made room in all of them; None when only the end of
-    calls in flight can make it (``settle`` and ``release`` say when)."""
-
-    keys: tuple[Key, ...]
-    retry_at: float | None
-
-
-@attrs.frozen(slots=True)
-class WindowState:
-    """One window now: requests and tokens counted (reservations in flight included), attempts in flight."""
-
-    requests: int
-    tokens: int
-    in_flight: int
-
-
-class WindowStore(Protocol):
-    """The windows of every key, behind the five operations an admission needs (see the module docstring).
-    Each method returns its answer, or an awaitable of it."""
-
-    poll_s: float | None
-    """How often a waiter looks again without being woken (None: room is always announced)."""
-    shared: bool
-    """Are the windows kept outside this process (shared by hosts)? If not, they start from the ledger."""
-
-    def take(self, lease: Hashable, claims: Sequence[Claim], now: float) -> Refusal | None | Awaitable[Refusal | None]:
-        """Reserve every claim under ``lease``, or none: None when taken, else why not."""
-
-    def settle(self, lease: Hashable, tokens: int | None, now: float) -> tuple[Key, ...] | Awaitable[tuple[Key, ...]]:
-        """The lease's call ended at ``now``: free its slots, count ``tokens`` (None: what it reserved) and
-        its request from now on. Returns the keys it held (nothing if the lease is unknown)."""
-
-    def release(self, lease: Hashable, now: float) -> tuple[Key, ...] | Awaitable[tuple[Key, ...]]:
-        """The lease's attempt sent nothing: forget it. Returns the keys it held."""
-
-    def seed(self, key: Key, limit: Limit, requests: int, tokens: int, now: float) -> None | Awaitable[None]:
-        """Count ``requests`` and ``tokens`` sent before this process started (from the ledger), as of ``now``."""
-
-    def snapshot(self, now: float) -> dict[Key, WindowState] | Awaitable[dict[Key, WindowState]]:
-        """Every window the store knows, as of ``now``."""
-
+__all__ = ["GRAIN", "Claim", "Key", "Limit", "LocalWindowStore", "Refusal", "Window", "WindowState", "WindowStore"]
 
 GRAIN = 1000
 """A window's log holds about this many entries at most: calls that end within ``window_s / GRAIN`` seconds of

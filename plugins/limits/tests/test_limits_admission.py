@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from ksi_limits.estimate import estimate
 from ksi_limits.plugin import Plugin
+from ksi_limits.store import LocalWindowStore
 from limits_helpers import AwaitingStore, LoggingProvider, VirtualTime, most_in_any_window
 
-from ksi_host import Usage
+from ksi_host import Usage, hookimpl
 from ksi_host.testing import DirectQueue, ScriptedProviders
 
 
@@ -172,3 +173,46 @@ async def test_two_hosts_sharing_one_store_hold_one_limit_between_them(make_host
     sent = deps[0].sent + deps[1].sent
     assert len(deps[0].sent) > 5 and len(deps[1].sent) > 5
     assert most_in_any_window(sent, 20.0) <= 300
+
+
+class OffersStore:
+    """A plugin keeping state shared by hosts (as ksi-postgres): it offers the store of rate windows."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.asked = 0
+
+    @hookimpl
+    def ksi_window_store(self, host: Any) -> Any:
+        self.asked += 1
+        return self.store
+
+
+async def test_a_store_offered_through_ksi_window_store_holds_the_windows_of_two_hosts(make_host: Any, vt: VirtualTime,
+                                                                                      tmp_path: Any) -> None:
+    """Plugin() without a store asks ``ksi_window_store`` at start-up: the two hosts below each get the one
+    store their other plugin offers, so they hold one limit between them (each alone would let 300 through)."""
+    shared = AwaitingStore(vt.sleep, poll_s=5.0)
+    offers = [OffersStore(shared), OffersStore(shared)]
+    deps = [LoggingProvider("dep", vt.clock, vt.sleep, latency=2.0) for _ in range(2)]
+    config = limits({"scope": "deployment", "match": "dep", "tpm": 300, "window_s": 20}, chars_per_token=1000.0)
+    limiters = [Plugin(), Plugin()]
+    hosts = [make_host(DirectQueue(), ScriptedProviders(dep), offer, limiter, config=config, clock=vt.clock,
+                       sleep=vt.sleep, db_path=tmp_path / f"h{i}.db")
+             for i, (dep, offer, limiter) in enumerate(zip(deps, offers, limiters, strict=True))]
+    async with hosts[0] as a, hosts[1] as b:
+        assert all(lim.store is shared for lim in limiters) and [o.asked for o in offers] == [1, 1]
+        batch = [host.complete({"model": "m", "prompt": "x", "max_tokens": 40}) for host in (a, b) for _ in range(25)]
+        results = await vt.run(asyncio.gather(*batch))
+        rows = (await a.status())["limits"]
+    assert all(r.ok for r in results)
+    assert len(deps[0].sent) > 5 and len(deps[1].sent) > 5
+    assert most_in_any_window(deps[0].sent + deps[1].sent, 20.0) <= 300
+    assert rows[0]["name"] == "dep" and rows[0]["requests"] >= 1  # status reads the offered store
+
+
+async def test_without_an_offer_or_with_none_the_windows_stay_in_this_process(make_host: Any) -> None:
+    none = OffersStore(None)
+    limiter = Plugin()
+    async with make_host(DirectQueue(), none, limiter, config=limits({"scope": "deployment", "rpm": 5})):
+        assert none.asked == 1 and isinstance(limiter.store, LocalWindowStore)

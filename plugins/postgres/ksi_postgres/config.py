@@ -49,6 +49,8 @@ class PostgresConfig:
     model, on this host. ``poll_s``: how often a host looks for work nobody announced (expired leases,
     missed notifications). ``pool_size``: connections this host opens. ``stop_grace_s``: how long a stopping host
     lets the requests it runs (other hosts' included) finish before it stops them and gives their leases back.
+    ``window_poll_s``: how often an attempt waiting for room in the shared rate windows (ksi-limits) looks again
+    (room freed on another host wakes nobody here).
     """
 
     dsn_env: str | None = attrs.field(default=None, validator=_env_name)
@@ -58,6 +60,7 @@ class PostgresConfig:
     poll_s: float = attrs.field(default=1.0, validator=_seconds(0.01, 3600))
     pool_size: int = attrs.field(default=6, validator=_positive_int)
     stop_grace_s: float = attrs.field(default=10.0, validator=_seconds(0, 86400))
+    window_poll_s: float = attrs.field(default=0.2, validator=_seconds(0.01, 60))
 
     @property
     def configured(self) -> bool:

@@ -1,7 +1,8 @@
 """The ksi-postgres plugin: the queue and the usage ledger on PostgreSQL, shared by any number of hosts.
 
 Configured (``[postgres] dsn_env = "KSI_PG_DSN"``), it claims the queue's and the ledger's hooks
-(``ksi_exclusive_hooks``), so ksi-queue and ksi-tokens, if installed, are not started. Installed but not
+(``ksi_exclusive_hooks``), so ksi-queue and ksi-tokens, if installed, are not started, and offers ksi-limits
+its rate windows shared by every host (``ksi_window_store``: :mod:`ksi_postgres.windows`). Installed but not
 configured, it answers nothing and changes nothing. See the README.
 """
 
@@ -21,6 +22,7 @@ from .db import Pg
 from .ledger import Ledger, end_row, sent_row
 from .queue import PgQueue
 from .views import details, list_requests, status
+from .windows import PgWindowStore
 
 TABLE = "postgres"
 
@@ -38,6 +40,7 @@ class Plugin:
         self.pg: Pg | None = None
         self.queue: PgQueue | None = None
         self.ledger: Ledger | None = None
+        self.windows: PgWindowStore | None = None
 
     @ksi_host.hookimpl
     def ksi_config_spec(self) -> tuple[str, type]:
@@ -46,6 +49,16 @@ class Plugin:
     @ksi_host.hookimpl
     def ksi_exclusive_hooks(self, host: Any) -> list[str] | None:
         return list(CLAIMED_HOOKS) if host.config[TABLE].configured else None
+
+    @ksi_host.hookimpl
+    def ksi_window_store(self, host: Any) -> PgWindowStore | None:
+        """The rate windows of every host on the database (ksi-limits asks at its start-up, maybe before ours)."""
+        cfg: PostgresConfig = host.config[TABLE]
+        if not cfg.configured:
+            return None
+        if self.windows is None:
+            self.windows = PgWindowStore(cfg.window_poll_s)
+        return self.windows
 
     @ksi_host.hookimpl
     async def ksi_startup(self, host: Any) -> None:
@@ -69,6 +82,9 @@ class Plugin:
             self.ledger = Ledger(pg, queue.host_id)
             await queue.start()
             self.queue = queue
+            if self.windows is None:
+                self.windows = PgWindowStore(cfg.window_poll_s)
+            self.windows.bind(pg, queue.host_id)
         except BaseException:
             await pg.close()
             self.pg = None
@@ -95,6 +111,8 @@ class Plugin:
         finally:
             pg, self.pg = self.pg, None
             self.queue = None
+            if self.windows is not None:
+                self.windows.close()
             self.ledger = None  # a call cut short that reports later stays 'sent'; the other hosts settle it as unknown
             await pg.close()
 

@@ -12,6 +12,8 @@ whose clocks disagree still agree on when a lease ran out.
 
 from __future__ import annotations
 
+from .windows import MIGRATION as WINDOWS_MIGRATION
+
 OWNER = "ksi-postgres"
 UNFINISHED = ("queued", "running")
 FINAL = ("ok", "error", "cancelled")
@@ -519,3 +521,7 @@ ACCEPT_CALL = f"SELECT * FROM ksi_pg_accept({', '.join(f'${i + 1}' for i in rang
 STORE_CALL = f"SELECT * FROM ksi_pg_store({', '.join(f'${i + 1}' for i in range(len(_STORE_ARGS)))})"
 """STORE_RESULTS under the locks of its sessions, then FIX_HEADS, in one call. Parameters as STORE_RESULTS's, then
 the sessions of the batch."""
+
+# -- the shared rate windows (ksi_window_store) -------------------------------------------------------------
+
+MIGRATIONS.append(WINDOWS_MIGRATION)
