@@ -51,9 +51,10 @@ def log_to_stderr(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def host_from_args(args: argparse.Namespace, *, serve: bool, **host_table: Any) -> Host:
+def host_from_args(args: argparse.Namespace, *, serve: bool, resume: bool = True, **host_table: Any) -> Host:
     """The Host that ``--config`` and ``--db`` name (else ``$KSI_HOST_CONFIG``, ``$KSI_HOST_DB``); the config's
-    ``[host] log_level`` logs to stderr unless ``-v`` chose a level; ``host_table`` overrides keys of ``[host]``."""
+    ``[host] log_level`` logs to stderr unless ``-v`` chose a level; ``host_table`` overrides keys of ``[host]``;
+    ``serve`` and ``resume`` as :class:`~ksi_host.Host` takes them."""
     from .config import LOG_LEVELS, load_config
     from .service import Host
 
@@ -64,7 +65,7 @@ def host_from_args(args: argparse.Namespace, *, serve: bool, **host_table: Any) 
     overrides = {k: v for k, v in host_table.items() if v is not None}
     if overrides:
         config.setdefault("host", {}).update(overrides)
-    return Host(config, getattr(args, "db", None), serve=serve)
+    return Host(config, getattr(args, "db", None), serve=serve, resume=resume)
 
 
 def plugin_commands() -> list[tuple[str, Command]]:

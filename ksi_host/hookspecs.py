@@ -31,7 +31,10 @@ Rules that hold for every hook:
 ``host`` is the running :class:`ksi_host.Host`: ``host.db`` (the async SQLite
 helper), ``host.config`` (each plugin's validated config table), ``host.clock``
 and ``host.sleep`` (injectable time), ``host.execute`` (run one request now),
-``host.serve`` (False for read-only commands such as ``ksi-host usage``).
+``host.executing`` (the ids of the requests whose ``host.execute`` is under
+way), ``host.serve`` (False for read-only commands such as ``ksi-host usage``),
+``host.resume`` (False: start no request stored by an earlier run; see
+``ksi_startup``).
 
 The order of the hooks of one request, as ``host.execute`` runs it::
 
@@ -149,6 +152,13 @@ def ksi_startup(host: Host) -> None:
     validation and after ``host.db`` is open, in registration order. Create
     tables here with ``await host.db.migrate(name, [...])``; a queue restores
     unfinished work here and, when ``host.serve`` is true, starts running it.
+
+    ``host.resume`` False (``ksi-host ask``): a serving queue runs only the
+    requests submitted to this Host; those stored unfinished before it started
+    stay stored as they are, not started (the next host that resumes runs
+    them). ``ksi_enqueue`` refuses (ValidationError naming ``session_id``) a
+    request whose session has such a request ahead of it: it could never
+    start. A queue that cannot honour this raises StartupError.
 
     Returns nothing. Raising :class:`~ksi_host.errors.StartupError` stops start-up
     with its message; anything else is a programming error.

@@ -55,7 +55,9 @@ class Host:
     ``KSI_HOST_CONFIG`` if set). ``db_path``: the database file (None:
     ``KSI_HOST_DB`` or ``ksi-host.db``). ``plugins``: plugin objects to use
     instead of entry points (classes are instantiated). ``serve``: False for
-    read-only use (no queued work is run). ``clock``/``sleep``: injectable time.
+    read-only use (no queued work is run). ``resume``: False to serve only the requests submitted to this Host
+    (a queue starts none that earlier runs left stored: see ``ksi_startup``). ``clock``/``sleep``: injectable
+    time. ``executing``: the ids of the requests whose :meth:`execute` is under way (read only).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Host:
         *,
         plugins: Iterable[Any] | None = None,
         serve: bool = True,
+        resume: bool = True,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
@@ -74,6 +77,7 @@ class Host:
         self.db_path = str(db_path) if db_path is not None else default_db_path()
         self._explicit = list(plugins) if plugins is not None else None
         self.serve = serve
+        self.resume = resume
         self.clock = clock
         self.sleep = sleep
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -85,6 +89,7 @@ class Host:
         self._started: list[str] = []
         self._attempts = AttemptRunner(self)
         self.streams: dict[str, StreamSink] = {}  # request id -> where its streamed pieces go
+        self.executing: set[str] = set()  # request ids whose execute is under way (see the class docstring)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -222,6 +227,14 @@ class Host:
     async def execute(self, request: CompletionRequest, *, submitted_at: float | None = None) -> CompletionResult:
         """Run ``request`` now: attempts, failure handling, usage. Never raises an OperationalError (it becomes
         an error result); programming errors propagate. ``submitted_at``: when the queue accepted it."""
+        rid = request.request_id
+        self.executing.add(rid)
+        try:
+            return await self._execute(request, submitted_at)
+        finally:
+            self.executing.discard(rid)
+
+    async def _execute(self, request: CompletionRequest, submitted_at: float | None) -> CompletionResult:
         started_wall, started = time.time(), self.clock()
         deadline = started + request.timeout_s if request.timeout_s else None
         history: list[Attempt] = []

@@ -98,12 +98,16 @@ async def test_a_programming_error_stops_the_submission_and_is_raised(make_host:
 
 class StoringQueue:
     """Keeps final results in ``store`` (shared between hosts, as a database is) and answers a stored id from it;
-    runs at most ``concurrency`` requests at once, each in a task; leaves the others queued when the host stops."""
+    runs at most ``concurrency`` requests at once, each in a task; leaves the others queued when the host stops.
+    ``ksi_drain``: nothing more starts; returns once the running ones are stored and their tickets completed."""
 
     def __init__(self, store: dict[str, CompletionResult], concurrency: int = 4) -> None:
         self.store = store
         self.slots = asyncio.Semaphore(concurrency)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.running: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.started: list[str] = []  # the requests handed to host.execute
 
     @hookimpl
     def ksi_enqueue(self, host: Any, request: CompletionRequest) -> Ticket:
@@ -113,15 +117,25 @@ class StoringQueue:
 
         async def run() -> None:
             async with self.slots:
+                if self.draining:
+                    await asyncio.get_running_loop().create_future()  # never started: cancelled when the host stops
+                self.running.add(task)
+                self.started.append(request.request_id)
                 result = await host.execute(request)
             self.store[request.request_id] = result
             await asyncio.sleep(0)  # stored, then the ticket completes (as after a commit)
             ticket.set_result(result)
+            self.running.discard(task)
 
         task = asyncio.ensure_future(run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return ticket
+
+    @hookimpl
+    async def ksi_drain(self) -> None:
+        self.draining = True
+        await asyncio.gather(*self.running)
 
     @hookimpl
     async def ksi_shutdown(self) -> None:
@@ -206,16 +220,19 @@ async def test_stop_starts_nothing_new_and_writes_what_ran(tmp_path: Any) -> Non
         return "done"
 
     store: dict[str, CompletionResult] = {}
+    queue = StoringQueue(store, concurrency=4)
     batch = _lines(*({"model": "m", "prompt": f"q{i}", "request_id": f"r{i:02d}"} for i in range(40)))
-    async with Host({}, tmp_path / "k.db", plugins=[StoringQueue(store, concurrency=4),
-                                                    ScriptedProviders(FakeProvider("p", script=[slow]))]) as host:
+    async with Host({}, tmp_path / "k.db", plugins=[queue, ScriptedProviders(FakeProvider("p", script=[slow]))]) as host:
         out = io.StringIO()
         runner = BatchRunner(host, out, io.StringIO())
         task = asyncio.ensure_future(runner.run(batch))
         while len(calls) < 6:
             await asyncio.sleep(0.01)
+        assert runner.in_flight()[0] == len(host.executing) == 4  # the bar's running: the requests host.execute runs
         runner.stop()
         stats = await asyncio.wait_for(task, 5)
         written = [json.loads(x) for x in out.getvalue().splitlines()]
+        assert queue.draining and "execute" not in vars(host)  # stopped through host.drain(), host.execute untouched
     assert 6 <= len(written) < 40 and stats.done == len(written)
     assert sorted(r["request_id"] for r in written) == sorted(calls) == sorted(store)  # each call: stored and written
+    assert sorted(queue.started) == sorted(calls)  # the queue handed host.execute nothing after the stop

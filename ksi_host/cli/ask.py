@@ -7,8 +7,9 @@ usage line goes to stderr: status, tokens, cost, provider, time to the first pie
 
 Ctrl-C leaves the answer: the request is cancelled (a streaming upstream call is closed) and its
 cancelled result stored before the host stops, so it never runs again. A database that holds
-unfinished requests of an interrupted ``ksi-host run`` is served without starting them
-(:class:`~ksi_host.cli.gate.OwnOnlyGate`): they stay stored for the run to finish.
+unfinished requests of an interrupted ``ksi-host run`` is served without starting them (the Host
+is made with ``resume=False``): they stay stored for the run to finish. A request of a session
+that has some of them waiting could never start: the queue refuses it, and ask says so (exit 2).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import time
 from typing import IO, Any
 
 from ..errors import OperationalError, ValidationError
-from ..models import ChatDelta, CompletionRequest, CompletionResult
-from .gate import OwnOnlyGate
+from ..models import ChatDelta, CompletionRequest, CompletionResult, RequestQuery
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -30,10 +30,6 @@ FLAGS = {"model": "--model", "session_id": "--session", "agent_id": "--agent", "
          "priority": "--priority", "max_tokens": "--max-tokens", "temperature": "--temperature", "timeout_s": "--timeout",
          "continue_session": "--continue"}
 """The option that sets each request field (for an error naming what to change)."""
-
-STARVED_S = 3.0
-"""How long the request may wait to start while requests of an earlier run, held, take the queue's slots."""
-STARVED_POLL_S = 0.05
 
 
 def read_prompt(text: str, stdin: IO[str]) -> str:
@@ -126,7 +122,6 @@ class Ask:
         self.out = out
         self.err = err
         self.answer = Answer(out)
-        self.gate = OwnOnlyGate(host, {request.request_id})  # before the host starts (its queue may start requests)
         self.pieces = 0
         self.started = time.monotonic()
         self.first_s: float | None = None
@@ -138,7 +133,6 @@ class Ask:
         """Ask, on the started host; the exit code."""
         self.started = time.monotonic()
         task = asyncio.ensure_future(self._answer())
-        starved = asyncio.ensure_future(self._starved())
         interrupted = False
         loop = asyncio.get_running_loop()
 
@@ -150,33 +144,26 @@ class Ask:
 
         loop.add_signal_handler(signal.SIGINT, on_interrupt)
         try:
-            await asyncio.wait((task, starved), return_when=asyncio.FIRST_COMPLETED)
-            if starved.done() and not task.done():
-                task.cancel()
             result: CompletionResult | None = None
             try:
                 result = await task
             except asyncio.CancelledError:
-                if not (interrupted or starved.done()):
+                if not interrupted:
                     raise
             except ValidationError as e:  # the queue refused the request
                 self._say(str(e))
+                if e.field == "session_id":  # behind requests of an earlier run, which this host does not start
+                    self._say("finish them with ksi-host run (the same file and --db), or ask with another --db")
                 return EXIT_USAGE
         finally:
             loop.remove_signal_handler(signal.SIGINT)
-            starved.cancel()
-        if result is None:  # left before its end (Ctrl-C, or it could not start)
+        if result is None:  # left before its end (Ctrl-C)
             result = await self._settle()
             self.answer.end(None)
-            if not interrupted:
-                self._say(f"this request cannot start: {self.host.db_path} holds unfinished requests of an earlier run "
-                          "ahead of it, which ask does not start; finish them with ksi-host run (the same file and "
-                          "--db), or ask with another --db")
-                return EXIT_USAGE
             if result is not None:
                 print(usage_line(result, time.monotonic() - self.started, self.first_s), file=self.err)
             return EXIT_INTERRUPTED
-        return self._report(result)
+        return await self._report(result)
 
     async def _answer(self) -> CompletionResult:
         if not self.stream:
@@ -194,17 +181,6 @@ class Ask:
         assert stream.result is not None
         return stream.result
 
-    async def _starved(self) -> None:
-        """Return if the request cannot start: the queue's slots (or its session's turn) are taken by
-        requests of an earlier run, held by the gate, for :data:`STARVED_S`."""
-        waited = 0.0
-        while not self.gate.started.is_set():
-            await asyncio.sleep(STARVED_POLL_S)
-            waited = waited + STARVED_POLL_S if self.gate.held else 0.0
-            if waited >= STARVED_S:
-                return
-        await asyncio.get_running_loop().create_future()  # it started: never starved
-
     async def _settle(self) -> CompletionResult | None:
         """The answer was left before its end: wait for the request's final result (stored), cancelling it
         where it may still run, so that it never runs again. None when it was never stored."""
@@ -220,7 +196,13 @@ class Ask:
         except OperationalError:
             return None
 
-    def _report(self, result: CompletionResult) -> int:
+    async def _left_unstarted(self) -> bool:
+        """Does the database hold unfinished requests (of an earlier run: this host started none of them)?"""
+        if not self.host.hooks.implemented("ksi_list_requests"):
+            return False
+        return bool(await self.host.list_requests(RequestQuery(limit=1, status="queued")))
+
+    async def _report(self, result: CompletionResult) -> int:
         if unserved(result):
             self._say(f"{FLAGS['model']}: {result.error['message']}")  # type: ignore[index]
             return EXIT_USAGE
@@ -233,7 +215,7 @@ class Ask:
             if not result.ok and result.error:
                 self._say(f"{result.error['type']}: {result.error['message']}")
         print(usage_line(result, time.monotonic() - self.started, self.first_s), file=self.err, flush=True)
-        if self.gate.held:
+        if await self._left_unstarted():
             self._say(f"note: unfinished requests of an earlier run in {self.host.db_path} were left for ksi-host run "
                       "(not started)")
         return EXIT_OK if result.ok else EXIT_FAILED

@@ -20,9 +20,6 @@ from . import inspect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 USAGE_GROUPS = ("model", "agent", "session", "purpose", "provider", "day")
-ASK_CONCURRENCY = 10_000
-"""The queue's concurrency under ``ksi-host ask``: its one request, and room for the unfinished requests of an
-earlier run that the queue starts and ask holds (see ksi_host.cli.gate.OwnOnlyGate), so they do not take its slot."""
 PRIORITY_NAMES = ("critical", "high", "normal", "low", "background")  # ksi_host.models.PRIORITIES (not imported: --help stays fast)
 
 
@@ -150,8 +147,8 @@ def missing_plugin(hook: str) -> str:
     return f"no plugin implements {hook}" + (f": {install_hint(dist)}" if dist else "")
 
 
-def _host(args: argparse.Namespace, *, serve: bool, concurrency: int | None = None) -> Any:
-    return host_from_args(args, serve=serve, concurrency=concurrency)
+def _host(args: argparse.Namespace, *, serve: bool, resume: bool = True, concurrency: int | None = None) -> Any:
+    return host_from_args(args, serve=serve, resume=resume, concurrency=concurrency)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -279,16 +276,13 @@ async def _ask(args: argparse.Namespace) -> int:
     except ValidationError as e:
         _err(str(e))
         return EXIT_USAGE
-    # room beside this request for the ones an interrupted run left in the database: they are held, not run
-    host = _host(args, serve=True, concurrency=ASK_CONCURRENCY)
-    # before the host starts: a queue starts those requests while the plugins start
-    ask = Ask(host, request, stream=args.stream, as_json=args.json, out=sys.stdout, err=sys.stderr)
-    async with host:
+    # the requests an interrupted run left in the database are not started: they stay for ksi-host run
+    async with _host(args, serve=True, resume=False) as host:
         for hook in REQUIRED_HOOKS:
             if not host.hooks.implemented(hook):
                 _err(missing_plugin(hook))
                 return EXIT_USAGE
-        return await ask.run()
+        return await Ask(host, request, stream=args.stream, as_json=args.json, out=sys.stdout, err=sys.stderr).run()
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -28,7 +28,6 @@ from ..errors import OperationalError, ValidationError
 from ..models import CompletionRequest, CompletionResult
 from ..service import Host
 from .formats import INPUT_ERRORS, KsiFormat, LineFormat, Rejected, line_request_id  # noqa: F401 (line_request_id: its old home)
-from .gate import ExecuteGate
 from .progress import BatchStats, ProgressBar
 
 #: Hooks a batch cannot run without (checked before anything runs).
@@ -179,9 +178,11 @@ class BatchRunner:
     """Runs request lines through ``host`` and writes one result per line to ``out``.
 
     Lines are read as the window has room, so a file of any size runs in memory bounded by
-    the window. :meth:`stop` (the first Ctrl-C) reads no more lines and lets the host start
-    no more requests; :meth:`run` then returns once the requests that were running have their
-    results stored and written. The others stay stored unfinished: a rerun finishes them.
+    the window. :meth:`stop` (the first Ctrl-C) reads no more lines and drains the host
+    (``host.drain()``: the queue starts no more requests); :meth:`run` then returns once the
+    requests that were running have their results stored and written. The others stay stored
+    unfinished: a rerun finishes them. "Running" on the progress bar: this batch's requests
+    among ``host.executing``.
     """
 
     def __init__(self, host: Host, out: IO[str], progress_stream: IO[str], window: int = 2000,
@@ -190,24 +191,26 @@ class BatchRunner:
         self.out = out
         self.format = line_format if line_format is not None else KsiFormat()
         self.window = window
-        self.gate = ExecuteGate(host, self._executed)
         self.stats = BatchStats(total)
         self.progress = ProgressBar(self.stats, progress_stream, self.in_flight, enabled=progress)
         self.stopping = False
         self._stopped = asyncio.Event()
+        self._draining: asyncio.Future[None] | None = None  # host.drain(), from the first stop()
         self._ids = RequestIds()
         self._unwritten: set[str] = set()  # request ids submitted whose result is not written yet
-        self._storing: set[str] = set()  # of those, the ones whose host.execute has returned
         self._taken = self._answered = 0  # requests handed to host.submit; of those, accepted or refused
 
     def stop(self) -> None:
         """Read no more lines, start no more requests; the running ones finish (see the class docstring)."""
         self.stopping = self.progress.stopping = True
-        self.gate.close()
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self.host.drain())  # at once: nothing starts from now on
         self._stopped.set()
 
     def in_flight(self) -> tuple[int, int]:
-        running = sum(1 for rid in self.gate.running if rid in self._unwritten)
+        """(running, queued): this batch's requests that the host executes now, and the rest of those submitted."""
+        unwritten = self._unwritten
+        running = sum(1 for rid in self.host.executing if rid in unwritten)
         return running, len(self._unwritten) - running
 
     def write(self, result: CompletionResult, *, rejected: Rejected | None = None) -> None:
@@ -245,14 +248,9 @@ class BatchRunner:
         self._unwritten.add(key[1])
         self.stats.submitted += 1
 
-    def _executed(self, request_id: str) -> None:
-        if request_id in self._unwritten:
-            self._storing.add(request_id)
-
     def _finished(self, key: tuple[int, str], result: CompletionResult) -> None:
         lineno, rid = key
         self._unwritten.discard(rid)
-        self._storing.discard(rid)
         if _unserved_model(result):
             # a model nothing serves is the line's fault; it is found only after a stored result was looked for
             error = ValidationError(self.format.field("model"), result.error["message"], line=lineno)  # type: ignore[index]
@@ -276,10 +274,14 @@ class BatchRunner:
             self.progress.update()
 
     async def _settled(self) -> None:
-        """After :meth:`stop`: return once no submission is under way, no request runs, and every
-        request of this batch that ran has its result (stored, then its ticket completed) written."""
-        while self._taken > self._answered or self.gate.running or self._storing:
+        """After :meth:`stop`: return once the host is drained (no request runs; those that ran have their
+        results stored and their tickets completed), no submission is under way, and every result whose
+        ticket completed is written."""
+        assert self._draining is not None
+        await self._draining
+        while self._taken > self._answered or self.host.executing:  # a request accepted meanwhile starts nothing
             await asyncio.sleep(SETTLE_POLL_S)
+        await asyncio.sleep(0)  # the tickets the drain completed wake their submissions: their results are written
 
     async def run(self, lines: Iterable[tuple[int, str]]) -> BatchStats:
         if self.stats.total is None and isinstance(lines, Sized):

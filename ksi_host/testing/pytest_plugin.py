@@ -46,7 +46,7 @@ def make_host(ksi_db_path: Any) -> Callable[..., Host]:
     """Build a Host from explicit plugin objects on a temporary database.
 
     ``async with make_host(MyPlugin(), DirectQueue(), config={"my": {...}}) as host: ...``
-    Keyword arguments (``serve``, ``clock``, ``sleep``, ``db_path``) go to Host.
+    Keyword arguments (``serve``, ``resume``, ``clock``, ``sleep``, ``db_path``) go to Host.
     """
 
     def factory(*plugins: Any, config: dict[str, Any] | None = None, db_path: Any = None, **kw: Any) -> Host:

@@ -157,7 +157,8 @@ def test_an_interrupted_runs_requests_are_held_not_sent_and_the_run_finishes_the
     t0 = time.monotonic()
     a = subprocess.run([*ask, "--session", "s1"], env=env, capture_output=True, text=True, timeout=120)
     assert a.returncode == 2, a.stderr
-    assert "this request cannot start:" in a.stderr and "holds unfinished requests of an earlier run" in a.stderr
+    assert "cannot start:" in a.stderr and "holds unfinished requests of an earlier run" in a.stderr
+    assert "finish them with ksi-host run" in a.stderr
     assert time.monotonic() - t0 < 60 and hits(server["url"]) == done + 1
 
     p2 = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)

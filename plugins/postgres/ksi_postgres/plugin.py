@@ -66,6 +66,10 @@ class Plugin:
         if not cfg.configured:
             return
         assert cfg.dsn_env is not None
+        if host.serve and not host.resume:
+            raise StartupError("ksi-postgres: a host that serves only its own requests (Host(resume=False), as "
+                               "ksi-host ask) cannot serve a shared queue, whose hosts run every host's requests: "
+                               "use a config without [postgres]")
         dsn = os.environ.get(cfg.dsn_env)
         if not dsn:
             raise StartupError(f"config key {TABLE}.dsn_env: the environment variable {cfg.dsn_env} is not set "

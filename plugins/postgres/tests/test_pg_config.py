@@ -102,3 +102,11 @@ def test_every_chat_parameter_has_a_column() -> None:
     from ksi_host.chat import PARAMETERS
 
     assert set(schema.PARAMETER_TYPES) == set(PARAMETERS)
+
+
+async def test_a_host_that_serves_only_its_own_requests_is_refused_at_start(make_host) -> None:
+    """``Host(resume=False)`` (``ksi-host ask``): a shared queue cannot leave other hosts' requests unstarted."""
+    with pytest.raises(StartupError, match=r"ksi-postgres: a host that serves only its own requests .* cannot serve a "
+                                           r"shared queue"):
+        async with make_host(Plugin(), config=pg_config(), resume=False):
+            pass

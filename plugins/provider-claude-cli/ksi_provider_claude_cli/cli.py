@@ -69,10 +69,11 @@ anything else                                     ProviderUnavailable (with the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ksi_host import (
@@ -125,7 +126,18 @@ def command(executable: str, *, model: str | None, resume: str | None, system: s
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
+    if content is None:  # (an assistant message without content)
+        return ""
     return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("text"))
+
+
+def seen_hash(messages: Sequence[Mapping[str, Any]]) -> str:
+    """A hash of the conversation ``messages`` as the CLI sees it: each message's role and text, the system
+    (and developer) messages left out (they go to ``--append-system-prompt`` with every call). Stored with the
+    CLI session after each answer (the request's messages and the answer) and compared with a continuing
+    request's earlier turns: equal, the CLI session has seen exactly those turns and is resumed."""
+    turns = [[m.get("role"), _text(m.get("content"))] for m in messages if m.get("role") not in ("system", "developer")]
+    return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def system_prompt(request: CompletionRequest) -> str | None:

@@ -109,9 +109,12 @@ class ClaudeCliProvider(DeploymentProvider):
         if refused is not None:
             raise refused
         resume = None  # the CLI's own conversation goes on only for a request that continues its session, with the
-        # earlier turns the host's session plugin put first (history); it then gets only the new turn (one source)
+        # earlier turns the host's session plugin put first (history), and only when the CLI session has seen exactly
+        # those (not when a turn was answered elsewhere: failover, another host); it then gets only the new turn
         if request.continue_session and request.history and self.sessions is not None:
-            resume = await self.sessions.claude_session(request.session_id)
+            found = await self.sessions.claude_session(request.session_id)
+            if found is not None and found.seen == cli.seen_hash(request.messages[:request.history]):
+                resume = found.claude_session_id
         argv = cli.command(self.executable, model=model, resume=resume, system=cli.system_prompt(request),
                            extra_args=self.deployment.extra_args, stream=stream)
         new_turn = attrs.evolve(request, messages=request.messages[request.history:], history=0) if resume else request
@@ -147,12 +150,14 @@ class ClaudeCliProvider(DeploymentProvider):
         return text
 
     async def _remember(self, request: CompletionRequest, result: dict[str, Any]) -> str | None:
-        """Keep the CLI's session id for the host's session; the session the answer continues under."""
+        """Keep the CLI's session id for the host's session, with what it has now seen (the request's messages and
+        the answer: resumed or sent whole, it has them all); the session the answer continues under."""
         claude_session = result.get("session_id")
         session_id = request.session_id
         if isinstance(claude_session, str) and claude_session and self.sessions is not None:
             session_id = session_id or claude_session  # a new conversation continues under the CLI's id
-            await self.sessions.save(session_id, claude_session, self.name)
+            seen = cli.seen_hash([*request.messages, {"role": "assistant", "content": result.get("result")}])
+            await self.sessions.save(session_id, claude_session, self.name, seen)
         return session_id
 
     async def attempt_stream(self, request: CompletionRequest, timeout_s: float | None,

@@ -41,7 +41,8 @@ class UsageRecorder:
 
 
 class Conversation:
-    """A stand-in for a session plugin (ksi-sessions): a session's ok turns, put before a request that continues it."""
+    """A stand-in for a session plugin (ksi-sessions): a session's ok turns, put before a request that continues it;
+    a request that does not continue its session begins a new conversation."""
 
     def __init__(self) -> None:
         self.turns: dict[str, list[list[dict[str, Any]]]] = {}
@@ -57,7 +58,10 @@ class Conversation:
     def ksi_request_finished(self, request: CompletionRequest, result: Any) -> None:
         if result.ok and (request.session_id or result.session_id):
             turn = [*request.messages[request.history:], result.message]
-            self.turns.setdefault(request.session_id or result.session_id, []).append(turn)
+            turns = self.turns.setdefault(request.session_id or result.session_id, [])
+            if not request.continue_session:
+                turns.clear()
+            turns.append(turn)
 
 
 def provider(host: Any, name: str = "claude-cli") -> Any:
@@ -106,6 +110,24 @@ async def test_session_continuity_through_resume(cc_host: Any, fake_cli: Any, ks
     rows = sqlite3.connect(ksi_db_path).execute(
         "SELECT session_id, deployment, calls FROM claude_cli_sessions ORDER BY session_id").fetchall()
     assert rows == [("s1", "claude-cli", 2), ("s2", "claude-cli", 1)]
+
+
+async def test_a_turn_answered_elsewhere_is_not_missed_by_resuming(cc_host: Any, fake_cli: Any) -> None:
+    """A turn of the conversation answered by another provider (failover; another host): the CLI session lacks it,
+    so the next call sends the whole conversation in a new CLI session, which the call after it resumes."""
+    from ksi_host.testing import FakeProvider, ScriptedProviders
+
+    async with cc_host(Conversation(), ScriptedProviders(FakeProvider("other", "other/*", script=["from elsewhere"]))) as host:
+        assert (await host.complete(req("first", session_id="s1"))).ok
+        assert (await host.complete(req("second", model="other/x", session_id="s1", continue_session=True))).ok
+        r3 = await host.complete(req("third", session_id="s1", continue_session=True))
+        r4 = await host.complete(req("fourth", session_id="s1", continue_session=True))
+    c1, c3, c4 = fake_cli.calls()
+    assert c3["resume"] is None and r3.text == "turn 1: echo: third"  # a new CLI session, sent the whole conversation
+    assert c3["prompt"].splitlines()[2:6] == ["User: first", "Assistant: turn 1: echo: first", "User: second",
+                                              "Assistant: from elsewhere"]
+    assert c4["resume"] is not None and c4["resume"] != c1["resume"] and c4["prompt"] == "fourth"
+    assert r4.text == "turn 2: echo: fourth"  # the CLI session of the third call, which has seen everything
 
 
 async def test_a_request_that_does_not_continue_its_session_starts_a_new_cli_conversation(
@@ -302,3 +324,15 @@ async def test_no_user_message_is_a_bad_request_without_a_process(cc_host: Any, 
     async with cc_host() as host:
         r = await host.complete({"model": MODEL, "messages": [{"role": "system", "content": "x"}]})
     assert r.error["type"] == "BadRequest" and fake_cli.calls() == []
+
+
+async def test_a_cli_session_whose_seen_conversation_is_unknown_is_not_resumed(
+    cc_host: Any, fake_cli: Any, ksi_db_path: Path
+) -> None:
+    """A row without ``seen`` (written before it existed): the conversation is sent whole, never half."""
+    async with cc_host(Conversation()) as host:
+        assert (await host.complete(req("first", session_id="s1"))).ok
+        with sqlite3.connect(ksi_db_path) as db:
+            db.execute("UPDATE claude_cli_sessions SET seen = NULL")
+        r2 = await host.complete(req("second", session_id="s1", continue_session=True))
+    assert fake_cli.calls()[1]["resume"] is None and r2.text == "turn 1: echo: second"

@@ -180,6 +180,8 @@ class Plugin:
             entries[rid] = e
             restored.append(e)
         self.sched.restore(restored)
+        if not self.host.resume:  # serve only what is submitted from now on: hold the rest
+            self.sched.hold_through = self.seq
 
     @ksi_host.hookimpl
     async def ksi_shutdown(self, host: Any) -> None:
@@ -250,6 +252,10 @@ class Plugin:
             raise Cancelled(f"the queue is shutting down; request {rid} was not accepted")
         if not self.serving:
             return await self._enqueue_unserved(request)
+        if self.sched.held_session(request.session_id):
+            raise ValidationError("session_id", f"request {rid} cannot start: the queue in {host.db.path} holds "
+                                  f"unfinished requests of an earlier run ahead of it in session {request.session_id!r}, "
+                                  "which this host does not start (it serves only the requests submitted to it)")
         now = time.time()
         params = request_params(self.seq + 1, request, now)  # raises ValidationError for what JSON cannot hold
         self.seq = seq = self.seq + 1

@@ -5,7 +5,10 @@ submission order; only the session's head (its oldest entry not yet final)
 can be *ready*, and only once the entry before it is final (stored). Entries
 without a session are ready as soon as they are queued. Ready entries wait in
 one heap ordered by ``(priority rank, seq)``; :meth:`Scheduler.take` pops
-them while the global limit (and the entry's per-model limit) allows. An
+them while the global limit (and the entry's per-model limit) allows; an
+entry at or below ``hold_through`` (stored by an earlier run, on a host that
+does not resume them) is dropped instead: it never starts, and its session
+waits behind it. An
 entry whose model is at its limit waits in that model's own heap until a
 slot of the model frees. Cancelled entries are left in the heaps and skipped
 when popped (lazy deletion), so every operation is O(log n).
@@ -67,6 +70,7 @@ class Scheduler:
         self.ready: list[tuple[int, int, Entry]] = []
         self.blocked: dict[str, list[tuple[int, int, Entry]]] = {m: [] for m in self.model_limits}
         self.sessions: dict[str, deque[Entry]] = {}
+        self.hold_through = 0  # entries with seq <= this are held: never started (host.resume False)
 
     # -- entering -------------------------------------------------------------
 
@@ -88,6 +92,11 @@ class Scheduler:
             heappush(self.ready, (e.rank, e.seq, e))
         elif self.sessions[sid][0] is e:
             heappush(self.ready, (e.rank, e.seq, e))
+
+    def held_session(self, session_id: str | None) -> bool:
+        """Does ``session_id`` wait behind a held entry (so that a request added to it would never start)?"""
+        q = self.sessions.get(session_id) if session_id is not None else None
+        return bool(q) and q[0].seq <= self.hold_through  # type: ignore[index]
 
     def is_head(self, e: Entry) -> bool:
         """Is ``e`` the first unfinished entry of its session (or of no session)?"""
@@ -123,8 +132,8 @@ class Scheduler:
         while self.in_flight < self.limit and ready:
             item = heappop(ready)
             e = item[2]
-            if e.state != QUEUED:
-                continue  # cancelled (or a duplicate push)
+            if e.state != QUEUED or e.seq <= self.hold_through:
+                continue  # cancelled (or a duplicate push), or held
             if limits:
                 m = e.model
                 lim = limits.get(m)

@@ -9,7 +9,7 @@ import pytest
 from ksi_queue import Plugin
 from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
-from ksi_host.errors import Cancelled
+from ksi_host.errors import Cancelled, ValidationError
 from ksi_host.testing import ScriptedProviders
 
 
@@ -178,3 +178,26 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # the rule itself is unchanged
         con.execute("UPDATE ksi_queue_requests SET status = 'lost' WHERE seq = 1")
     con.close()
+
+
+async def test_a_host_that_does_not_resume_runs_only_what_is_submitted_to_it(make_host: Any, ksi_db_path: Any) -> None:
+    """``Host(resume=False)`` (``ksi-host ask``): the requests an earlier run left stored are not started and take
+    no slot; a request behind one of them in its session is refused (it could never start), and not stored."""
+    stored_only(ksi_db_path)
+    async with make_host(Plugin(), serve=False) as host:
+        for rid, sid in [("old0", "A"), ("old1", "A"), ("old2", None)]:
+            await host.submit(req(rid, sid))
+    gate = GatedProvider(open=True)
+    async with make_host(Plugin(), ScriptedProviders(gate), config={"queue": {"concurrency": 1}}, resume=False) as host:
+        assert (await host.complete(req("mine"))).ok  # the one slot was free: nothing old took it
+        assert (await host.complete(req("mine-B", "B"))).ok
+        with pytest.raises(ValidationError, match="session_id: request mine-A cannot start: .* earlier run .* 'A'"):
+            await host.submit(req("mine-A", "A"))
+        assert (await host.status())["queue"]["queued"] == 3
+    assert gate.calls == ["mine", "mine-B"]
+    assert [status_of(ksi_db_path, rid) for rid in ("old0", "old1", "old2", "mine-A")] == ["queued"] * 3 + [None]
+
+    again = GatedProvider(open=True)
+    async with make_host(Plugin(), ScriptedProviders(again)) as host:  # the next host that resumes runs them
+        await asyncio.gather(*(host.complete(req(rid, sid)) for rid, sid in [("old0", "A"), ("old1", "A"), ("old2", None)]))
+    assert sorted(again.calls) == ["old0", "old1", "old2"]
