@@ -25,15 +25,12 @@ results of its waiting requests that became final (a notification lost with a br
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import socket
 import time
 import uuid
 from typing import Any
-
-import attrs
 
 from ksi_host.errors import Cancelled, DatabaseError, OperationalError, ValidationError
 from ksi_host.models import CompletionRequest, CompletionResult, Ticket
@@ -122,8 +119,6 @@ class PgQueue:
         self._unserved: list[Ticket] = []
         self.claims = 0
         self.claimed = 0
-        self._execute_fn: Any = None
-        self._execute_kw = True
 
     @property
     def channel(self) -> str:
@@ -438,23 +433,10 @@ class PgQueue:
         elif run.stop_reason == "lost":
             del self.running[run.seq]
 
-    async def _execute(self, request: CompletionRequest, submitted_at: float) -> CompletionResult:
-        """``host.execute(request, submitted_at=...)``; a wrapper of ``host.execute`` that does not take
-        ``submitted_at`` yet (``ksi-host run``'s gate) is called without it, and the result gets it here."""
-        execute = self.host.execute
-        fn = getattr(execute, "__func__", execute)
-        if fn is not self._execute_fn:
-            self._execute_fn = fn
-            self._execute_kw = "submitted_at" in inspect.signature(execute).parameters
-        if self._execute_kw:
-            return await execute(request, submitted_at=submitted_at)
-        result = await execute(request)
-        return result if result.submitted_at is not None else attrs.evolve(result, submitted_at=submitted_at)
-
     async def _run(self, run: Run) -> None:
         request = run.request
         try:
-            result = await self._execute(request, run.created_at)
+            result = await self.host.execute(request, submitted_at=run.created_at)
         except asyncio.CancelledError:
             if run.stop_reason == "lost":  # no result from here: the new holder runs it
                 del self.running[run.seq]
