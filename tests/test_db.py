@@ -21,6 +21,7 @@ async def test_pragmas(tmp_path):
 
 async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_database_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(ksi_host.db, "CHECKPOINT_AFTER_ROWS", 300)
+    monkeypatch.setattr(ksi_host.db, "CHECKPOINT_MIN_INTERVAL_S", 0.0)
     path = tmp_path / "a.db"
     async with Database(path) as db:
         await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, thread INTEGER, pad TEXT)"])
@@ -44,6 +45,7 @@ async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_datab
 
 async def test_under_a_steady_load_the_log_starts_over_after_each_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ksi_host.db, "CHECKPOINT_AFTER_ROWS", 300)
+    monkeypatch.setattr(ksi_host.db, "CHECKPOINT_MIN_INTERVAL_S", 0.0)
     path = tmp_path / "a.db"
     async with Database(path) as db:
         await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, pad TEXT)"])
