@@ -5,7 +5,7 @@ network, answers with usage so every request writes a ledger row). Every other
 plugin is the real one: ksi-queue (durable queue), ksi-retry, ksi-tokens
 (ledger), on a database file. N requests (given as dicts, as ``ksi-host run``
 reads them) across S sessions are submitted at once; the queue runs them at
-concurrency 16. The process (its SQLite thread included) is pinned to one CPU.
+concurrency 16. The process (its database thread included) is pinned to one CPU.
 
 Reported per round: wall time, completions per second, CPU microseconds per
 request (``time.process_time``, every thread of the process), commits, and a
@@ -214,10 +214,10 @@ def main() -> int:
                      common.median([r["n"] / r["commits"] for r in rs]), common.median([r["reference_ms"] for r in rs]),
                      "yes" if durable else "NO"])
         verdicts.append((mode, rps, durable))
-    print(common.table(["mode", "ok", "completions/s", "min", "max", "CPU us/req", "loop", "SQLite thread",
+    print(common.table(["mode", "ok", "completions/s", "min", "max", "CPU us/req", "loop", "db thread",
                         "per CPU-second", "req/commit", "ref ms", "all durable"], rows))
     print("(medians over rounds; CPU us/req = time.process_time of every thread per request: the event loop's share "
-          "and the SQLite thread's; per CPU-second = requests / CPU seconds; ref ms = CPU time of a fixed Python loop "
+          "(which commits every write) and the database thread's (queries, checkpoints); per CPU-second = requests / CPU seconds; ref ms = CPU time of a fixed Python loop "
           f"around each round, the machine's speed then: {common.reference_ms():.1f} ms now, lower is faster)")
     for mode, rps, durable in verdicts:
         print(f"target >= {TARGET_RPS:,} completions/s on one core, every request, result and ledger row durable "
