@@ -12,8 +12,6 @@ whose clocks disagree still agree on when a lease ran out.
 
 from __future__ import annotations
 
-from .windows import MIGRATION as WINDOWS_MIGRATION
-
 OWNER = "ksi-postgres"
 UNFINISHED = ("queued", "running")
 FINAL = ("ok", "error", "cancelled")
@@ -522,6 +520,100 @@ STORE_CALL = f"SELECT * FROM ksi_pg_store({', '.join(f'${i + 1}' for i in range(
 """STORE_RESULTS under the locks of its sessions, then FIX_HEADS, in one call. Parameters as STORE_RESULTS's, then
 the sessions of the batch."""
 
-# -- the shared rate windows (ksi_window_store) -------------------------------------------------------------
+# -- the shared rate windows (ksi_window_store; windows.py has their queries) ---------------------------------
+
+WINDOWS_MIGRATION = """
+CREATE TABLE ksi_pg_windows (
+    rule     integer NOT NULL,
+    name     text NOT NULL,
+    window_s double precision NOT NULL,
+    tokens   bigint NOT NULL DEFAULT 0,
+    requests bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (rule, name)
+);
+
+CREATE TABLE ksi_pg_window_leases (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    rule       integer NOT NULL,
+    name       text NOT NULL,
+    host_id    text NOT NULL,
+    lease      text NOT NULL,
+    tokens     integer NOT NULL,
+    started_at double precision NOT NULL,
+    ended_at   double precision,
+    counted    boolean NOT NULL DEFAULT false,
+    FOREIGN KEY (rule, name) REFERENCES ksi_pg_windows (rule, name)
+);
+CREATE INDEX ksi_pg_window_leases_key ON ksi_pg_window_leases (rule, name, ended_at);
+CREATE INDEX ksi_pg_window_leases_open ON ksi_pg_window_leases (rule, name) WHERE NOT counted;
+CREATE UNIQUE INDEX ksi_pg_window_leases_held ON ksi_pg_window_leases (host_id, lease, rule, name) WHERE ended_at IS NULL;
+
+CREATE FUNCTION ksi_pg_window_take(p_host text, p_lease text, p_rules integer[], p_names text[],
+    p_window double precision[], p_rpm bigint[], p_tpm bigint[], p_conc bigint[], p_tokens integer[])
+RETURNS TABLE (o_rule integer, o_name text, o_retry_in double precision) LANGUAGE plpgsql AS $fn$
+DECLARE
+    t_now double precision := ksi_pg_now();
+    k record;
+    d_tokens bigint;
+    d_requests bigint;
+    n_tokens bigint;
+    n_requests bigint;
+    n_flight bigint;
+    ex_tokens bigint;
+    ex_requests bigint;
+    refused boolean := false;
+BEGIN
+    INSERT INTO ksi_pg_windows (rule, name, window_s)
+        SELECT u.r, u.n, u.w FROM unnest(p_rules, p_names, p_window) AS u(r, n, w) ORDER BY u.r, u.n
+        ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM ksi_pg_windows kw JOIN unnest(p_rules, p_names) AS u(r, n) ON kw.rule = u.r AND kw.name = u.n
+        ORDER BY kw.rule, kw.name FOR UPDATE OF kw;
+    FOR k IN SELECT * FROM unnest(p_rules, p_names, p_window, p_rpm, p_tpm, p_conc, p_tokens)
+             AS u(r, n, w, rpm, tpm, conc, tok) ORDER BY u.r, u.n LOOP
+        -- the leases in flight of hosts that are gone end now
+        UPDATE ksi_pg_window_leases l SET ended_at = t_now FROM ksi_pg_hosts h
+         WHERE l.rule = k.r AND l.name = k.n AND l.ended_at IS NULL AND NOT l.counted AND h.host_id = l.host_id
+           AND (h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < t_now);
+        -- the key's row sums its counted leases: those that ended since the last take join them, those that
+        -- slid out leave them (and the table)
+        WITH folded AS (
+            UPDATE ksi_pg_window_leases SET counted = true
+            WHERE rule = k.r AND name = k.n AND NOT counted AND ended_at IS NOT NULL RETURNING tokens
+        ) SELECT coalesce(sum(tokens), 0), count(*) INTO d_tokens, d_requests FROM folded;
+        WITH gone AS (
+            DELETE FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n AND counted AND ended_at <= t_now - k.w
+            RETURNING tokens
+        ) SELECT d_tokens - coalesce(sum(tokens), 0), d_requests - count(*) INTO d_tokens, d_requests FROM gone;
+        UPDATE ksi_pg_windows SET tokens = tokens + d_tokens, requests = requests + d_requests, window_s = k.w
+         WHERE rule = k.r AND name = k.n RETURNING tokens, requests INTO n_tokens, n_requests;
+        -- plus what is not counted yet: in flight (or ended after the fold: only takes set counted, under the lock)
+        SELECT n_tokens + coalesce(sum(tokens), 0), n_requests + count(*), count(*) FILTER (WHERE ended_at IS NULL)
+          INTO n_tokens, n_requests, n_flight FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n AND NOT counted;
+        CONTINUE WHEN (k.tpm IS NULL OR n_tokens + k.tok <= k.tpm) AND (k.rpm IS NULL OR n_requests < k.rpm)
+                  AND (k.conc IS NULL OR n_flight < k.conc);
+        refused := true;
+        o_rule := k.r;
+        o_name := k.n;
+        o_retry_in := NULL;
+        IF k.conc IS NULL OR n_flight < k.conc THEN
+            ex_tokens := CASE WHEN k.tpm IS NULL THEN 0 ELSE n_tokens + k.tok - k.tpm END;
+            ex_requests := CASE WHEN k.rpm IS NULL THEN 0 ELSE n_requests + 1 - k.rpm END;
+            SELECT s.e + k.w - t_now INTO o_retry_in FROM (
+                SELECT ended_at AS e, sum(tokens) OVER (ORDER BY ended_at, id) AS ct,
+                       count(*) OVER (ORDER BY ended_at, id) AS cr
+                FROM ksi_pg_window_leases WHERE rule = k.r AND name = k.n AND ended_at IS NOT NULL) s
+            WHERE s.ct >= ex_tokens AND s.cr >= ex_requests ORDER BY s.e LIMIT 1;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    IF NOT refused THEN
+        INSERT INTO ksi_pg_window_leases (rule, name, host_id, lease, tokens, started_at)
+            SELECT u.r, u.n, p_host, p_lease, u.tok, t_now FROM unnest(p_rules, p_names, p_tokens) AS u(r, n, tok);
+    END IF;
+END $fn$;
+"""
+"""Migration 2 of ksi-postgres: the tables of the shared windows and ``ksi_pg_window_take`` (see
+ksi_postgres.windows). ``ksi_pg_window_take`` answers no row when it took the lease, else one row per key
+lacking room."""
 
 MIGRATIONS.append(WINDOWS_MIGRATION)
