@@ -23,9 +23,10 @@ Why the writer runs on the loop's thread: a commit in WAL mode without a sync co
 microseconds, less than the trip to another thread and back it would need (two thread
 wake-ups, and the GIL handed over twice). Measured with ``ksi-host serve`` at 400
 requests/s (four commits per request), added latency p50 2.1 -> 1.3 ms. The price: a commit
-that must wait for the write lock (another process writing the same file: only a second
-host starting, or an offline ``ksi-host cancel``) holds the loop while it waits, at most the
-busy timeout. An in-memory database (``":memory:"``) is one connection, and everything runs
+that must wait for the write lock holds the loop while it waits (SQLite's busy handler sleeps 1 ms,
+then longer; at most the busy timeout). Other processes write a served database only briefly: a
+``ksi-host cancel`` or ``clear-session`` leaving its command row for the serving host, a second host
+finding the database taken. An in-memory database (``":memory:"``) is one connection, and everything runs
 on the loop's thread.
 
 Each plugin keeps its own tables and migrates them with :meth:`Database.migrate`, which
