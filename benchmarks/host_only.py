@@ -119,7 +119,7 @@ async def run_one(n: int, sessions: int, concurrency: int, warmup: int, mode: st
         async with ksi_host.Host(config, db_path, plugins=[Queue(), Retry(), Tokens(), InstantPlugin()]) as host:
             await submit_all(host, requests("warm", warmup), mode, window)
             if gc_setting == "cli":
-                from ksi_host.cli.runner import tune_gc
+                from ksi_host.commands import tune_gc
 
                 tune_gc()  # what ksi-host run does once its host has started
             batch = requests("run", n)
@@ -201,7 +201,7 @@ def main() -> int:
     print("  agents: one agent per session awaits its requests one after the other, all agents at once")
     print(f"  batch:  ksi_host.cli.runner.submit_all, at most {args.window:,} unfinished (what ksi-host run does)")
     print("  gc cli: gc.freeze() and a first GC threshold of 50,000 once the host started, as ksi-host run sets them "
-          "(ksi_host.cli.runner.tune_gc); gc default: Python's settings")
+          "(ksi_host.commands.tune_gc); gc default: Python's settings")
     rows = []
     verdicts = []
     for (mode, gc_setting), rs in runs.items():

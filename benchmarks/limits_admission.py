@@ -70,7 +70,7 @@ async def run_one(name: str, n: int, sessions: int, concurrency: int, warmup: in
     with tempfile.TemporaryDirectory() as tmp:
         async with ksi_host.Host(config, Path(tmp) / "bench.db", plugins=plugins) as host:
             await host_only.submit_all(host, requests("warm", warmup), "agents", 0)
-            from ksi_host.cli.runner import tune_gc
+            from ksi_host.commands import tune_gc
 
             tune_gc()
             batch = requests("run", n)

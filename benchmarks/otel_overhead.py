@@ -60,7 +60,7 @@ async def run_one(mode: str, n: int, sessions: int, concurrency: int, warmup: in
     from ksi_tokens.plugin import Plugin as Tokens
 
     import ksi_host
-    from ksi_host.cli.runner import tune_gc
+    from ksi_host.commands import tune_gc
 
     host_only._mark_hookimpls()
     plugins: list[Any] = [Queue(), Retry(), Tokens(), host_only.InstantPlugin()]

@@ -44,7 +44,8 @@ async def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from ksi_retry.plugin import Plugin as Retry
 
     import ksi_host
-    from ksi_host.cli.runner import submit_all, tune_gc
+    from ksi_host.cli.runner import submit_all
+    from ksi_host.commands import tune_gc
 
     _mark_hookimpls()
     if spec["kind"] == "postgres":

@@ -37,7 +37,8 @@ async def run_file(path: Path, out_path: Path, db_path: Path) -> Any:
     from ksi_tokens.plugin import Plugin as Tokens
 
     import ksi_host
-    from ksi_host.cli.runner import BatchRunner, count_lines, iter_lines, open_requests, tune_gc
+    from ksi_host.cli.runner import BatchRunner, count_lines, iter_lines, open_requests
+    from ksi_host.commands import tune_gc
 
     _mark_hookimpls()
     total = count_lines(str(path))

@@ -193,7 +193,8 @@ def _line_format(choice: str, lines: Any) -> tuple[Any, Any]:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests, tune_gc
+    from ..commands import tune_gc
+    from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests
 
     try:
         total = count_lines(args.requests)
@@ -214,7 +215,7 @@ async def _run(args: argparse.Namespace) -> int:
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
                 line_format, lines = _line_format(args.format, iter_lines(requests))
                 runner = BatchRunner(host, out, sys.stderr, total=total, progress=bar, line_format=line_format)
-                tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.cli.runner)
+                tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.commands)
                 stats, interrupted = await _run_interruptible(runner, lines)
             finally:
                 if out is not sys.stdout:

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from ksi_host import MissingPluginError, StartupError
-from ksi_host.commands import host_from_args
+from ksi_host.commands import host_from_args, tune_gc
 from ksi_host.config import build_table, load_config
 from ksi_host.hookspecs import INSTALL_HINTS
 
@@ -74,6 +74,7 @@ async def serve(args: argparse.Namespace) -> int:
         if plugin is None:
             raise StartupError("serve: the serve plugin is not loaded in this host (KSI_HOST_PLUGINS / KSI_HOST_DISABLE?)")
         metrics = plugin.metrics = Metrics()
+        tune_gc()  # this process is the server's own: fewer collections (ksi_host.commands.tune_gc)
         stop = asyncio.Event()
         crashes: list[BaseException] = []
 
