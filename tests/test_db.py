@@ -309,3 +309,17 @@ def test_migration_scripts_split_at_statement_ends_only():
     for statement in parts:
         con.execute(statement)
     assert con.execute("SELECT v FROM t").fetchall() == [("c;d",)]
+
+
+async def test_a_write_waits_for_another_connections_write_lock_and_then_commits(tmp_path):
+    path = tmp_path / "a.db"
+    async with Database(path) as db:
+        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY)"])
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process holding the write lock (`ksi-host cancel` writing its row)
+        threading.Timer(0.2, lambda: other.execute("COMMIT")).start()
+        started = asyncio.get_running_loop().time()
+        await db.execute("INSERT INTO t(id) VALUES (1)")  # the busy handler waits; no DatabaseError
+        assert asyncio.get_running_loop().time() - started >= 0.15
+        assert (await db.fetchone("SELECT COUNT(*) FROM t"))[0] == 1
+        other.close()
