@@ -193,6 +193,14 @@ class Database:
             self._raise_failure(e, starting)
             raise
 
+    def _on_writer(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` here, on the event loop's thread (the writer's); failures as :meth:`_run` raises them."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._raise_failure(e)
+            raise
+
     def _raise_failure(self, e: Exception, starting: bool = False) -> None:
         """Raise DatabaseError (DatabaseStartupError when ``starting``) from ``e`` if ``e`` says the database
         cannot do its job; return if it does not (the caller raises ``e`` as is)."""
@@ -289,17 +297,14 @@ class Database:
         finally:
             assert committed is not None
             committed.set_result(None)
-        if (self._writer is not None and self._writer.total_changes - self._rows_at_checkpoint >= CHECKPOINT_AFTER_ROWS
+        if (not self._memory and self._writer is not None
+                and self._writer.total_changes - self._rows_at_checkpoint >= CHECKPOINT_AFTER_ROWS
                 and time.monotonic() - self._checkpoint_at >= CHECKPOINT_MIN_INTERVAL_S):
             self._start_checkpoint()
 
     def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for the whole batch, on this thread; each writer's future gets its answer."""
-        try:
-            counts = _commit_sync(self._writer, [(statements, mode) for statements, mode, _ in batch])
-        except Exception as e:
-            self._raise_failure(e)
-            raise
+        counts = self._on_writer(_commit_sync, self._writer, [(statements, mode) for statements, mode, _ in batch])
         self.commits += 1
         for (_, _, fut), n in zip(batch, counts, strict=True):
             if not fut.done():
@@ -308,7 +313,7 @@ class Database:
     # -- checkpoints --------------------------------------------------------------
 
     def _start_checkpoint(self) -> None:
-        if self._memory or (self._checkpoint is not None and not self._checkpoint.done()):
+        if self._checkpoint is not None and not self._checkpoint.done():
             return
         assert self._writer is not None
         self._rows_at_checkpoint = self._writer.total_changes
@@ -328,12 +333,8 @@ class Database:
         (nothing is lost); it only grows until a checkpoint succeeds."""
         try:
             busy, frames, copied = await self._run(_checkpoint_sync, self._reader)
-            if self._writer is not None and self._writer is not self._reader:
-                try:
-                    _checkpoint_sync(self._writer)
-                except Exception as e:
-                    self._raise_failure(e)
-                    raise
+            if self._writer is not None:
+                self._on_writer(_checkpoint_sync, self._writer)
         except DatabaseError as e:
             log.warning("%s; the write-ahead log grows until a checkpoint succeeds", e)
             return
@@ -355,11 +356,7 @@ class Database:
         both connections, the writer's after everything queued so far is committed."""
         if "=" in name and self._writer is not self._reader:
             await self.flush()
-            try:
-                self._writer.execute(f"PRAGMA {name}").fetchall()  # type: ignore[union-attr]
-            except Exception as e:
-                self._raise_failure(e)
-                raise
+            self._on_writer(_fetchall, self._writer, f"PRAGMA {name}", ())
         row = await self.fetchone(f"PRAGMA {name}")
         return row[0] if row else None
 
