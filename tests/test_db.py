@@ -19,9 +19,14 @@ async def test_pragmas(tmp_path):
         assert await db.pragma("wal_autocheckpoint") == 0  # checkpoints run on the reader's thread
 
 
-async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_database_thread(tmp_path, monkeypatch):
+@pytest.fixture
+def checkpoint_after_300_rows(monkeypatch):
+    """Checkpoints after every 300 rows, with no minimum interval between them."""
     monkeypatch.setattr(ksi_host.db, "CHECKPOINT_AFTER_ROWS", 300)
     monkeypatch.setattr(ksi_host.db, "CHECKPOINT_MIN_INTERVAL_S", 0.0)
+
+
+async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_database_thread(tmp_path, checkpoint_after_300_rows):
     path = tmp_path / "a.db"
     async with Database(path) as db:
         await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, thread INTEGER, pad TEXT)"])
@@ -43,9 +48,7 @@ async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_datab
         assert path.stat().st_size > 300 * 2000  # copied into the file
 
 
-async def test_under_a_steady_load_the_log_starts_over_after_each_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(ksi_host.db, "CHECKPOINT_AFTER_ROWS", 300)
-    monkeypatch.setattr(ksi_host.db, "CHECKPOINT_MIN_INTERVAL_S", 0.0)
+async def test_under_a_steady_load_the_log_starts_over_after_each_checkpoint(tmp_path, checkpoint_after_300_rows):
     path = tmp_path / "a.db"
     async with Database(path) as db:
         await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, pad TEXT)"])
