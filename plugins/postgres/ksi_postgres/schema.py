@@ -430,13 +430,15 @@ WHERE r.status = 'running' AND r.lease_owner = $1 AND r.seq = ANY($4::bigint[])
 RETURNING r.seq, r.lease_epoch, r.cancel_requested, (SELECT heartbeat_at FROM beat) AS heartbeat_at
 """
 STOP_HOST = "UPDATE ksi_pg_hosts SET stopped_at = ksi_pg_now(), heartbeat_at = ksi_pg_now(), in_flight = 0 WHERE host_id = $1"
-# Calls left 'sent' by hosts that stopped renewing (their heartbeat is older than their lease) or stopped:
-# nobody will see how they ended. Any host runs this, at start-up and with its heartbeats.
-SETTLE_LOST_CALLS = """
+HOST_GONE = "(h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < ksi_pg_now())"
+"""Is the ksi_pg_hosts row ``h`` a host that is gone: stopped, or its heartbeat older than its lease? (Migration
+2's ``ksi_pg_window_take`` spells the same test with its own clock reading.)"""
+# Calls left 'sent' by hosts that are gone: nobody will see how they ended. Any host runs this, at start-up and
+# with its heartbeats.
+SETTLE_LOST_CALLS = f"""
 UPDATE ksi_pg_token_usage t SET outcome = 'unknown'
 FROM ksi_pg_hosts h
-WHERE t.outcome = 'sent' AND t.host_id = h.host_id AND h.host_id <> $1
-  AND (h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < ksi_pg_now())
+WHERE t.outcome = 'sent' AND t.host_id = h.host_id AND h.host_id <> $1 AND {HOST_GONE}
 """
 SELECT_HOSTS = (
     "SELECT host_id, hostname, pid, started_at, heartbeat_at, lease_s, concurrency, in_flight, stopped_at, ksi_pg_now() AS now"

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 from ksi_host.errors import DatabaseError
 from ksi_host.windows import Claim, Key, Refusal, WindowState
 
+from .schema import HOST_GONE
+
 if TYPE_CHECKING:
     from .db import Pg
 
@@ -53,9 +55,9 @@ SETTLE = (
     " WHERE host_id = $1 AND lease = $2 AND ended_at IS NULL RETURNING rule, name"
 )
 RELEASE = "DELETE FROM ksi_pg_window_leases WHERE host_id = $1 AND lease = $2 AND ended_at IS NULL RETURNING rule, name"
-END_GONE_HOSTS = """
+END_GONE_HOSTS = f"""
 UPDATE ksi_pg_window_leases l SET ended_at = ksi_pg_now() FROM ksi_pg_hosts h
-WHERE l.ended_at IS NULL AND NOT l.counted AND h.host_id = l.host_id AND (h.stopped_at IS NOT NULL OR h.heartbeat_at + h.lease_s < ksi_pg_now())
+WHERE l.ended_at IS NULL AND NOT l.counted AND h.host_id = l.host_id AND {HOST_GONE}
 """
 """The leases in flight of hosts that are gone end now (as in ``ksi_pg_window_take``, for every key)."""
 SNAPSHOT = """
