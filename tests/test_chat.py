@@ -182,3 +182,9 @@ async def test_a_request_nobody_can_send_ends_with_a_bad_request_and_nothing_is_
         r = await host.complete({"model": "m", "prompt": "hi", "tools": [WEATHER], "top_p": 0.5})
     assert r.error["type"] == "BadRequest" and not plain.calls
     assert r.error["message"] == "tools, top_p not supported by plain (nothing was sent)"
+
+
+def test_the_testing_kits_every_parameter_names_every_chat_parameter():
+    from ksi_host.testing.chat import EVERY_PARAMETER
+
+    assert set(EVERY_PARAMETER) == set(PARAMETERS)

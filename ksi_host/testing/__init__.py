@@ -7,7 +7,8 @@ objects (no entry points) on a temporary database, so one hook can be tested
 alone. :mod:`ksi_host.testing.fakes` holds small stand-in plugins;
 :mod:`ksi_host.testing.server` an OpenAI-compatible server with fault modes, and
 :mod:`ksi_host.testing.faults` the error each failing mode must become in a
-provider plugin.
+provider plugin; :mod:`ksi_host.testing.chat` a value for every chat parameter (what a
+provider plugin must send as it is).
 """
 
 from .fakes import DirectQueue, FailOver, FakeClock, FakeProvider, FakeStreamingProvider, ScriptedProviders
