@@ -1,6 +1,6 @@
 """ksi-host serve against LiteLLM's proxy: throughput at concurrency 64 and added latency at a fixed rate.
 
-Both servers run at once, in their own processes, each on one CPU (every thread pinned), in front of the
+The servers run at once, in their own processes, each on one CPU (every thread pinned), in front of the
 same local upstream (``ksi_host.testing.server`` with a fixed latency, its own process) which shares the
 other CPU with the load generator (this process: aiohttp client coroutines, one connection pool):
 
@@ -9,8 +9,11 @@ other CPU with the load generator (this process: aiohttp client coroutines, one 
   durable before the answer.
 * ``litellm``: LiteLLM's proxy started as its docs say (``litellm --config litellm.yaml --port P``), a
   master key (it refuses to start without one), no database; one worker (its default).
+* ``bare``: ``benchmarks/bare_proxy.py``, aiohttp's server forwarding with aiohttp's client and nothing else
+  (no queue, database, retries or ledger): the floor of any server built as serve is, on this machine in
+  this run. Serve's own share is its added latency minus the bare proxy's.
 
-The same requests go to both (a prompt holding a unique id, ``Authorization: Bearer``), in interleaved
+The same requests go to each (a prompt holding a unique id, ``Authorization: Bearer``), in interleaved
 rounds. Two phases per round and server:
 
 * throughput: ``-c`` workers, each sending its next request when it has its answer, for ``--tp-seconds``;
@@ -20,6 +23,11 @@ rounds. Two phases per round and server:
   time (sending to the end of the answer) minus the upstream's own time for it (from its arrival log:
   arrival to answer sent, matched by the prompt's id); p50, p99, mean. A direct run (client -> upstream,
   no server between) shows the floor of that measure: the client's and the network's own share.
+
+Neither the load generator nor the upstream collects garbage while a phase runs (both collect between
+phases): a collection there stops that process for up to 15 ms here, and the requests it holds up would
+count as the server's added latency (measured: the clusters of slow requests above the p99 matched the load
+generator's own collections).
 
 Afterwards the serve database is checked: a stored ``ok`` result and a ledger row for every request sent.
 Prints the tables, the ratios, and PASS or MISS for the targets (throughput >= 5x LiteLLM's, added p50
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -105,20 +114,33 @@ def wait_ready(url: str, what: str, proc: subprocess.Popen[Any], timeout_s: floa
     raise RuntimeError(f"{what} was not ready within {timeout_s} s")
 
 
+class Upstream:
+    """The running upstream: its base URL, and a way to have it collect its garbage (it does not on its own)."""
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url, self.pid = url, pid
+
+    def collect(self) -> None:
+        os.kill(self.pid, signal.SIGUSR1)
+
+
 @contextmanager
-def upstream(delay_s: float, cpus: set[int]) -> Iterator[str]:
-    """The local OpenAI-compatible server, keeping bodies (to match arrivals to requests); yields its base URL."""
-    code = ("import asyncio, json; from ksi_host.testing.server import OpenAIServer\n"
+def upstream(delay_s: float, cpus: set[int]) -> Iterator[Upstream]:
+    """The local OpenAI-compatible server, keeping bodies (to match arrivals to requests), its garbage collector off
+    but for SIGUSR1 (:meth:`Upstream.collect`, between phases)."""
+    code = ("import asyncio, gc, json, signal; from ksi_host.testing.server import OpenAIServer\n"
             f"s = OpenAIServer(delay_s={delay_s!r}, keep_bodies=True)\n"
             "async def main():\n"
-            "    await s.start(); print(json.dumps({'url': s.url}), flush=True); await asyncio.Event().wait()\n"
+            "    await s.start(); gc.disable()\n"
+            "    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, gc.collect)\n"
+            "    print(json.dumps({'url': s.url}), flush=True); await asyncio.Event().wait()\n"
             "asyncio.run(main())\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         url = json.loads(proc.stdout.readline())["url"]
         pin(proc.pid, cpus)
-        yield url
+        yield Upstream(url, proc.pid)
     finally:
         proc.terminate()
         proc.wait()
@@ -185,7 +207,41 @@ general_settings:
         log.close()
 
 
+@contextmanager
+def bare_proxy(tmp: Path, url: str, token: str, cpus: set[int]) -> Iterator[str]:
+    """benchmarks/bare_proxy.py: aiohttp's server and client with nothing of their own (the floor)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp / "bare.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_proxy.py")), url.removesuffix("/"),
+                             str(port)], stdout=log, stderr=log, env=dict(server_env(), KSI_BENCH_CLIENT_TOKEN=token))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz", "the bare proxy", proc)
+        pin(proc.pid, cpus)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+
+
 # -- the load ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_gc(up: Upstream | None = None) -> Iterator[None]:
+    """No garbage collection in this process while the block runs; afterwards this process and ``up`` collect."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+        if up is not None:
+            up.collect()
 
 
 class Load:
@@ -273,7 +329,8 @@ def added_ms(samples: list[tuple[str, float, int]], up: dict[str, float]) -> dic
 # -- the run -------------------------------------------------------------------------------------------
 
 
-async def measure(args: argparse.Namespace, up_url: str, servers: dict[str, str], tokens: dict[str, str]) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, up: Upstream, servers: dict[str, str], tokens: dict[str, str]) -> dict[str, Any]:
+    up_url = up.url
     base = up_url.removesuffix("/v1")
     runs: dict[str, dict[str, list[Any]]] = {name: {"rps": [], "errors": [], "latency": []} for name in servers}
     runs["direct"] = {"rps": [], "errors": [], "latency": []}
@@ -287,7 +344,9 @@ async def measure(args: argparse.Namespace, up_url: str, servers: dict[str, str]
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
-                rps, errors = await loads[name].closed_loop(servers[name], f"tp{r}-{name}", args.tp_seconds, args.concurrency)
+                with quiet_gc(up):
+                    rps, errors = await loads[name].closed_loop(servers[name], f"tp{r}-{name}", args.tp_seconds,
+                                                                args.concurrency)
                 runs[name]["rps"].append(rps)
                 runs[name]["errors"].append(errors)
                 print(f"  round {r + 1}: {name} throughput {rps:,.0f}/s ({errors} errors)", file=sys.stderr, flush=True)
@@ -297,7 +356,8 @@ async def measure(args: argparse.Namespace, up_url: str, servers: dict[str, str]
                 rate = args.rate
                 if name != "direct" and not args.same_rate:  # a rate the server can keep up with, at most --rate
                     rate = min(args.rate, round(0.5 * statistics.median(runs[name]["rps"]), 1))
-                samples, achieved = await loads[name].open_loop(url, f"lat{r}-{name}", rate, args.seconds)
+                with quiet_gc(up):
+                    samples, achieved = await loads[name].open_loop(url, f"lat{r}-{name}", rate, args.seconds)
                 stats = added_ms(samples, upstream_times(base))
                 stats["rate"] = achieved
                 runs[name]["latency"].append(stats)
@@ -349,18 +409,21 @@ def main() -> int:
     else:
         server_cpus, load_cpus = {cpus[-1]}, set(cpus[:-1])
         os.sched_setaffinity(0, load_cpus)
-    tokens = {"serve": "ksi-bench-" + secrets.token_urlsafe(24), "litellm": "sk-" + secrets.token_urlsafe(24)}
+    tokens = {"serve": "ksi-bench-" + secrets.token_urlsafe(24), "litellm": "sk-" + secrets.token_urlsafe(24),
+              "bare": "sk-" + secrets.token_urlsafe(24)}
     started, load_before = time.time(), os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmpdir, upstream(args.delay, load_cpus) as up_url:
+    with tempfile.TemporaryDirectory() as tmpdir, upstream(args.delay, load_cpus) as up:
         tmp = Path(tmpdir)
-        with serve_process(tmp, up_url, tokens["serve"], server_cpus) as (serve_url, db):
-            servers = {"serve": serve_url}
+        up_url = up.url
+        with serve_process(tmp, up_url, tokens["serve"], server_cpus) as (serve_url, db), \
+                bare_proxy(tmp, up_url, tokens["bare"], server_cpus) as bare_url:
+            servers = {"serve": serve_url, "bare": bare_url}
             if args.litellm:
                 with litellm_proxy(args.litellm, tmp, up_url, tokens["litellm"], server_cpus) as lp_url:
                     servers["litellm"] = lp_url
-                    runs = asyncio.run(measure(args, up_url, servers, tokens))
+                    runs = asyncio.run(measure(args, up, servers, tokens))
             else:
-                runs = asyncio.run(measure(args, up_url, servers, tokens))
+                runs = asyncio.run(measure(args, up, servers, tokens))
         stored_ok, ledger_ok = durable(db)
     sent = runs["serve"].pop("sent")
 
@@ -386,6 +449,10 @@ def main() -> int:
         print(f"throughput serve / litellm proxy: {ratio:.2f}x (target >= {TARGET_RATIO:g}x)  {verdict(ratio >= TARGET_RATIO)}")
     print(f"serve added latency at {serve_rate:,.0f}/s: p50 {p50:.2f} ms (target <= {TARGET_P50_MS:g})  "
           f"{verdict(p50 <= TARGET_P50_MS)}; p99 {p99:.2f} ms (target <= {TARGET_P99_MS:g})  {verdict(p99 <= TARGET_P99_MS)}")
+    bare = runs["bare"]["latency"]
+    bare_p50, bare_p99 = statistics.median(x["p50"] for x in bare), statistics.median(x["p99"] for x in bare)
+    print(f"the bare aiohttp proxy (the floor here) adds p50 {bare_p50:.2f} ms, p99 {bare_p99:.2f} ms: serve's own share "
+          f"p50 +{p50 - bare_p50:.2f} ms, p99 +{p99 - bare_p99:.2f} ms")
     print(f"serve durability: {sent:,} requests sent, {stored_ok:,} stored ok, {ledger_ok:,} ledger rows ok  "
           f"{verdict(stored_ok == sent == ledger_ok)}")
     if args.json:
