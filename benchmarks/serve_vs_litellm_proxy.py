@@ -93,6 +93,15 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server started next)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def get_json(url: str, headers: dict[str, str] | None = None, data: bytes | None = None) -> Any:
     req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -183,11 +192,7 @@ def litellm_proxy(litellm: str, tmp: Path, url: str, token: str, cpus: set[int])
 general_settings:
   master_key: os.environ/LITELLM_MASTER_KEY
 """)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(server_env(), LITELLM_MASTER_KEY=token, KSI_BENCH_KEY="sk-bench-upstream")
     env.pop("DATABASE_URL", None)
     log = open(tmp / "litellm.log", "wb")  # noqa: SIM115
@@ -210,11 +215,7 @@ general_settings:
 @contextmanager
 def bare_proxy(tmp: Path, url: str, token: str, cpus: set[int]) -> Iterator[str]:
     """benchmarks/bare_proxy.py: aiohttp's server and client with nothing of their own (the floor)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp / "bare.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_proxy.py")), url.removesuffix("/"),
                              str(port)], stdout=log, stderr=log, env=dict(server_env(), KSI_BENCH_CLIENT_TOKEN=token))
