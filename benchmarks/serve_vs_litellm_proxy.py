@@ -263,11 +263,18 @@ class Load:
         await self.http.close()
 
     async def one(self, url: str, rid: str) -> tuple[str, float, int]:
+        """(rid, client seconds, HTTP status); status 0 when the connection failed (an error, counted as one: a
+        server may close an idle kept-alive connection just as the next request goes out on it)."""
+        import aiohttp
+
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"benchmark request {rid}"}], "max_tokens": 16}
         started = time.perf_counter()
-        async with self.http.post(f"{url}/chat/completions", json=body) as resp:
-            await resp.read()
-            status = resp.status
+        try:
+            async with self.http.post(f"{url}/chat/completions", json=body) as resp:
+                await resp.read()
+                status = resp.status
+        except aiohttp.ClientConnectionError:
+            return rid, time.perf_counter() - started, 0
         self.sent += 1
         return rid, time.perf_counter() - started, status
 
