@@ -8,16 +8,7 @@ from typing import Any
 import pytest
 
 from ksi_host import ChatDelta, ProviderUnavailable, RateLimited, Usage, hookimpl
-from ksi_host.testing import DirectQueue, FailOver, FakeProvider, FakeStreamingProvider, ScriptedProviders
-
-
-class Ledger:
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-
-    @hookimpl
-    def ksi_record_usage(self, call: Any) -> None:
-        self.calls.append(call)
+from ksi_host.testing import DirectQueue, FailOver, FakeProvider, FakeStreamingProvider, ScriptedProviders, UsageCalls
 
 
 async def collect(stream: Any) -> list[ChatDelta]:
@@ -53,7 +44,7 @@ async def test_failover_happens_before_the_first_piece(make_host: Any) -> None:
 async def test_a_failure_after_the_first_piece_ends_the_stream_with_that_error_and_no_retry(make_host: Any) -> None:
     a = FakeStreamingProvider("a", script=[["partial ", ProviderUnavailable("connection reset", provider="a")]])
     b = FakeStreamingProvider("b")
-    ledger = Ledger()
+    ledger = UsageCalls()
     async with make_host(DirectQueue(), ScriptedProviders(a, b), FailOver(), ledger) as host:
         stream = host.stream({"model": "m", "prompt": "hi"})
         got = []
@@ -125,7 +116,7 @@ async def test_tool_call_pieces_are_assembled_into_the_results_message(make_host
               ChatDelta(tool_calls=[{"index": 0, "function": {"arguments": '"Oslo"}'}}]),
               ChatDelta(finish_reason="tool_calls", usage=Usage(9, 4, 13))]
     p = FakeStreamingProvider("p", script=[pieces])
-    ledger = Ledger()
+    ledger = UsageCalls()
     async with make_host(DirectQueue(), ScriptedProviders(p), ledger) as host:
         stream = host.stream({"model": "m", "prompt": "weather?"})
         await collect(stream)
@@ -138,7 +129,7 @@ async def test_tool_call_pieces_are_assembled_into_the_results_message(make_host
 
 async def test_a_stream_whose_upstream_reports_no_usage_records_none(make_host: Any) -> None:
     p = FakeStreamingProvider("p", script=[["hi", ChatDelta(finish_reason="stop")]])
-    ledger = Ledger()
+    ledger = UsageCalls()
     async with make_host(DirectQueue(), ScriptedProviders(p), ledger) as host:
         stream = host.stream({"model": "m", "prompt": "hi"})
         await collect(stream)

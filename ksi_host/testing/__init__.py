@@ -8,9 +8,11 @@ alone. :mod:`ksi_host.testing.fakes` holds small stand-in plugins;
 :mod:`ksi_host.testing.server` an OpenAI-compatible server with fault modes, and
 :mod:`ksi_host.testing.faults` the error each failing mode must become in a
 provider plugin; :mod:`ksi_host.testing.chat` a value for every chat parameter (what a
-provider plugin must send as it is).
+provider plugin must send as it is); :mod:`ksi_host.testing.conformance` the tests every provider plugin
+passes, as a class its tests subclass (:class:`~ksi_host.testing.conformance.ProviderConformance`).
 """
 
-from .fakes import DirectQueue, FailOver, FakeClock, FakeProvider, FakeStreamingProvider, ScriptedProviders
+from .fakes import DirectQueue, FailOver, FakeClock, FakeProvider, FakeStreamingProvider, ScriptedProviders, UsageCalls
 
-__all__ = ["DirectQueue", "FailOver", "FakeClock", "FakeProvider", "FakeStreamingProvider", "ScriptedProviders"]
+__all__ = ["DirectQueue", "FailOver", "FakeClock", "FakeProvider", "FakeStreamingProvider", "ScriptedProviders",
+           "UsageCalls"]

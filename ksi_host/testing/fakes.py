@@ -13,6 +13,7 @@
 * :class:`FailOver` implements ``ksi_handle_failure`` as the smallest failure
   policy that exercises fail-over: retryable errors and AuthFailed move to
   another deployment at once, anything else gives up.
+* :class:`UsageCalls` keeps every upstream call ``ksi_record_usage`` reports.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..models import (
     ProviderInfo,
     ProviderResponse,
     Ticket,
+    UpstreamCall,
     Usage,
 )
 
@@ -176,3 +178,15 @@ class FailOver:
         if attempt.number < self.max_attempts and (error.retryable or error.type == "AuthFailed"):
             return FailureDecision.retry(0.0, switch_provider=attempt.provider is not None)
         return FailureDecision.give_up(error)
+
+
+class UsageCalls:
+    """An observer plugin: every upstream call (:class:`~ksi_host.models.UpstreamCall`) ``ksi_record_usage``
+    reports, in ``calls``."""
+
+    def __init__(self) -> None:
+        self.calls: list[UpstreamCall] = []
+
+    @hookimpl
+    def ksi_record_usage(self, call: UpstreamCall) -> None:
+        self.calls.append(call)

@@ -15,6 +15,8 @@ import pytest
 
 from ..service import Host
 
+pytest.register_assert_rewrite("ksi_host.testing.conformance")  # its failures show their values, as a test file's do
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makeitem(collector: Any, name: str, obj: Any) -> None:

@@ -22,22 +22,14 @@ from ksi_host import (
     RateLimited,
     hookimpl,
 )
-from ksi_host.models import CompletionRequest, UpstreamCall
+from ksi_host.models import CompletionRequest
+from ksi_host.testing import UsageCalls
 
 MODEL = "claude-cli/sonnet"
 
 
 def req(text: str = "hello there", model: str = MODEL, **kw: Any) -> dict[str, Any]:
     return {"model": model, "prompt": text, **kw}
-
-
-class UsageRecorder:
-    def __init__(self) -> None:
-        self.calls: list[UpstreamCall] = []
-
-    @hookimpl
-    def ksi_record_usage(self, call: UpstreamCall) -> None:
-        self.calls.append(call)
 
 
 class Conversation:
@@ -296,7 +288,7 @@ async def test_each_failure_maps(cc_host: Any, fake_cli: Any, prompt: str, error
 
 
 async def test_usage_of_a_failed_call_is_recorded(cc_host: Any, fake_cli: Any) -> None:
-    recorder = UsageRecorder()
+    recorder = UsageCalls()
     async with cc_host(recorder) as host:
         r = await host.complete(req("!execerror"))
     assert r.error["type"] == "ProviderUnavailable"

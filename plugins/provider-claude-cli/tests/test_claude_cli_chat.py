@@ -13,20 +13,12 @@ import pytest
 from fake_claude import pid_alive
 from ksi_provider_claude_cli import cli
 
-from ksi_host import BadRequest, ChatDelta, ProviderTimeout, ProviderUnavailable, hookimpl
+from ksi_host import BadRequest, ChatDelta, ProviderTimeout, ProviderUnavailable
 from ksi_host.chat import PARAMETERS
+from ksi_host.testing import UsageCalls
 
 MODEL = "claude-cli/sonnet"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-
-    @hookimpl
-    def ksi_record_usage(self, call: Any) -> None:
-        self.calls.append(call)
 
 
 def started(host: Any) -> int:
@@ -132,7 +124,7 @@ def test_check_json() -> None:
 
 
 async def test_a_streamed_answer_comes_word_by_word_with_the_results_usage(cc_host: Any, fake_cli: Any) -> None:
-    recorder = Recorder()
+    recorder = UsageCalls()
     async with cc_host(recorder) as host:
         stream = host.stream({"model": MODEL, "prompt": "one two three", "session_id": "s1"})
         pieces = [d async for d in stream]

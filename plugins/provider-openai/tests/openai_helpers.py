@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ksi_host.models import CompletionRequest
-from ksi_host.testing.chat import EVERY_PARAMETER, WEATHER, until
 from ksi_host.testing.fakes import FailOver, FakeClock
 
-__all__ = ["EVERY_PARAMETER", "KEY_ENV", "SECRET_KEY", "WEATHER", "FailOver", "FakeClock", "deployment", "request",
-           "until"]
+__all__ = ["KEY_ENV", "SECRET_KEY", "FailOver", "FakeClock", "deployment", "request"]
 
 KEY_ENV = "KSI_TEST_OPENAI_KEY"
 SECRET_KEY = "sk-ksi-test-SECRET-0123456789abcdef"

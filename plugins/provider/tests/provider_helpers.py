@@ -6,11 +6,11 @@ from typing import Any
 
 from ksi_host import hookimpl
 from ksi_host.models import CompletionRequest, UpstreamCall
-from ksi_host.testing.chat import EVERY_PARAMETER, WEATHER, until
+from ksi_host.testing.chat import WEATHER
 from ksi_host.testing.fakes import FailOver, FakeClock
 
-__all__ = ["EVERY_PARAMETER", "KEY_ENV", "SECRET_KEY", "WEATHER", "FailOver", "FakeClock", "UsageRecorder", "deployment",
-           "request", "until"]
+__all__ = ["KEY_ENV", "SECRET_KEY", "WEATHER", "FailOver", "FakeClock", "UsageRecorder", "deployment",
+           "request"]
 
 KEY_ENV = "KSI_TEST_LITELLM_KEY"
 SECRET_KEY = "sk-ksi-test-SECRET-0123456789abcdef"
