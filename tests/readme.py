@@ -24,6 +24,7 @@ PYTHON_SNIPPETS = {
     "asyncio.run(main())": "tests/integration/test_readme.py (needs the four plugins)",
     "def test_my_policy(make_host)": "tests/test_readme.py (an outside project, strict mode)",
     "class EchoProvider": "tests/test_readme.py",
+    "class TestMyProviderConformance": "tests/test_readme.py (an outside project, strict mode, tests/tiny_provider.py)",
     "from ksi_host.providers import (": "tests/test_readme.py (the provider kit's public names import)",
     'base_url="http://127.0.0.1:8787/v1"': "tests/integration/test_serve_readme.py (against ksi-host serve)",
 }

@@ -18,7 +18,8 @@ PUBLIC_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.errors", "ksi_host.mode
                   "ksi_host.windows"} | {
     f"ksi_host.providers.{m}" for m in ("circuit", "circuit_store", "config", "deployment_provider", "deployments",
                                         "errormap", "plugin", "validators")}
-README_MODULES = {"ksi_host", "ksi_host.providers", "ksi_host.providers.validators", "ksi_host.testing"}
+README_MODULES = {"ksi_host", "ksi_host.providers", "ksi_host.providers.validators", "ksi_host.testing",
+                  "ksi_host.testing.conformance"}
 """Where a README snippet may import from (not ``ksi_host.providers.deployments``: DEFAULT_PRIORITY came from there)."""
 GONE = re.compile(r"select_ranked|outranking|outranks|tryfirst|deployments\.ordered")
 
