@@ -324,7 +324,7 @@ class ProviderConformance:
             stream = host.stream({"model": MODEL, "prompt": "one two three"})
             async for _ in stream:
                 break
-            await until(lambda: openai_server.closed_early == 1)  # the server saw the client go, while it held
+            await until(lambda: openai_server.closed_early == 1, timeout=15)  # the server saw the client go, while it held
             assert openai_server.holding == 0
             assert (await host.complete({"model": MODEL, "prompt": "again"})).ok  # the provider still works
 
