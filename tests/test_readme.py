@@ -44,16 +44,20 @@ def test_the_conformance_example_passes_against_the_tiny_provider_in_strict_mode
     (project / "pyproject.toml").write_text('[project]\nname = "my-provider"\nversion = "0.1"\n')  # strict mode
     (project / "my_provider.py").write_text((Path(__file__).parent / "tiny_provider.py").read_text())
     (project / "tests" / "test_conformance.py").write_text(snippet("python", "class TestMyProviderConformance"))
-    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(project)],
-                       cwd=project, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(project)})
+
+    def pytest_there() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(project)],
+                              cwd=project, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(project)})
+
+    p = pytest_there()
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"\b4\d passed\b", p.stdout), p.stdout  # the whole suite ran, under strict mode
     # and it fails a provider that gets something wrong: the same one, sending another key than the variable's
     source = (project / "my_provider.py").read_text()
     assert source.count("Bearer {key}") == 1
     (project / "my_provider.py").write_text(source.replace("Bearer {key}", "Bearer sk-another-key"))
-    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir", str(project)],
-                       cwd=project, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(project)})
+    p = pytest_there()
     assert p.returncode == 1 and "FAILED tests/test_conformance.py::TestMyProviderConformance::test_a_plain_completion" \
         in p.stdout and "1 failed" in p.stdout, p.stdout
 

@@ -12,7 +12,8 @@ import pytest
 from ksi_provider_openai.plugin import Plugin
 from openai_helpers import deployment, request
 
-from ksi_host.testing.conformance import DeploymentSpec, ProviderConformance, UsageCalls
+from ksi_host.testing import UsageCalls
+from ksi_host.testing.conformance import DeploymentSpec, ProviderConformance
 
 
 class TestOpenAIConformance(ProviderConformance):
