@@ -291,6 +291,24 @@ async def test_a_client_closing_mid_stream_is_seen_at_once_even_while_a_chunk_is
     assert openai_server.stream_stats() == {"streams": 2, "closed_early": 2, "holding": 0}
 
 
+async def test_a_client_resetting_the_connection_while_a_chunk_is_held_is_seen_too(openai_server: OpenAIServer) -> None:
+    # A client that closes with unread bytes in its socket makes the kernel send a reset, not an end of
+    # stream: the server sees a connection error, never EOF (a close that races the server's last chunks).
+    import socket
+    import struct
+
+    openai_server.script("hold")
+    s = await Stream.open(openai_server)
+    await s.next()
+    sock = s.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    s.close()
+    deadline = time.monotonic() + 2
+    while openai_server.closed_early == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert openai_server.stream_stats() == {"streams": 1, "closed_early": 1, "holding": 0}
+
+
 def test_the_standalone_server_takes_a_first_chunk_delay() -> None:
     import subprocess
     import sys

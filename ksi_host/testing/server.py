@@ -229,6 +229,13 @@ def _arguments_pieces(arguments: str, size: int = 8) -> list[str]:
     return [arguments[i:i + size] for i in range(0, len(arguments), size)] or [""]
 
 
+def _client_gone(reader: asyncio.StreamReader) -> bool:
+    """Has the client left mid-answer? A client that closes its end is seen as EOF (nothing else arrives
+    mid-answer); one that closes with our bytes still unread in its socket resets the connection, which
+    the reader holds as an exception, never as EOF."""
+    return reader.at_eof() or reader.exception() is not None
+
+
 class OpenAIServer:
     """An OpenAI-compatible chat completions server on ``host:port`` (0: any free port).
 
@@ -700,7 +707,7 @@ class OpenAIServer:
                 self._event(writer, json.dumps(chunk))
                 arrival.chunks += 1
                 await writer.drain()
-                if reader.at_eof():
+                if _client_gone(reader):
                     return self._left(arrival)
             if fault == "cut":
                 return False
@@ -729,7 +736,7 @@ class OpenAIServer:
     async def _pause(self, reader: asyncio.StreamReader, seconds: float | None, event: asyncio.Event | None = None) -> bool:
         """Wait ``seconds`` (or for ``event``, at most ``seconds``); False as soon as the client closes the connection."""
         async def gone() -> None:
-            while not reader.at_eof():  # a client that closes its end is seen as EOF (nothing else arrives mid-answer)
+            while not _client_gone(reader):
                 await asyncio.sleep(0.005)
 
         waits = [asyncio.ensure_future(gone()),
@@ -740,7 +747,7 @@ class OpenAIServer:
         finally:
             for w in waits:
                 w.cancel()
-        return not reader.at_eof()
+        return not _client_gone(reader)
 
     def _holder(self) -> asyncio.Event:
         """A held answer's event, counted in :attr:`holding` until :meth:`release` sets it (already set when
