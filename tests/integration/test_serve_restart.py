@@ -4,9 +4,13 @@ answered, and a client's retry with the same ``Idempotency-Key`` gets the stored
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import signal
+import socket
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -152,3 +156,81 @@ def test_sigterm_drains_running_requests_and_keeps_queued_ones(tmp_path: Path, u
         again = asyncio.run(send_all(second.url, keys, sessions=6))
     assert again == {k: f"echo: {prompt_of(k)}" for k in keys}
     assert upstream.hits == 6  # each sent once, across the stop
+
+
+def _stream_in_thread(url: str, key: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A streamed call in a thread: ``got["text"]`` once it ended cleanly, ``got["error"]`` when it failed."""
+    got: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
+            stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt_of(key)}],
+                                                    stream=True, extra_headers={"Idempotency-Key": key})
+            got["text"] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except Exception as e:  # reported to the test
+            got["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def _until(condition: Any, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_sigterm_lets_an_open_stream_finish_answers_503_on_open_connections_and_ignores_idle_ones(tmp_path: Path):
+    upstream = OpenAIServer(script=["hold"]).start_in_thread()  # the stream's last chunk waits for release()
+    try:
+        db, cfg = tmp_path / "ksi.db", config(tmp_path / "ksi.toml", upstream, concurrency=2)
+        served = ServeProcess(cfg, db, env=environment()).start()
+        host, port = served.base.removeprefix("http://").rsplit(":", 1)
+        idle = http.client.HTTPConnection(host, int(port), timeout=10)  # a keep-alive connection, left open
+        idle.request("GET", "/healthz")
+        first = idle.getresponse()
+        assert (first.status, json.loads(first.read())["status"]) == (200, "ok")
+        thread, got = _stream_in_thread(served.url, "s1")
+        _until(lambda: upstream.holding == 1)
+        started = time.monotonic()
+        os.kill(served.pid, signal.SIGTERM)
+        _until(lambda: "stopping: no new requests" in served.log())
+        idle.request("GET", "/healthz")  # the open connection still answers: 503 while the server drains
+        response = idle.getresponse()
+        assert (response.status, json.loads(response.read())["status"]) == (503, "stopping")
+        with pytest.raises(ConnectionRefusedError):  # no new connections
+            socket.create_connection((host, int(port)), timeout=5).close()
+        upstream.release()
+        thread.join(20)
+        assert got == {"text": f"echo: {prompt_of('s1')}"}  # the open stream finished, [DONE] included
+        assert served.wait(20) == 0, served.log()
+        assert time.monotonic() - started < 10  # the idle keep-alive connection did not hold the stop open
+        assert served.log().rstrip().endswith("ksi-host serve: stopped")
+        idle.close()
+    finally:
+        upstream.stop_thread()
+
+
+def test_a_second_signal_stops_at_once_with_exit_130(tmp_path: Path):
+    upstream = OpenAIServer(script=["hold"]).start_in_thread()
+    try:
+        db, cfg = tmp_path / "ksi.db", config(tmp_path / "ksi.toml", upstream, concurrency=2)
+        served = ServeProcess(cfg, db, env=environment()).start()
+        thread, got = _stream_in_thread(served.url, "s2")
+        _until(lambda: upstream.holding == 1)
+        os.kill(served.pid, signal.SIGTERM)
+        _until(lambda: "stopping: no new requests" in served.log())
+        started = time.monotonic()
+        os.kill(served.pid, signal.SIGINT)
+        assert served.wait(20) == 130, served.log()
+        assert time.monotonic() - started < 5
+        thread.join(20)
+        assert isinstance(got.get("error"), openai.APIError)  # its stream was cut (no [DONE])
+        log = served.log()
+        assert "stopping now: the requests still running stay stored" in log and "Traceback" not in log
+        assert rows(db) == {"s2": "running"}  # stored unfinished: it runs again at the next start
+    finally:
+        upstream.stop_thread()

@@ -105,11 +105,7 @@ class Server:
                                  code="not_found" if status == 404 else None)
             response = _error_response(error)
         except Exception as e:  # a programming error: answered 500, then the server stops (exit 70)
-            log.error("programming error while answering %s %s: the server stops (its traceback follows at exit)",
-                      request.method, request.path)
-            self.on_crash(e)
-            response = _error_response(ApiError(500, "internal error (the server stops; its log has the traceback)",
-                                                "server_error", retry=True, retry_after=self._retry_after))
+            response = _error_response(self._crashed(request, e))
         self.metrics.answered(route, response.status, time.perf_counter() - started,
                               client.name if client is not None else None)
         return response
@@ -133,7 +129,11 @@ class Server:
         self.pending_bytes += size
         started = time.perf_counter()
         try:
-            raw = await request.read()
+            try:
+                raw = await request.read()
+            except ConnectionError:  # the client left before the end of its body: nobody reads this answer
+                raise ApiError(400, "the connection closed before the end of the request body",
+                               code="incomplete_body", retry=False) from None
             self.pending_bytes += len(raw) - size  # (a chunked body had no Content-Length)
             size = len(raw)
             try:
@@ -237,6 +237,10 @@ class Server:
         except ConnectionError:  # the client left: the request goes on and is stored (cancel_on_exit=False)
             await pieces.aclose()
             return response
+        except Exception as e:  # a programming error after the first piece: the stream ends with an error event
+            # (its status line went out with the first piece), and the server stops as for any other
+            await _write_quietly(response, wire.error_event(self._crashed(request, e)))
+            return response
         result = stream.result
         if include_usage and result is not None:
             await _write_quietly(response, wire.usage_chunk(visible, created, model, result.usage))
@@ -338,6 +342,14 @@ class Server:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _crashed(self, request: web.Request, e: Exception) -> ApiError:
+        """Report a programming error (the server stops, exit 70, with its traceback); the 500 to answer."""
+        log.error("programming error while answering %s %s: the server stops (its traceback follows at exit)",
+                  request.method, request.path)
+        self.on_crash(e)
+        return ApiError(500, "internal error (the server stops; its log has the traceback)", "server_error",
+                        retry=True, retry_after=self._retry_after)
 
     def _stopping_error(self) -> ApiError:
         return ApiError(503, "the server is stopping; a request it accepted stays stored and runs when it starts "

@@ -8,6 +8,7 @@ import json
 import aiohttp
 import openai
 import pytest
+from conftest import until
 
 from ksi_host import (
     AuthFailed,
@@ -213,3 +214,30 @@ async def test_a_client_that_leaves_does_not_cancel_its_request(serve):
                                                          extra_headers={"Idempotency-Key": "gone"})
     assert again.choices[0].message.content == "late but stored"
     assert len(provider.calls) == 1
+
+
+async def test_a_client_that_leaves_before_the_end_of_its_body_is_no_programming_error(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(s.base.rsplit(":", 1)[1]))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b'Content-Length: 1000\r\n\r\n{"model": "m1", ')
+        await writer.drain()
+        await until(lambda: s.server.pending == 1)  # the body is being read
+        writer.close()
+        await until(lambda: s.server.pending == 0)
+        answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert s.crashes == []  # (before: a ConnectionResetError answered 500 and stopped the server, exit 70)
+    assert s.server.metrics.http[("/v1/chat/completions", 400)] == 1 and answer.choices[0].message.content == "ok"
+
+
+async def test_a_malformed_chunked_body_is_a_bad_request_not_a_programming_error(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(s.base.rsplit(":", 1)[1]))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\nzz-not-a-size\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert s.crashes == [] and head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), head  # (aiohttp's own answer)
+    assert answer.choices[0].message.content == "ok"

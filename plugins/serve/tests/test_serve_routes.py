@@ -191,3 +191,26 @@ async def test_unknown_routes_and_methods_answer_in_the_openai_shape(serve):
             wrong = resp.status, await resp.json()
     assert missing[0] == 404 and set(missing[1]["error"]) == {"message", "type", "param", "code"}
     assert wrong[0] == 405 and "GET" in wrong[1]["error"]["message"]
+
+
+async def test_route_labels_ids_in_the_path_and_head(serve):
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s, aiohttp.ClientSession() as http:
+        await s.client().chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "a/b?c"})
+        async with http.get(f"{s.url}/requests/a%2Fb%3Fc") as resp:  # {id} is one percent-decoded path segment
+            details = resp.status, await resp.json()
+        async with http.post(f"{s.url}/requests/a%2Fb%3Fc/cancel") as resp:
+            cancelled = resp.status, await resp.json()
+        async with http.get(f"{s.url}/requests/a/b") as resp:
+            two_segments = resp.status
+        async with http.head(s.base + "/healthz") as resp:  # a GET route answers HEAD: its headers, no body
+            head = resp.status, resp.headers["Content-Length"], await resp.read()
+        async with http.delete(f"{s.url}/models") as resp:
+            wrong = resp.status
+    assert details[0] == 200 and details[1]["id"] == "a/b?c" and details[1]["state"] == "ok"
+    assert cancelled == (200, {"id": "a/b?c", "object": "ksi.request.cancel", "cancelled": False})
+    assert two_segments == 404 and wrong == 405
+    assert head[0] == 200 and int(head[1]) > 0 and head[2] == b""
+    http_answers = s.server.metrics.http
+    assert http_answers[("/v1/requests/{id}", 200)] == 1 and http_answers[("/v1/requests/{id}/cancel", 200)] == 1
+    assert http_answers[("unmatched", 404)] == 1 and http_answers[("unmatched", 405)] == 1
+    assert http_answers[("/healthz", 200)] == 1

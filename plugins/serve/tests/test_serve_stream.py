@@ -107,3 +107,16 @@ async def test_a_retry_while_the_first_stream_is_still_open_gets_the_answer_once
         text_one = "".join([c.choices[0].delta.content or "" async for c in first if c.choices])
         text_two = "".join([c.choices[0].delta.content or "" async for c in await second if c.choices])
     assert text_one == text_two == "one two" and len(provider.calls) == 1
+
+
+async def test_a_programming_error_after_the_first_piece_is_an_error_event_and_is_reported(serve):
+    provider = FakeStreamingProvider("p1", script=[["partial ", KeyError("bug mid-stream")]])
+    async with serve(ScriptedProviders(provider)) as s:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{s.url}/chat/completions",
+                                 json={"model": "m1", "messages": MESSAGES, "stream": True}) as resp:
+                status, raw = resp.status, await resp.text()
+    assert status == 200 and raw.startswith("data: ") and '"partial "' in raw
+    events = [line for line in raw.split("\n\n") if line]
+    assert '"server_error"' in events[-1] and "[DONE]" not in raw  # an error event, never a clean end
+    assert [type(c) for c in s.crashes] == [KeyError]
