@@ -60,16 +60,25 @@ class OperationalError(KsiError):
         return {"type": self.type, "message": self.message}
 
 
+def _writable(text: str) -> str:
+    """``text`` with any lone surrogate (which JSON's ``\\ud800`` escapes can carry into a key a caller sent)
+    written as its escape, so the error that names it can be encoded as UTF-8: written to a results file, a
+    database, an HTTP answer."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ValidationError(OperationalError):
     """Bad input. ``field`` names the offending field (``messages[0].role``),
     ``line`` the input line when the request came from a file."""
 
     def __init__(self, field: str, reason: str, *, line: int | None = None) -> None:
-        self.field = field
-        self.reason = reason
+        self.field = _writable(field)  # (a field named by a key the caller sent may hold a lone surrogate)
+        self.reason = _writable(reason)
         self.line = line
         where = f"line {line}: " if line is not None else ""
-        super().__init__(f"{where}{field}: {reason}")
+        super().__init__(f"{where}{self.field}: {self.reason}")
 
     def at_line(self, line: int) -> ValidationError:
         """The same error, located at input line ``line``."""

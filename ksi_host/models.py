@@ -203,8 +203,7 @@ class CompletionRequest:
             raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
         if not _REQUEST_KEYS.issuperset(data):
             unknown = sorted(str(k) for k in data if k not in _REQUEST_KEYS)  # (a key may be any hashable)
-            name = unknown[0].encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
-            raise ValidationError(name, f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
+            raise ValidationError(unknown[0], f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
         data = {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}  # null: the default
         if "prompt" in data:
             prompt = data.pop("prompt")

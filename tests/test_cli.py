@@ -81,6 +81,21 @@ def test_run_writes_one_result_per_line_and_names_bad_lines(tmp_path, fake_site)
     assert "Done: 7 of 7 requests" in p.stderr and "2 ok, 5 failed" in p.stderr
 
 
+def test_a_line_with_a_key_that_is_not_unicode_is_rejected_and_the_batch_goes_on(tmp_path, fake_site):
+    # found by fuzzing ksi-host serve: the key became the field its error names, and writing that error out
+    # stopped the run as a programming error (exit 70) with the lines after it unread
+    f = write_batch(tmp_path, [
+        '{"model": "echo-1", "messages": [{"role": "user", "content": "hi", "\\ud800": 1}]}',
+        json.dumps({"model": "echo-1", "prompt": "after", "request_id": "r2"}),
+    ])
+    out = tmp_path / "results.jsonl"
+    p = run_cli(["run", str(f), "--out", str(out), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    bad, ok = (json.loads(x) for x in out.read_text(encoding="utf-8").splitlines())
+    assert bad["error"]["message"].startswith("line 1: messages[0].\\ud800: unknown key")
+    assert ok["request_id"] == "r2" and ok["text"] == "echo: after"
+
+
 def test_run_all_ok_exits_0_and_ids_are_stable(tmp_path, fake_site):
     f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": f"p{i}"}) for i in range(5)])
     ids = []

@@ -95,3 +95,16 @@ def test_an_unknown_field_whose_name_is_not_unicode_is_named_escaped() -> None:
         CompletionRequest.from_dict({"\ud800": 1, "model": "m", "prompt": "hi"})
     assert e.value.field == "\\ud800" and "unknown field" in e.value.message
     e.value.message.encode("utf-8")
+
+
+def test_an_unknown_key_of_a_message_whose_name_is_not_unicode_is_named_escaped() -> None:
+    # found by fuzzing ksi-host serve: the key reached the field name, whose error could not be written out (the
+    # server answered 500; ksi-host run stopped on the line as on a programming error)
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.from_dict({"model": "m", "messages": [{"role": "user", "content": "hi", "\ud800": 1}]})
+    assert e.value.field == "messages[0].\\ud800" and "unknown key" in e.value.reason
+    e.value.message.encode("utf-8")
+    with pytest.raises(ValidationError) as e:  # any field or reason built from what a caller sent
+        raise ValidationError("tools[0].\udfff", "why \ud800")
+    assert (e.value.field, e.value.reason) == ("tools[0].\\udfff", "why \\ud800")
+    e.value.message.encode("utf-8")

@@ -113,7 +113,7 @@ def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_
         raise ApiError(400, f"the body must be a JSON object, got a JSON {type(body).__name__}")
     unknown = [k for k in body if k not in BODY_KEYS]
     if unknown:
-        name = str(unknown[0])
+        name = str(unknown[0]).encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
         raise ApiError(400, f"{name}: unknown or unsupported parameter", param=name, code="unknown_parameter")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):

@@ -241,3 +241,17 @@ async def test_a_malformed_chunked_body_is_a_bad_request_not_a_programming_error
         answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
     assert s.crashes == [] and head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), head  # (aiohttp's own answer)
     assert answer.choices[0].message.content == "ok"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"\\ud800": 1, "model": "m1", "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"model": "m1", "messages": [{"role": "user", "content": "hi", "\\udfff": 1}]}',
+])
+async def test_a_key_that_is_not_unicode_is_a_400_naming_it_escaped(serve, body):
+    # found by fuzzing: the key (a lone surrogate, which JSON's escapes can carry) came back in the error, which could
+    # not be encoded: aiohttp answered a plain-text 500
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s, aiohttp.ClientSession() as http:
+        async with http.post(f"{s.url}/chat/completions", data=body, headers={"Content-Type": "application/json"}) as resp:
+            error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] in ("\\ud800", "messages[0].\\udfff"), error
+    assert s.crashes == []
