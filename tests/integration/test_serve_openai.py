@@ -264,3 +264,46 @@ def test_models_and_metrics(served: ServeProcess):
     text = urllib.request.urlopen(served.base + "/metrics", timeout=10).read().decode()
     assert 'ksi_requests_total{status="ok"} 1' in text and 'ksi_attempts_total{outcome="ok"} 1' in text
     assert "ksi_queue_queued 0" in text
+
+
+def _exchange(served: ServeProcess, data: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send ``data`` on a new connection; what the server answers until it closes the connection."""
+    import socket
+
+    host, port = served.base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_request_aiohttp_cannot_parse_leaves_no_token_in_the_log(tmp_path: Path, upstream: OpenAIServer):
+    # found by fuzzing: aiohttp logged such a request with a traceback quoting the bad header line, so a valid bearer
+    # token followed by a control character (or in a line over 8190 bytes) was written to the server's log
+    config = write_config(tmp_path / "ksi.toml", upstream, serve={"clients": [{"name": "it", "key_env": "KSI_IT_TOKEN"}]})
+    with ServeProcess(config, tmp_path / "ksi.db", env=environment()) as served:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nAuthorization: Bearer " + TOKEN.encode()
+        answers = [_exchange(served, head + tail + b"\r\n\r\n{}") for tail in (b"\x7f", b"x" * 9000)]
+        client = openai.OpenAI(base_url=served.url, api_key=TOKEN, max_retries=0)
+        ok = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "still here"}])
+    assert all(a.split(b"\r\n")[0].endswith(b" 400 Bad Request") for a in answers), answers  # (aiohttp's own answer)
+    assert ok.choices[0].message.content == "echo: still here" and served.returncode == 0
+    log = served.log()
+    assert TOKEN not in log and "Traceback" not in log, log
+    assert log.count("not valid HTTP (") == 2, log  # each is still logged, as one line naming its kind
+
+
+def test_an_idle_connection_closes_after_idle_timeout_s(tmp_path: Path, upstream: OpenAIServer):
+    # found by fuzzing: a connection that sent nothing (or half a request line) stayed open for aiohttp's default of
+    # 3630 s, each holding a file descriptor
+    import time
+
+    config = write_config(tmp_path / "ksi.toml", upstream, serve={"idle_timeout_s": 0.5})
+    with ServeProcess(config, tmp_path / "ksi.db", env=environment()) as served:
+        started = time.monotonic()
+        nothing = _exchange(served, b"")
+        half = _exchange(served, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-KSI-")
+        took = time.monotonic() - started
+    assert (nothing, half) == (b"", b"") and took < 8, took  # closed by the server, each well before the 10 s wait

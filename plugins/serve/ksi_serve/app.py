@@ -6,8 +6,9 @@ do what they do for ``ksi-host run``. A handler waits for the request's ticket; 
 does not cancel its request (aiohttp does not cancel a handler whose client left, and a stream is read
 with ``cancel_on_exit=False``): it finishes and is stored, and a retry with the same request id gets it.
 
-Limits: a body over ``max_body_bytes`` gets 413; more than ``max_pending`` handlers waiting (or their
-bodies over ``max_pending_bytes``) get 429 with ``Retry-After``, before the body is read.
+Limits: a body over ``max_body_bytes`` gets 413, one that takes longer than ``body_timeout_s`` to arrive 408;
+more than ``max_pending`` handlers waiting (or their bodies over ``max_pending_bytes``) get 429 with
+``Retry-After``, before the body is read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ksi_host import CompletionRequest, CompletionResult, Host, OperationalError, ValidationError
 
@@ -30,6 +32,27 @@ from .metrics import Metrics
 from .wire import ApiError
 
 log = logging.getLogger("ksi_serve")
+
+
+class _UnparsedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line too long or holding a control character, a bad
+    method, ...) at ERROR with its exception, whose message quotes the offending bytes: a header line, which may be
+    ``Authorization: Bearer <token>``. Such a record becomes one WARNING line naming the error's kind, without them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.args = (record.getMessage(), type(exc).__name__, exc.code)
+            record.msg = "%s: not valid HTTP (%s), answered %s; its bytes are not logged (they may hold a token)"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+HTTP_LOG = logging.getLogger("ksi_serve.http")
+"""The logger of aiohttp's server (``AppRunner(..., logger=HTTP_LOG)``): what it logs of a request it could not parse
+carries no byte of that request."""
+HTTP_LOG.addFilter(_UnparsedRequests())
 
 JSON = "application/json"
 CLIENT_KEY: Any = web.RequestKey("ksi_client", Client) if hasattr(web, "RequestKey") else "ksi_client"  # (aiohttp < 3.13: str)
@@ -130,10 +153,14 @@ class Server:
         started = time.perf_counter()
         try:
             try:
-                raw = await request.read()
+                async with asyncio.timeout(self.config.body_timeout_s):  # a slot is held while the body comes
+                    raw = await request.read()
             except ConnectionError:  # the client left before the end of its body: nobody reads this answer
                 raise ApiError(400, "the connection closed before the end of the request body",
                                code="incomplete_body", retry=False) from None
+            except TimeoutError:  # a client that stops sending must not keep its slot (max_pending of them: a full server)
+                raise ApiError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s "
+                               "(body_timeout_s)", code="request_timeout") from None
             self.pending_bytes += len(raw) - size  # (a chunked body had no Content-Length)
             size = len(raw)
             try:

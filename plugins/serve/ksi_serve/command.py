@@ -31,7 +31,7 @@ from ksi_host.commands import host_from_args, tune_gc
 from ksi_host.config import build_table, load_config
 from ksi_host.hookspecs import INSTALL_HINTS
 
-from .app import Server
+from .app import HTTP_LOG, Server
 from .auth import Gate
 from .config import ServeConfig, is_loopback, parse_listen
 from .metrics import Metrics
@@ -85,7 +85,7 @@ async def serve(args: argparse.Namespace) -> int:
         server = Server(host, config, gate, metrics, on_crash)
         access = logging.getLogger("ksi_serve.access") if getattr(args, "verbose", 0) else None
         runner = web.AppRunner(server.app(), access_log=access, access_log_format=ACCESS_LOG_FORMAT, handle_signals=False,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+                               shutdown_timeout=SHUTDOWN_GRACE_S, logger=HTTP_LOG, keepalive_timeout=config.idle_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, address, port, backlog=1024)
         try:

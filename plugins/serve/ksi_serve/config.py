@@ -7,6 +7,8 @@ max_body_bytes = 4194304         # a request body larger than this gets 413
 max_pending = 1024               # requests accepted and not yet answered, at most; more get 429 + Retry-After
 max_pending_bytes = 268435456    # their bodies together, at most (bytes); more get 429 + Retry-After
 retry_after_s = 1                # the Retry-After of a 429 (full) or a 503 (stopping)
+body_timeout_s = 30              # a chat completion's body must arrive within this: slower gets 408 (its slot freed)
+idle_timeout_s = 120             # a connection with no request under way (or half a request line and headers) closes after this
 
 [[serve.clients]]
 name = "planner"                 # letters, digits, '.', '_', '-'; scopes the client's request ids
@@ -18,6 +20,7 @@ agent_id = "planner"             # optional: every request of this client has th
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Any
 
@@ -70,6 +73,11 @@ class ClientConfig:
     agent_id: str | None = attrs.field(default=None, validator=opt_str)
 
 
+def _seconds(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{a.name} must be a number of seconds > 0, got {value!r}")
+
+
 def _clients(inst: Any, a: attrs.Attribute, value: list[ClientConfig]) -> None:
     seen: set[str] = set()
     for c in value:
@@ -88,3 +96,5 @@ class ServeConfig:
     max_pending: int = attrs.field(default=1024, validator=positive_int)
     max_pending_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=positive_int)
     retry_after_s: int = attrs.field(default=1, validator=positive_int)
+    body_timeout_s: float = attrs.field(default=30.0, validator=_seconds)
+    idle_timeout_s: float = attrs.field(default=120.0, validator=_seconds)

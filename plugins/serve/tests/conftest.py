@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from ksi_serve.app import Server
+from ksi_serve.app import HTTP_LOG, Server
 from ksi_serve.auth import Gate
 from ksi_serve.config import ClientConfig, ServeConfig
 from ksi_serve.metrics import Metrics
@@ -129,7 +129,8 @@ def serve(make_host: Callable[..., Host]) -> Callable[..., Any]:
             plugin.metrics = Metrics()
             crashes: list[BaseException] = []
             server = Server(host, cfg, gate, plugin.metrics, crashes.append)
-            runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=5)
+            runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=5, logger=HTTP_LOG,
+                                   keepalive_timeout=cfg.idle_timeout_s)  # (as ksi_serve.command runs it)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import aiohttp
@@ -214,3 +215,23 @@ async def test_route_labels_ids_in_the_path_and_head(serve):
     assert http_answers[("/v1/requests/{id}", 200)] == 1 and http_answers[("/v1/requests/{id}/cancel", 200)] == 1
     assert http_answers[("unmatched", 404)] == 1 and http_answers[("unmatched", 405)] == 1
     assert http_answers[("/healthz", 200)] == 1
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 1000\r\n\r\n", b"Transfer-Encoding: chunked\r\n\r\n10\r\n"])
+async def test_a_body_that_stops_coming_gives_its_slot_back_after_body_timeout_s(serve, framing):
+    # found by fuzzing: a client that sent half a body (or a chunked body without its last chunk) and waited held one
+    # of max_pending's slots for as long as it kept the connection open: max_pending such clients refused every call
+    async with serve(ScriptedProviders(FakeProvider("p1")), serve={"max_pending": 1, "body_timeout_s": 0.3}) as s:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(s.base.rsplit(":", 1)[1]))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing
+                     + b'{"model": "m1", ')
+        await writer.drain()
+        await until(lambda: s.server.pending == 1)  # the body is being read: the only slot is taken
+        answer = await asyncio.wait_for(reader.read(4096), 10)
+        writer.close()
+        after = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.endswith(b" 408 Request Timeout"), answer
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_timeout" and "0.3 s" in error["message"]
+    assert after.choices[0].message.content == "ok" and s.crashes == []
