@@ -158,6 +158,10 @@ class Server:
             except ConnectionError:  # the client left before the end of its body: nobody reads this answer
                 raise ApiError(400, "the connection closed before the end of the request body",
                                code="incomplete_body", retry=False) from None
+            except web.RequestPayloadError as e:  # aiohttp could not decode the body (its Content-Encoding: bad gzip, ...)
+                raise ApiError(400, f"the request body could not be read: {' '.join(str(e).split())}",
+                               param="Content-Encoding" if "Content-Encoding" in request.headers else None,
+                               code="invalid_body", retry=False) from None
             except TimeoutError:  # a client that stops sending must not keep its slot (max_pending of them: a full server)
                 raise ApiError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s "
                                "(body_timeout_s)", code="request_timeout") from None

@@ -255,3 +255,16 @@ async def test_a_key_that_is_not_unicode_is_a_400_naming_it_escaped(serve, body)
             error = (await resp.json())["error"]
     assert resp.status == 400 and error["param"] in ("\\ud800", "messages[0].\\udfff"), error
     assert s.crashes == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_a_400_not_a_programming_error(serve, encoding):
+    # found by fuzzing: aiohttp's RequestPayloadError from request.read() was taken for a programming error: 500, the
+    # server stopped, exit 70: any client could stop it with one header
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s, aiohttp.ClientSession() as http:
+        async with http.post(f"{s.url}/chat/completions", data=b'{"model": "m1"}',
+                             headers={"Content-Encoding": encoding, "Content-Type": "application/json"}) as resp:
+            error = (await resp.json())["error"]
+        answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert resp.status == 400 and error["code"] == "invalid_body" and error["param"] == "Content-Encoding", error
+    assert s.crashes == [] and answer.choices[0].message.content == "ok"
