@@ -216,12 +216,17 @@ async def test_a_client_that_leaves_does_not_cancel_its_request(serve):
     assert len(provider.calls) == 1
 
 
+async def raw_post(s, headers_and_body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A chat completion POST written as raw bytes (its last headers and body given) on a new connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(s.base.rsplit(":", 1)[1]))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers_and_body)
+    await writer.drain()
+    return reader, writer
+
+
 async def test_a_client_that_leaves_before_the_end_of_its_body_is_no_programming_error(serve):
     async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
-        reader, writer = await asyncio.open_connection("127.0.0.1", int(s.base.rsplit(":", 1)[1]))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b'Content-Length: 1000\r\n\r\n{"model": "m1", ')
-        await writer.drain()
+        _, writer = await raw_post(s, b'Content-Length: 1000\r\n\r\n{"model": "m1", ')
         await until(lambda: s.server.pending == 1)  # the body is being read
         writer.close()
         await until(lambda: s.server.pending == 0)
@@ -232,10 +237,7 @@ async def test_a_client_that_leaves_before_the_end_of_its_body_is_no_programming
 
 async def test_a_malformed_chunked_body_is_a_bad_request_not_a_programming_error(serve):
     async with serve(ScriptedProviders(FakeProvider("p1"))) as s:
-        reader, writer = await asyncio.open_connection("127.0.0.1", int(s.base.rsplit(":", 1)[1]))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\nzz-not-a-size\r\n")
-        await writer.drain()
+        reader, writer = await raw_post(s, b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\nzz-not-a-size\r\n')
         head = await asyncio.wait_for(reader.read(4096), 10)
         writer.close()
         answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
