@@ -104,6 +104,7 @@ class Server:
         started = time.perf_counter()
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         client: Client | None = None
+        error: ApiError | None = None
         try:
             if route != "/healthz":
                 client = self.gate.check(request.headers.get("Authorization"))
@@ -113,9 +114,7 @@ class Server:
                 request[CLIENT_KEY] = client
             response = await handler(request)
         except ApiError as e:
-            response = _error_response(e)
-            if e.status == 401:
-                response.headers["WWW-Authenticate"] = 'Bearer realm="ksi-host"'
+            error = e
         except web.HTTPException as e:  # aiohttp's own: 404, 405, 413, ...
             status = e.status
             if status == 413:
@@ -126,12 +125,24 @@ class Server:
             else:
                 error = ApiError(status, f"{request.method} {request.path}: {e.reason}",
                                  code="not_found" if status == 404 else None)
-            response = _error_response(error)
         except Exception as e:  # a programming error: answered 500, then the server stops (exit 70)
-            response = _error_response(self._crashed(request, e))
+            error = self._crashed(request, e)
+        if error is not None:
+            response = self._error_answer(request, error)
         self.metrics.answered(route, response.status, time.perf_counter() - started,
                               client.name if client is not None else None)
         return response
+
+    def _error_answer(self, request: web.Request, error: ApiError) -> web.Response:
+        """``error`` in the OpenAI shape. One that cannot be built is a programming error too: 500 (a fixed answer),
+        and the server stops, instead of aiohttp's plain 500 with the server going on."""
+        try:
+            response = _error_response(error)
+            if error.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="ksi-host"'
+            return response
+        except Exception as e:
+            return _error_response(self._crashed(request, e))
 
     # -- chat completions ----------------------------------------------------------------------------
 

@@ -235,3 +235,23 @@ async def test_a_body_that_stops_coming_gives_its_slot_back_after_body_timeout_s
     error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "request_timeout" and "0.3 s" in error["message"]
     assert after.choices[0].message.content == "ok" and s.crashes == []
+
+
+async def test_an_error_answer_that_cannot_be_built_is_a_reported_programming_error(serve, monkeypatch):
+    from ksi_serve import wire
+
+    body = wire.ApiError.body
+
+    def broken(self):
+        if self.code == "not_found":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")  # (as a lone surrogate did)
+        return body(self)
+
+    monkeypatch.setattr(wire.ApiError, "body", broken)
+    async with serve(ScriptedProviders(FakeProvider("p1"))) as s, aiohttp.ClientSession() as http:
+        async with http.get(f"{s.url}/no-such-route") as resp:
+            status, error = resp.status, (await resp.json())["error"]
+        answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert status == 500 and error["type"] == "server_error"  # the OpenAI shape, not aiohttp's plain 500
+    assert [type(c) for c in s.crashes] == [UnicodeEncodeError]  # reported: the command stops, exit 70
+    assert answer.choices[0].message.content == "ok"
