@@ -78,6 +78,7 @@ class Server:
         self.metrics = metrics
         self.on_crash = on_crash
         self.pending = 0  # chat completions being answered (waiting for their result, or streaming)
+        self.pending_by_client: dict[str | None, int] = {}  # the same, by client name (for a client's max_pending)
         self.pending_bytes = 0
         self.stopping = False  # no new work: 503
         self._waiters: set[asyncio.Future[None]] = set()  # handlers waiting for a result (woken by release_waiters)
@@ -159,8 +160,14 @@ class Server:
             raise ApiError(429, f"the server has {self.pending} requests waiting for their answers, its limit: "
                            "try again later", "rate_limit_error", code="queue_full", retry=True,
                            retry_after=self._retry_after)
+        mine = self.pending_by_client.get(client.name, 0)
+        if client.max_pending is not None and mine >= client.max_pending:
+            raise ApiError(429, f"client {client.name!r} has {mine} requests waiting for their answers, its limit "
+                           "(max_pending): try again later", "rate_limit_error", code="client_queue_full", retry=True,
+                           retry_after=self._retry_after)
         self.pending += 1
         self.pending_bytes += size
+        self.pending_by_client[client.name] = mine + 1
         started = time.perf_counter()
         try:
             try:
@@ -197,6 +204,11 @@ class Server:
         finally:
             self.pending -= 1
             self.pending_bytes -= size
+            left = self.pending_by_client[client.name] - 1
+            if left:
+                self.pending_by_client[client.name] = left
+            else:
+                del self.pending_by_client[client.name]
 
     async def _result(self, req: CompletionRequest) -> CompletionResult:
         """Submit ``req`` (stored before this returns) and wait for its final result (ApiError 503 when the

@@ -25,11 +25,13 @@ MIN_TOKEN_CHARS = 16
 
 @attrs.frozen
 class Client:
-    """A caller: its configured ``name`` (None when no clients are configured: everyone is the same caller)
-    and the ``agent_id`` every request of it gets (None: the ``X-KSI-Agent-Id`` header decides)."""
+    """A caller: its configured ``name`` (None when no clients are configured: everyone is the same caller),
+    the ``agent_id`` every request of it gets (None: the ``X-KSI-Agent-Id`` header decides) and how many of its
+    chat completions may be answered at once (``max_pending``; None: only the server's limit)."""
 
     name: str | None
     agent_id: str | None = None
+    max_pending: int | None = None
 
 
 ANONYMOUS = Client(None)
@@ -64,7 +66,7 @@ class Gate:
                 if hmac.compare_digest(seen, digest):
                     raise StartupError(f"serve: clients {other.name!r} and {c.name!r} have the same token "
                                        "(each client needs its own)")
-            found.append((Client(c.name, c.agent_id), digest))
+            found.append((Client(c.name, c.agent_id, c.max_pending), digest))
         return cls(found)
 
     @property

@@ -14,6 +14,7 @@ idle_timeout_s = 120             # a connection with no request under way (or ha
 name = "planner"                 # letters, digits, '.', '_', '-'; scopes the client's request ids
 key_env = "KSI_SERVE_PLANNER_KEY"   # the variable holding its bearer token; never the token itself
 agent_id = "planner"             # optional: every request of this client has this agent_id
+max_pending = 64                 # optional: this client's chat completions being answered, at most; more get 429
 ```
 """
 
@@ -71,6 +72,7 @@ class ClientConfig:
     name: str = attrs.field(validator=_client_name)
     key_env: str = attrs.field(validator=env_name)
     agent_id: str | None = attrs.field(default=None, validator=opt_str)
+    max_pending: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive_int))
 
 
 def _seconds(inst: Any, a: attrs.Attribute, value: Any) -> None:

@@ -148,6 +148,30 @@ async def test_a_full_server_answers_429_with_retry_after_and_takes_nothing_more
     assert after.choices[0].message.content == "released"
 
 
+async def test_a_client_at_its_own_max_pending_gets_429_and_the_others_go_on(serve):
+    blocking = Blocking()
+    provider = FakeProvider("p1", script=[blocking])
+    tokens = {"KSI_T_GREEDY": "greedy-token-0123456789", "KSI_T_OTHER": "other-token-0123456789"}
+    clients = {"clients": [{"name": "greedy", "key_env": "KSI_T_GREEDY", "max_pending": 2},
+                           {"name": "other", "key_env": "KSI_T_OTHER"}], "retry_after_s": 3}
+    async with serve(ScriptedProviders(provider), serve=clients, environ=tokens) as s:
+        greedy, other = s.client(key=tokens["KSI_T_GREEDY"]), s.client(key=tokens["KSI_T_OTHER"])
+        held = [asyncio.ensure_future(greedy.chat.completions.create(model="m1", messages=MESSAGES)) for _ in range(2)]
+        await until(lambda: blocking.waiting >= 2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await greedy.chat.completions.create(model="m1", messages=MESSAGES)
+        others = asyncio.ensure_future(other.chat.completions.create(model="m1", messages=MESSAGES))
+        await until(lambda: blocking.waiting >= 3)  # the other client's call was taken
+        assert len(provider.calls) == 3 and s.server.pending_by_client == {"greedy": 2, "other": 1}
+        blocking.release.set()
+        answers = await asyncio.gather(*held, others)
+        again = await greedy.chat.completions.create(model="m1", messages=MESSAGES)  # its slots came back
+    assert refused.value.body["code"] == "client_queue_full" and "'greedy'" in refused.value.body["message"]
+    assert refused.value.response.headers["Retry-After"] == "3"
+    assert [a.choices[0].message.content for a in answers] == ["released"] * 3
+    assert again.choices[0].message.content == "released" and s.server.pending_by_client == {}
+
+
 async def test_pending_bytes_are_bounded_too(serve):
     blocking = Blocking()
     async with serve(ScriptedProviders(FakeProvider("p1", script=[blocking])), serve={"max_pending_bytes": 600}) as s:
