@@ -7,16 +7,15 @@ One database file per host, two connections to it, each with one job:
   that completes once the transaction holding it is committed; every statement queued
   in one turn of the event loop goes into one transaction, run at the end of that turn.
 * the **reader** runs on the helper's own thread (a one-worker ``concurrent.futures``
-  executor): queries and migrations. The checkpoints that copy the write-ahead log into the
-  database file have a thread and a connection of their own, at a lower priority than the
-  event loop's (:data:`CHECKPOINT_NICE`).
+  executor): queries, migrations, and the checkpoints that copy the write-ahead log into
+  the database file.
 
 Both are opened with ``journal_mode=WAL``, ``synchronous=NORMAL``, ``foreign_keys=ON`` and
 a busy timeout, so readers never block the writer and a committed write survives a killed
 process. A commit then writes to the log and syncs nothing; what syncs (twice) is the
 checkpoint that copies the log into the file. SQLite's own (``wal_autocheckpoint``, off on
 both connections here) runs inside a commit, and held every other commit for tens of
-milliseconds; here, after every ``CHECKPOINT_AFTER_ROWS`` rows written, the checkpoints' thread
+milliseconds; here, after every ``CHECKPOINT_AFTER_ROWS`` rows written, the reader's thread
 copies the bulk while commits go on, and the writer then copies the few pages committed
 meanwhile (see :meth:`Database._run_checkpoint`).
 
@@ -70,16 +69,6 @@ copies what the log gathered meanwhile while commits go on, competing with them 
 how often the writer pays its part when many requests share each commit (benchmarks/host_only.py writes
 35,000 rows a second: four checkpoints a second instead of 35)."""
 
-CHECKPOINT_NICE = 10
-"""How much lower than the event loop's the scheduling priority of the checkpoints' own thread is (Linux's
-per-thread nice value; elsewhere nothing changes). Under ``ksi-host serve``'s load a checkpoint copies pages for
-~10 ms, and in a process given one CPU it took about half of that CPU from the event loop meanwhile: at 500
-requests/s a tenth of all requests overlapped a checkpoint, and four in five of those slower than 4 ms did. At
-nice 10 the thread gets about a tenth of the CPU while the loop wants it, and all the idle rest. Measured
-(benchmarks/README.md, seventh session): serve at 500/s, four processes on one CPU in 8 interleaved rounds,
-p99 6.22 ms against 7.78 and 7.58 for two identical processes at nice 0 (nice 19: 7.02); host_only's batch mode
-(the CPU always busy) 7,900 and 7,725 completions/s against 7,647 and 7,481."""
-
 DEFAULT_DB_ENV = "KSI_HOST_DB"
 DEFAULT_DB_PATH = "ksi-host.db"
 """Used when neither ``--db`` nor ``KSI_HOST_DB`` is given: in the current directory."""
@@ -131,8 +120,6 @@ class Database:
         self.create = create
         self._memory = self.path == ":memory:"
         self._executor: ThreadPoolExecutor | None = None
-        self._checkpointer: ThreadPoolExecutor | None = None  # the checkpoints' thread (lower priority), once one ran
-        self._checkpoint_conn: list[sqlite3.Connection] = []  # its connection, opened and used on that thread only
         self._reader: sqlite3.Connection | None = None  # used only on the executor's thread
         self._writer: sqlite3.Connection | None = None  # used only on the event loop's thread, once open
         self._pending: list[_Pending] = []
@@ -141,7 +128,7 @@ class Database:
         self._rows_at_checkpoint = 0  # the writer's total_changes when the last checkpoint was asked for
         self._checkpoint_at = 0.0  # time.monotonic() then
         self.commits = 0  # transactions committed by the group writer (for tests and benchmarks)
-        self.checkpoints = 0  # checkpoints run (for tests and benchmarks)
+        self.checkpoints = 0  # checkpoints run on the reader's thread (for tests and benchmarks)
 
     async def __aenter__(self) -> Database:
         return await self.open()
@@ -183,10 +170,6 @@ class Database:
                 await self._checkpoint
         finally:
             try:
-                if self._checkpointer is not None:
-                    await asyncio.get_running_loop().run_in_executor(self._checkpointer, _close_all, self._checkpoint_conn)
-                    self._checkpointer.shutdown(wait=True)
-                    self._checkpointer = None
                 if self._writer is not None and self._writer is not self._reader:
                     self._writer.close()
                 if self._reader is not None:  # the last connection to close checkpoints the log into the file
@@ -196,16 +179,16 @@ class Database:
                 self._executor = self._reader = self._writer = None
                 log.debug("database %s closed", self.path)
 
-    async def _run(self, fn: Any, *args: Any, starting: bool = False, executor: ThreadPoolExecutor | None = None) -> Any:
-        """``fn(*args)`` on the database thread (or ``executor``'s; an in-memory database's open: on this one): one
-        hop there and back. A failure of the database itself becomes DatabaseError (DatabaseStartupError when
-        ``starting``); anything else is raised as is."""
+    async def _run(self, fn: Any, *args: Any, starting: bool = False) -> Any:
+        """``fn(*args)`` on the database thread (an in-memory database's open: on this one): one hop there and
+        back. A failure of the database itself becomes DatabaseError (DatabaseStartupError when ``starting``);
+        anything else is raised as is."""
         if self._executor is None:
             raise RuntimeError(f"database {self.path} is not open")
         try:
             if self._memory and self._writer is not None:
                 return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(executor or self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except Exception as e:
             self._raise_failure(e, starting)
             raise
@@ -340,8 +323,7 @@ class Database:
     async def _run_checkpoint(self) -> None:
         """Copy the log into the file without holding the writer, then let the writer start the log over.
 
-        The bulk is copied by a passive checkpoint on a thread of its own, at a lower priority than the loop's
-        (:data:`CHECKPOINT_NICE`), on a connection of its own, while commits go on. The log restarts
+        The bulk is copied by a passive checkpoint on the reader's thread while commits go on. The log restarts
         from its beginning (instead of growing) only when a write begins with every page of it copied; under a
         steady load, pages committed while the bulk was copied are always left. So, back on the loop's thread
         and before any other commit, the writer copies those few itself (a passive checkpoint of its own: those
@@ -350,11 +332,7 @@ class Database:
         One that fails is logged, and the next is asked for after as many rows again: the log keeps every commit
         (nothing is lost); it only grows until a checkpoint succeeds."""
         try:
-            if self._checkpointer is None:
-                self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ksi-db-checkpoint",
-                                                        initializer=_lower_priority)
-            busy, frames, copied = await self._run(_checkpoint_on_own_connection, self._checkpoint_conn, self.path,
-                                                   self.busy_timeout_ms, executor=self._checkpointer)
+            busy, frames, copied = await self._run(_checkpoint_sync, self._reader)
             if self._writer is not None:
                 self._on_writer(_checkpoint_sync, self._writer)
         except DatabaseError as e:
@@ -402,7 +380,7 @@ def _connect(path: str, create: bool, busy_timeout_ms: int) -> sqlite3.Connectio
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the helper's own checkpoints run beside the commits
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run on the reader's thread
         conn.execute(
             "CREATE TABLE IF NOT EXISTS ksi_schema_versions ("
             " owner TEXT PRIMARY KEY, version INTEGER NOT NULL, applied_at REAL NOT NULL)"
@@ -420,31 +398,6 @@ def _close(conn: sqlite3.Connection) -> None:
 def _checkpoint_sync(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """``PRAGMA wal_checkpoint(PASSIVE)``: (1 if it could not copy everything, log pages, pages copied)."""
     return tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0])  # type: ignore[return-value]
-
-
-def _checkpoint_on_own_connection(conn: list[sqlite3.Connection], path: str, busy_timeout_ms: int) -> tuple[int, int, int]:
-    """:func:`_checkpoint_sync` on the checkpoints' connection (``conn``: empty until it is opened, here)."""
-    if not conn:
-        conn.append(_connect(path, False, busy_timeout_ms))
-    return _checkpoint_sync(conn[0])
-
-
-def _lower_priority() -> None:
-    """Lower this thread's scheduling priority by :data:`CHECKPOINT_NICE` (Linux: a thread has its own nice value)."""
-    import sys
-    import threading
-
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + CHECKPOINT_NICE)
-        except OSError as e:  # (a container that forbids it: the checkpoints run at the loop's priority)
-            log.debug("checkpoint thread priority unchanged: %s", e)
-
-
-def _close_all(conns: list[sqlite3.Connection]) -> None:
-    while conns:
-        conns.pop().close()
 
 
 def _fetchall(conn: sqlite3.Connection, sql: str, params: Any) -> list[sqlite3.Row]:

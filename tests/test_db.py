@@ -1,7 +1,5 @@
 import asyncio
-import os
 import sqlite3
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +16,7 @@ async def test_pragmas(tmp_path):
         assert await db.pragma("foreign_keys") == 1
         assert await db.pragma("synchronous") == 1  # NORMAL
         assert await db.pragma("busy_timeout") >= 1000
-        assert await db.pragma("wal_autocheckpoint") == 0  # checkpoints run beside the commits (Database._run_checkpoint)
+        assert await db.pragma("wal_autocheckpoint") == 0  # checkpoints run on the reader's thread
 
 
 @pytest.fixture
@@ -48,35 +46,6 @@ async def test_writes_commit_on_the_loop_thread_and_checkpoints_run_on_the_datab
             await asyncio.sleep(0.01)
         assert db.checkpoints == 1
         assert path.stat().st_size > 300 * 2000  # copied into the file
-
-
-async def test_the_bulk_of_a_checkpoint_runs_on_a_thread_of_its_own_at_a_lower_priority(tmp_path, checkpoint_after_300_rows,
-                                                                                      monkeypatch):
-    seen = []
-    copy = ksi_host.db._checkpoint_sync
-
-    def spy(conn):
-        thread = threading.current_thread()
-        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if sys.platform.startswith("linux") else None
-        seen.append((thread.name, nice))
-        return copy(conn)
-
-    monkeypatch.setattr(ksi_host.db, "_checkpoint_sync", spy)
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if sys.platform.startswith("linux") else None
-    async with Database(tmp_path / "a.db") as db:
-        await db.migrate("t", ["CREATE TABLE t (id INTEGER PRIMARY KEY, pad TEXT)"])
-        for _ in range(8):
-            await db.executemany("INSERT INTO t(pad) VALUES (?)", [("x" * 2000,)] * 50)
-        await db.flush()
-        for _ in range(200):
-            if db.checkpoints:
-                break
-            await asyncio.sleep(0.01)
-        assert (await db.fetchone("SELECT count(*) FROM t"))[0] == 400  # queries: on the reader's thread meanwhile
-    bulk, writers_part = seen[0], seen[1]
-    assert bulk[0].startswith("ksi-db-checkpoint") and writers_part[0] == threading.current_thread().name
-    if mine is not None:
-        assert bulk[1] == min(19, mine + ksi_host.db.CHECKPOINT_NICE) and writers_part[1] == mine
 
 
 async def test_under_a_steady_load_the_log_starts_over_after_each_checkpoint(tmp_path, checkpoint_after_300_rows):
