@@ -91,6 +91,12 @@ def positive_int(inst: Any, a: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{a.name} must be an integer >= 1, got {value!r}")
 
 
+def positive_number(inst: Any, a: attrs.Attribute, value: Any) -> None:
+    """A finite number > 0 (an int or a float, not a bool)."""
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{a.name} must be a positive number, got {value!r}")
+
+
 def opt_timeout(inst: Any, a: attrs.Attribute, value: Any) -> None:
     """Absent (no limit), or a finite number of seconds > 0, at most :data:`MAX_SECONDS`."""
     if value is None:
@@ -250,6 +256,7 @@ __all__ = [
     "opt_str",
     "opt_timeout",
     "positive_int",
+    "positive_number",
     "priority",
     "url_host_address",
 ]

@@ -30,6 +30,8 @@ from typing import Any
 
 import attrs
 
+from ksi_host.providers.validators import positive_number
+
 RULE_SCOPES = ("deployment", "agent", "model")
 BUDGET_SCOPES = ("agent", "purpose", "total")
 PERIODS = ("day", "month")
@@ -59,11 +61,6 @@ def _count(inst: Any, a: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{a.name} must be a positive integer, got {value!r}")
 
 
-def _positive(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{a.name} must be a positive number, got {value!r}")
-
-
 def _non_negative(inst: Any, a: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{a.name} must be a number >= 0, got {value!r}")
@@ -91,7 +88,7 @@ class LimitRule:
     rpm: int | None = attrs.field(default=None, validator=_positive_int)
     tpm: int | None = attrs.field(default=None, validator=_positive_int)
     concurrency: int | None = attrs.field(default=None, validator=_positive_int)
-    window_s: float = attrs.field(default=60.0, converter=lambda v: float(v) if type(v) is int else v, validator=_positive)
+    window_s: float = attrs.field(default=60.0, converter=lambda v: float(v) if type(v) is int else v, validator=positive_number)
 
     def __attrs_post_init__(self) -> None:
         if self.rpm is None and self.tpm is None and self.concurrency is None:
@@ -131,7 +128,7 @@ class LimitsConfig:
     rules: list[LimitRule] = attrs.field(factory=list, validator=_rules)
     budgets: list[BudgetRule] = attrs.field(factory=list, validator=_budgets)
     chars_per_token: float = attrs.field(default=4.0, converter=lambda v: float(v) if type(v) is int else v,
-                                         validator=_positive)
+                                         validator=positive_number)
     default_max_tokens: int = attrs.field(default=1024, validator=_count)
     budget_refresh_s: float = attrs.field(default=5.0, converter=lambda v: float(v) if type(v) is int else v,
                                           validator=_non_negative)

@@ -21,13 +21,12 @@ max_pending = 64                 # optional: this client's chat completions bein
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from typing import Any
 
 import attrs
 
-from ksi_host.providers.validators import env_name, opt_str, positive_int
+from ksi_host.providers.validators import env_name, opt_str, positive_int, positive_number
 
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})\Z")
@@ -75,11 +74,6 @@ class ClientConfig:
     max_pending: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive_int))
 
 
-def _seconds(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{a.name} must be a number of seconds > 0, got {value!r}")
-
-
 def _clients(inst: Any, a: attrs.Attribute, value: list[ClientConfig]) -> None:
     seen: set[str] = set()
     for c in value:
@@ -98,5 +92,5 @@ class ServeConfig:
     max_pending: int = attrs.field(default=1024, validator=positive_int)
     max_pending_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=positive_int)
     retry_after_s: int = attrs.field(default=1, validator=positive_int)
-    body_timeout_s: float = attrs.field(default=30.0, validator=_seconds)
-    idle_timeout_s: float = attrs.field(default=120.0, validator=_seconds)
+    body_timeout_s: float = attrs.field(default=30.0, validator=positive_number)
+    idle_timeout_s: float = attrs.field(default=120.0, validator=positive_number)

@@ -134,6 +134,9 @@ def test_with_clients_any_address_is_allowed(tmp_path):
     ('[[serve.clients]]\nname = "a"\nkey_env = "K"\n[[serve.clients]]\nname = "a"\nkey_env = "L"\n', "given twice"),
     ('[serve]\nlisten = "8787"\n', "listen must be host:port"),
     ('[serve]\nmax_pending = 0\n', "max_pending must be an integer >= 1"),
+    ('[serve]\nbody_timeout_s = 0\n', "serve: body_timeout_s must be a positive number, got 0"),
+    ('[serve]\nidle_timeout_s = -1.5\n', "serve: idle_timeout_s must be a positive number, got -1.5"),
+    ('[[serve.clients]]\nname = "a"\nkey_env = "K"\nmax_pending = 0\n', "serve.clients[0]: max_pending must be an integer >= 1"),
 ])
 def test_bad_config_names_the_key(tmp_path, table, says):
     from ksi_host import ConfigError
