@@ -107,6 +107,47 @@ async def test_healthz_and_metrics(serve):
         assert line.startswith("# ") or re.match(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? \S+$', line), line
 
 
+
+async def test_metrics_parse_with_the_prometheus_client(serve):
+    """The official Python client's parser (what a Prometheus scrape reads the same way) takes the whole page:
+    each family once with its type, histograms' buckets cumulative up to +Inf = _count, label values escaped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    provider = FakeProvider("p1", script=["a", ProviderUnavailable("down"), "b"])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        await client.chat.completions.create(model="m1", messages=MESSAGES)
+        with pytest.raises(openai.APIStatusError):
+            await client.chat.completions.create(model="m1", messages=MESSAGES)
+        stream = await client.chat.completions.create(model="m1", messages=MESSAGES, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "b"
+        s.server.metrics.answered('/odd "route"\\\n', 200, 0.01, 'a "client"')  # escaping, as a scrape reads it
+        async with aiohttp.ClientSession() as http, http.get(s.base + "/metrics") as resp:
+            text = await resp.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {families[n].type for n in ("ksi_requests", "ksi_attempts", "ksi_tokens")} == {"counter"}
+    assert families["ksi_serve_pending"].type == "gauge"
+    requests = {sample.labels["status"]: sample.value for sample in families["ksi_requests"].samples}
+    assert requests["ok"] == 2 and requests["error"] == 1
+    for name in ("ksi_request_duration_seconds", "ksi_attempt_duration_seconds", "ksi_time_to_first_token_seconds",
+                 "ksi_serve_http_duration_seconds", "ksi_serve_added_seconds"):
+        family = families[name]
+        assert family.type == "histogram", name
+        series: dict[tuple, list] = {}
+        for sample in family.samples:
+            key = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            series.setdefault(key, []).append(sample)
+        for samples in series.values():
+            buckets = [x.value for x in samples if x.name.endswith("_bucket")]
+            count = next(x.value for x in samples if x.name.endswith("_count"))
+            assert buckets == sorted(buckets) and buckets[-1] == count, name  # cumulative, ending at +Inf
+            assert [x.labels["le"] for x in samples if x.name.endswith("_bucket")][-1] == "+Inf"
+    assert families["ksi_time_to_first_token_seconds"].samples[-1].value == 1  # the streamed attempt
+    routes = {x.labels["route"] for x in families["ksi_serve_http_responses"].samples}
+    assert '/odd "route"\\\n' in routes and "/v1/chat/completions" in routes
+    clients = {x.labels["client"] for x in families["ksi_serve_client_requests"].samples}
+    assert 'a "client"' in clients
+
 async def test_a_body_over_the_limit_gets_413(serve):
     async with serve(ScriptedProviders(FakeProvider("p1")), serve={"max_body_bytes": 1000}) as s:
         big = [{"role": "user", "content": "x" * 2000}]
