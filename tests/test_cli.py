@@ -299,3 +299,21 @@ def test_run_under_an_80_column_terminal_keeps_the_bar_on_one_line(tmp_path, fak
     running = [int(m) for d in draws for m in re.findall(r"(\d+) running", d)]
     queued = [int(m) for d in draws for m in re.findall(r"(\d+) queued", d)]
     assert running and max(running) <= 16 and max(queued) > 16  # running is what runs; the rest waits, queued
+
+
+def test_a_reader_that_leaves_early_is_not_a_programming_error(tmp_path, fake_site):
+    """``ksi-host plugins | head -0``: stdout's reader is gone before the first line. Exit 141 (SIGPIPE's), no
+    traceback, nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left
+    env = {**os.environ, "PYTHONPATH": str(fake_site), "KSI_HOST_PLUGINS": "fakequeue,echo"}
+    try:
+        p = subprocess.run([sys.executable, "-m", "ksi_host.cli", "plugins"], stdout=write, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=60)
+    finally:
+        os.close(write)
+    assert (p.returncode, p.stderr) == (141, "")

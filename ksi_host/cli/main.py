@@ -2,7 +2,8 @@
 
 Exit codes: 0 all ok; 1 some request failed; 2 usage, config or plugin error
 before anything ran; 70 a plugin's programming error (traceback printed);
-130 interrupted (run the same command again to resume).
+130 interrupted (run the same command again to resume); 141 the reader of stdout left
+(``ksi-host logs | head``), as for a command killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..commands import host_from_args, log_to_stderr, plugin_commands
 from . import inspect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+EXIT_PIPE = 128 + 13  # SIGPIPE's: what a shell reports for a command whose reader left
 USAGE_GROUPS = ("model", "agent", "session", "purpose", "provider", "day")
 PRIORITY_NAMES = ("critical", "high", "normal", "low", "background")  # ksi_host.models.PRIORITIES (not imported: --help stays fast)
 
@@ -132,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+
+def _stdout_reader_left() -> bool:
+    """Is stdout a pipe whose reader has closed it (``ksi-host logs | head``)? Then a BrokenPipeError is not a
+    programming error: the output is no longer wanted. stdout then goes to /dev/null, so that the flush at exit
+    does not fail again. A BrokenPipeError from anything else (a plugin's socket) stays a programming error."""
+    import os
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))  # a pipe with no reader left
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a file
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def _err(message: str) -> None:
@@ -403,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except Exception:
+    except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_reader_left():
+            return EXIT_PIPE
         traceback.print_exc()
         _err("stopped by a programming error (traceback above); stored work resumes on the next run")
         return EXIT_CRASH
