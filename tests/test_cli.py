@@ -317,3 +317,13 @@ def test_a_reader_that_leaves_early_is_not_a_programming_error(tmp_path, fake_si
     finally:
         os.close(write)
     assert (p.returncode, p.stderr) == (141, "")
+
+
+def test_an_unknown_option_is_reported_with_its_commands_usage(tmp_path, fake_site):
+    """``ksi-host run x --outt y``: the usage shown is run's (which has --out), not the top level's."""
+    p = run_cli(["run", "x.jsonl", "--outt", "y.jsonl"], site=fake_site, env=ONLY)
+    assert p.returncode == 2
+    assert p.stderr.splitlines()[0].startswith("usage: ksi-host run ") and "--out RESULTS.jsonl" in p.stderr
+    assert p.stderr.splitlines()[-1] == "ksi-host run: error: unrecognized arguments: --outt y.jsonl"
+    p = run_cli(["--bogus"], site=fake_site, env=ONLY)  # no command: the top level's
+    assert p.returncode == 2 and p.stderr.splitlines()[-1] == "ksi-host: error: unrecognized arguments: --bogus"

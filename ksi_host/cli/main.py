@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.name, parents=[common], help=command.help, description=command.description)
         command.add_arguments(p)
         p.set_defaults(plugin_command=command)
+    for p in sub.choices.values():
+        p.set_defaults(command_parser=p)  # an unknown option is then reported with its command's usage
     return parser
 
 
@@ -400,7 +402,9 @@ COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cance
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `ksi-host run x --outt y`: say it with run's usage, not the top-level one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
