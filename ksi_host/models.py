@@ -337,6 +337,11 @@ class Provider(Protocol):
     :class:`ProviderResponse` or raises an :class:`~ksi_host.errors.OperationalError`
     (usually a :class:`~ksi_host.errors.ProviderError` subclass, with ``usage``
     set when the upstream reported usage for the failed call).
+
+    An optional ``async prepare()`` is awaited before each attempt's clock starts: work
+    that is not the upstream's time (a lazy import, a client to open), counted neither
+    in the attempt's timeout nor in its ``latency_ms``. Once done, it should return at
+    once (:class:`~ksi_host.providers.DeploymentProvider` has one that does nothing).
     """
 
     name: str
