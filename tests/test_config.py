@@ -46,11 +46,13 @@ def test_nested_tables_and_lists():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"queue": {"concurency": 3}}, "config key queue.concurency: unknown key"),
+    ({"queue": {"concurency": 3}}, "config key queue.concurency: unknown key, did you mean 'concurrency'? (known keys of queue: "),
+    ({"queue": {"parallel": 3}}, "config key queue.parallel: unknown key (known keys of queue: "),  # nothing close
     ({"queue": {"concurrency": "3"}}, "config key queue.concurrency: expected an integer, got '3'"),
     ({"queue": {"concurrency": True}}, "config key queue.concurrency: expected an integer"),
     ({"queue": {"enabled": 1}}, "config key queue.enabled: expected true or false"),
-    ({"queue": {"deployments": [{"name": "a"}, {"name": "b", "timeout": 3}]}}, "config key queue.deployments[1].timeout: unknown key"),
+    ({"queue": {"deployments": [{"name": "a"}, {"name": "b", "timeout": 3}]}}, "config key queue.deployments[1].timeout: unknown key, "
+                                                                        "did you mean 'timeout_s'?"),
     ({"queue": {"deployments": [{"name": "a", "timeout_s": "x"}]}}, "config key queue.deployments[0].timeout_s: expected a number"),
     ({"queue": {"concurrency": 0}}, "config table queue: concurrency must be > 0"),
     ({"queue": {"deployments": [{"timeout_s": 3}]}}, "config key queue.deployments[0].name: is required"),
