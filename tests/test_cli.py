@@ -327,3 +327,10 @@ def test_an_unknown_option_is_reported_with_its_commands_usage(tmp_path, fake_si
     assert p.stderr.splitlines()[-1] == "ksi-host run: error: unrecognized arguments: --outt y.jsonl"
     p = run_cli(["--bogus"], site=fake_site, env=ONLY)  # no command: the top level's
     assert p.returncode == 2 and p.stderr.splitlines()[-1] == "ksi-host: error: unrecognized arguments: --bogus"
+
+
+def test_a_results_file_that_cannot_be_written_is_a_usage_error_not_a_traceback(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    out = tmp_path / "no-such-dir" / "results.jsonl"
+    p = run_cli(["run", str(f), "--out", str(out), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert (p.returncode, p.stderr) == (2, f"ksi-host: cannot write {out}: No such file or directory\n")

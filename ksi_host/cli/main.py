@@ -232,7 +232,11 @@ async def _run(args: argparse.Namespace) -> int:
                 if not host.hooks.implemented(hook):
                     _err(missing_plugin(hook))
                     return EXIT_USAGE
-            out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            try:  # opened once the database is ours: a second run refused there leaves the first's results file be
+                out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            except OSError as e:
+                _err(f"cannot write {args.out}: {e.strerror}")
+                return EXIT_USAGE
             try:
                 # no bar when the results themselves scroll on the same terminal
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
