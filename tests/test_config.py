@@ -72,6 +72,12 @@ def test_load_config_errors(tmp_path):
     bad.write_text("[queue\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path}: cannot read: Is a directory$"):
+        load_config(tmp_path)  # --config given a folder
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"[queue]\nconcurrency = 4  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.toml: not valid TOML: not UTF-8 text \(byte 30: invalid continuation byte\)$"):
+        load_config(latin)
     good = tmp_path / "good.toml"
     good.write_text("[queue]\nconcurrency = 4\n")
     assert load_config(good) == {"queue": {"concurrency": 4}}
