@@ -86,3 +86,13 @@ def test_the_plugin_tables_name_each_plugin_as_its_entry_point_does():
         project = tomllib.loads((root / "plugins" / folder / "pyproject.toml").read_text())
         assert project["project"]["name"] == distribution
         assert list(project["project"]["entry-points"]["ksi_host"]) == [name], (folder, name)
+
+
+def test_no_readme_installs_a_plugin_from_a_package_index():
+    """The plugins are not on a package index: ``pip install ksi-limits`` fails for a new user. Every README
+    installs them from the checkout (``pip install -e plugins/limits``)."""
+    root = Path(__file__).resolve().parents[1]
+    for readme in [root / "README.md", *sorted((root / "plugins").glob("*/README.md"))]:
+        text = re.sub(r"\s*\n\s*", " ", readme.read_text())  # a command cut over two lines too
+        found = re.findall(r"pip install (?:ksi-[\w-]+|ksi-host\[)", text)
+        assert not found, (readme.relative_to(root), found)
