@@ -43,7 +43,7 @@ from .models import (
     Usage,
 )
 from .ranking import ProviderRanking
-from .streaming import Assembly, StreamSink, call_complete, stream_once
+from .streaming import Assembly, StreamSink, call_complete, call_prepare, stream_once
 
 if TYPE_CHECKING:
     from .service import Host
@@ -69,6 +69,7 @@ class AttemptRunner:
             provider = await self._select(request, excluded)
             run.provider = provider.name
             await self._admit(request, provider, number, deadline)
+            await call_prepare(provider)  # a lazy import (litellm's: seconds) is not the attempt's time or latency
             timeout = provider.timeout_s
             t0 = self.host.clock()
             if deadline is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 HOST_TABLE = "host"
 log = logging.getLogger("ksi_host.config")
@@ -57,6 +57,10 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"config file {p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p}: not valid TOML: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
 
@@ -133,7 +137,8 @@ def build_table(cls: type, data: Any, where: str) -> Any:
     fields = {a.name: a for a in attrs.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"config key {where}.{unknown[0]}: unknown key (known keys of {where}: {', '.join(fields) or 'none'})")
+        raise ConfigError(f"config key {where}.{unknown[0]}: unknown key{did_you_mean(str(unknown[0]), fields)} "
+                          f"(known keys of {where}: {', '.join(fields) or 'none'})")
     missing = [n for n, a in fields.items() if a.default is attrs.NOTHING and a.init and n not in data]
     if missing:
         raise ConfigError(f"config key {where}.{missing[0]}: is required")

@@ -19,6 +19,8 @@ host starts, a :class:`DatabaseStartupError`, also a StartupError (exit 2).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class KsiError(Exception):
     """Base of every error KSI host defines."""
@@ -67,6 +69,14 @@ def _writable(text: str) -> str:
     if text.isascii():
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``", did you mean 'prompt'?"`` for a misspelt ``name`` ("promt") close to one of ``known``; "" otherwise."""
+    import difflib  # only on the error path
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f", did you mean {close[0]!r}?" if close else ""
 
 
 class ValidationError(OperationalError):

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from .chat import PARAMETERS, check_document, check_messages, check_parameters, check_text, needs
-from .errors import ValidationError
+from .errors import ValidationError, did_you_mean
 
 PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3, "background": 4}
 """Priority names and their rank (lower runs first)."""
@@ -203,7 +203,8 @@ class CompletionRequest:
             raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
         if not _REQUEST_KEYS.issuperset(data):
             unknown = sorted(str(k) for k in data if k not in _REQUEST_KEYS)  # (a key may be any hashable)
-            raise ValidationError(unknown[0], f"unknown field (known: {', '.join(sorted(_REQUEST_KEYS))})")
+            raise ValidationError(unknown[0], f"unknown field{did_you_mean(unknown[0], _REQUEST_KEYS)} "
+                                              f"(known: {', '.join(sorted(_REQUEST_KEYS))})")
         data = {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}  # null: the default
         if "prompt" in data:
             prompt = data.pop("prompt")
@@ -337,6 +338,11 @@ class Provider(Protocol):
     :class:`ProviderResponse` or raises an :class:`~ksi_host.errors.OperationalError`
     (usually a :class:`~ksi_host.errors.ProviderError` subclass, with ``usage``
     set when the upstream reported usage for the failed call).
+
+    An optional ``async prepare()`` is awaited before each attempt's clock starts: work
+    that is not the upstream's time (a lazy import, a client to open), counted neither
+    in the attempt's timeout nor in its ``latency_ms``. Once done, it should return at
+    once (:class:`~ksi_host.providers.DeploymentProvider` has one that does nothing).
     """
 
     name: str

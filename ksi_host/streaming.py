@@ -180,6 +180,21 @@ async def _pump(provider: Any, request: CompletionRequest, timeout_s: float | No
                                   usage=assembly.usage)
 
 
+async def call_prepare(provider: Provider) -> None:
+    """``provider.prepare()`` where it has one (see :class:`~ksi_host.models.Provider`); a programming error it
+    raises gets a note naming the provider."""
+    prepare = getattr(provider, "prepare", None)
+    if prepare is None:
+        return
+    try:
+        await prepare()
+    except OperationalError:
+        raise
+    except Exception as e:
+        e.add_note(f"raised by provider {provider.name!r} ({type(provider).__module__}) in Provider.prepare")
+        raise
+
+
 async def call_complete(provider: Provider, request: CompletionRequest, timeout_s: float | None) -> ProviderResponse:
     """``provider.complete``; a programming error it raises gets a note naming the provider."""
     try:

@@ -299,3 +299,38 @@ def test_run_under_an_80_column_terminal_keeps_the_bar_on_one_line(tmp_path, fak
     running = [int(m) for d in draws for m in re.findall(r"(\d+) running", d)]
     queued = [int(m) for d in draws for m in re.findall(r"(\d+) queued", d)]
     assert running and max(running) <= 16 and max(queued) > 16  # running is what runs; the rest waits, queued
+
+
+def test_a_reader_that_leaves_early_is_not_a_programming_error(tmp_path, fake_site):
+    """``ksi-host plugins | head -0``: stdout's reader is gone before the first line. Exit 141 (SIGPIPE's), no
+    traceback, nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left
+    env = {**os.environ, "PYTHONPATH": str(fake_site), "KSI_HOST_PLUGINS": "fakequeue,echo"}
+    try:
+        p = subprocess.run([sys.executable, "-m", "ksi_host.cli", "plugins"], stdout=write, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=60)
+    finally:
+        os.close(write)
+    assert (p.returncode, p.stderr) == (141, "")
+
+
+def test_an_unknown_option_is_reported_with_its_commands_usage(tmp_path, fake_site):
+    """``ksi-host run x --outt y``: the usage shown is run's (which has --out), not the top level's."""
+    p = run_cli(["run", "x.jsonl", "--outt", "y.jsonl"], site=fake_site, env=ONLY)
+    assert p.returncode == 2
+    assert p.stderr.splitlines()[0].startswith("usage: ksi-host run ") and "--out RESULTS.jsonl" in p.stderr
+    assert p.stderr.splitlines()[-1] == "ksi-host run: error: unrecognized arguments: --outt y.jsonl"
+    p = run_cli(["--bogus"], site=fake_site, env=ONLY)  # no command: the top level's
+    assert p.returncode == 2 and p.stderr.splitlines()[-1] == "ksi-host: error: unrecognized arguments: --bogus"
+
+
+def test_a_results_file_that_cannot_be_written_is_a_usage_error_not_a_traceback(tmp_path, fake_site):
+    f = write_batch(tmp_path, [json.dumps({"model": "echo", "prompt": "x"})])
+    out = tmp_path / "no-such-dir" / "results.jsonl"
+    p = run_cli(["run", str(f), "--out", str(out), "--db", str(tmp_path / "k.db")], site=fake_site, env=ONLY)
+    assert (p.returncode, p.stderr) == (2, f"ksi-host: cannot write {out}: No such file or directory\n")

@@ -76,6 +76,7 @@ def test_show_prints_the_request_result_attempts_and_ledger(keeper: tuple[Path, 
     assert out.startswith("request r3: error")
     assert "agent_id: planner" in out and "What is the weather in Oslo?" in out
     assert "error ProviderUnavailable: 503" in out
+    assert "  status error, model m, provider b, finish -, 20+0 tokens, cost unknown\n" in out  # no finish reason: "-", not "None"
     assert "RateLimited" in out and "slow down" in out  # the attempts
     assert "-- ledger" in out and "n/a" in out  # the ledger rows, unknown cost said
     as_json = run_cli(["show", "r3", "--json", "--db", str(db)], site=site, env={"KSI_HOST_PLUGINS": "keeper,keeperledger"})

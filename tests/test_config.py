@@ -46,11 +46,13 @@ def test_nested_tables_and_lists():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"queue": {"concurency": 3}}, "config key queue.concurency: unknown key"),
+    ({"queue": {"concurency": 3}}, "config key queue.concurency: unknown key, did you mean 'concurrency'? (known keys of queue: "),
+    ({"queue": {"parallel": 3}}, "config key queue.parallel: unknown key (known keys of queue: "),  # nothing close
     ({"queue": {"concurrency": "3"}}, "config key queue.concurrency: expected an integer, got '3'"),
     ({"queue": {"concurrency": True}}, "config key queue.concurrency: expected an integer"),
     ({"queue": {"enabled": 1}}, "config key queue.enabled: expected true or false"),
-    ({"queue": {"deployments": [{"name": "a"}, {"name": "b", "timeout": 3}]}}, "config key queue.deployments[1].timeout: unknown key"),
+    ({"queue": {"deployments": [{"name": "a"}, {"name": "b", "timeout": 3}]}}, "config key queue.deployments[1].timeout: unknown key, "
+                                                                        "did you mean 'timeout_s'?"),
     ({"queue": {"deployments": [{"name": "a", "timeout_s": "x"}]}}, "config key queue.deployments[0].timeout_s: expected a number"),
     ({"queue": {"concurrency": 0}}, "config table queue: concurrency must be > 0"),
     ({"queue": {"deployments": [{"timeout_s": 3}]}}, "config key queue.deployments[0].name: is required"),
@@ -70,6 +72,12 @@ def test_load_config_errors(tmp_path):
     bad.write_text("[queue\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path}: cannot read: Is a directory$"):
+        load_config(tmp_path)  # --config given a folder
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"[queue]\nconcurrency = 4  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.toml: not valid TOML: not UTF-8 text \(byte 30: invalid continuation byte\)$"):
+        load_config(latin)
     good = tmp_path / "good.toml"
     good.write_text("[queue]\nconcurrency = 4\n")
     assert load_config(good) == {"queue": {"concurrency": 4}}

@@ -108,3 +108,12 @@ def test_an_unknown_key_of_a_message_whose_name_is_not_unicode_is_named_escaped(
         raise ValidationError("tools[0].\udfff", "why \ud800")
     assert (e.value.field, e.value.reason) == ("tools[0].\\udfff", "why \\ud800")
     e.value.message.encode("utf-8")
+
+
+def test_a_misspelt_field_is_named_with_the_field_it_is_close_to():
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.from_dict({"model": "m", "promt": "hi"})
+    assert e.value.field == "promt" and e.value.message.startswith("promt: unknown field, did you mean 'prompt'? (known: agent_id,")
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.from_dict({"model": "m", "prompt": "hi", "colour": "red"})
+    assert e.value.message.startswith("colour: unknown field (known: agent_id,")  # nothing close: no guess

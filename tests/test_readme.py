@@ -72,3 +72,27 @@ def test_the_provider_kits_imports_run():
     p = subprocess.run([sys.executable, "-c", snippet("python", "from ksi_host.providers import (")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_plugin_tables_name_each_plugin_as_its_entry_point_does():
+    """The "plugin name" column is what `ksi-host plugins` prints, `KSI_HOST_PLUGINS` takes and the config
+    table is called: each plugin's entry-point name in its own pyproject.toml."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    rows = re.findall(r"^\| `([\w-]+)` \(`plugins/([\w-]+)`\) \| `([\w-]+)` \|", (root / "README.md").read_text(), flags=re.M)
+    assert len(rows) == len(list((root / "plugins").glob("*/pyproject.toml"))), rows
+    for distribution, folder, name in rows:
+        project = tomllib.loads((root / "plugins" / folder / "pyproject.toml").read_text())
+        assert project["project"]["name"] == distribution
+        assert list(project["project"]["entry-points"]["ksi_host"]) == [name], (folder, name)
+
+
+def test_no_readme_installs_a_plugin_from_a_package_index():
+    """The plugins are not on a package index: ``pip install ksi-limits`` fails for a new user. Every README
+    installs them from the checkout (``pip install -e plugins/limits``)."""
+    root = Path(__file__).resolve().parents[1]
+    for readme in [root / "README.md", *sorted((root / "plugins").glob("*/README.md"))]:
+        text = re.sub(r"\s*\n\s*", " ", readme.read_text())  # a command cut over two lines too
+        found = re.findall(r"pip install (?:ksi-[\w-]+|ksi-host\[)", text)
+        assert not found, (readme.relative_to(root), found)

@@ -236,3 +236,25 @@ async def test_stop_starts_nothing_new_and_writes_what_ran(tmp_path: Any) -> Non
     assert 6 <= len(written) < 40 and stats.done == len(written)
     assert sorted(r["request_id"] for r in written) == sorted(calls) == sorted(store)  # each call: stored and written
     assert sorted(queue.started) == sorted(calls)  # the queue handed host.execute nothing after the stop
+
+
+def test_the_summary_says_how_many_results_an_earlier_run_had_stored():
+    """A rerun answers finished requests from the database: its summary says so, or its tokens and cost read
+    as if everything had been sent again."""
+    import time
+
+    from ksi_host.cli.progress import BatchStats
+    from ksi_host.models import CompletionResult, Usage
+
+    stats = BatchStats(3)
+    usage = Usage(10, 20, 30, 0.5)
+    stats.add(CompletionResult("a", "ok", usage=usage, finished_at=stats.started_wall - 3600))  # an earlier run's
+    stats.add(CompletionResult("b", "ok", usage=usage, finished_at=time.time()))
+    stats.add(CompletionResult("c", "error", error={"type": "ValidationError", "message": "line 3: bad"},
+                               finished_at=time.time()))
+    summary = stats.summary()
+    assert "Done: 3 of 3 requests in " in summary
+    assert ": 2 ok, 1 failed, 0 cancelled; 1 stored by an earlier run (not sent again). Tokens: 20 prompt" in summary
+    stats = BatchStats(1)
+    stats.add(CompletionResult("b", "ok", usage=usage, finished_at=time.time()))
+    assert "earlier run" not in stats.summary()

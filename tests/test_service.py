@@ -262,3 +262,42 @@ def test_host_module_stays_thin():
 
     with open(ksi_host.service.__file__) as f:
         assert len(f.readlines()) < 300
+
+
+class _Recorder:
+    """Records each ledger row the host hands to ``ksi_record_usage``."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    @hookimpl
+    def ksi_record_usage(self, call):
+        self.calls.append(call)
+
+
+async def test_a_providers_prepare_is_not_the_attempts_latency(make_host):
+    """A provider's ``prepare()`` (litellm's import: seconds on the first call) runs before the attempt's clock:
+    the latency in the result and the ledger is the call's."""
+    from ksi_host.testing import FakeClock
+
+    clock = FakeClock()
+
+    async def answer(request):
+        await provider.prepare()  # as litellm's attempt does: its import, when nobody did it before
+        clock.advance(0.25)  # the upstream's time
+        return "hi"
+
+    class Slow(FakeProvider):
+        prepared = 0
+
+        async def prepare(self):
+            if not self.prepared:
+                self.prepared += 1
+                clock.advance(8.0)  # a lazy import, once
+                await asyncio.sleep(0)
+
+    provider, ledger = Slow("slow", script=[answer]), _Recorder()
+    async with make_host(DirectQueue(), ScriptedProviders(provider), ledger, clock=clock) as host:
+        result = await host.complete({"model": "m", "prompt": "hi"})
+    assert result.ok and provider.prepared == 1
+    assert result.attempts[0].latency_ms == pytest.approx(250) and ledger.calls[0].latency_ms == pytest.approx(250)

@@ -69,8 +69,8 @@ def print_details(request_id: str, details: dict[str, Any], out: Any = sys.stdou
             print("  " + _content(answer, width - 2 if width else None), file=out)
         u = result.get("usage") or {}
         cost = "unknown" if u.get("cost_usd") is None else f"${money(u['cost_usd'])}"
-        print(f"  status {result.get('status')}, model {result.get('model')}, provider {result.get('provider')}, "
-              f"finish {result.get('finish_reason')}, {u.get('prompt_tokens', 0)}+{u.get('completion_tokens', 0)} "
+        print(f"  status {result.get('status')}, model {result.get('model')}, provider {result.get('provider') or '-'}, "
+              f"finish {result.get('finish_reason') or '-'}, {u.get('prompt_tokens', 0)}+{u.get('completion_tokens', 0)} "
               f"tokens, cost {cost}", file=out)
         if result.get("error"):
             print(f"  error {result['error'].get('type')}: {result['error'].get('message')}", file=out)

@@ -2,7 +2,8 @@
 
 Exit codes: 0 all ok; 1 some request failed; 2 usage, config or plugin error
 before anything ran; 70 a plugin's programming error (traceback printed);
-130 interrupted (run the same command again to resume).
+130 interrupted (run the same command again to resume); 141 the reader of stdout left
+(``ksi-host logs | head``), as for a command killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..commands import host_from_args, log_to_stderr, plugin_commands
 from . import inspect
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+EXIT_PIPE = 128 + 13  # SIGPIPE's: what a shell reports for a command whose reader left
 USAGE_GROUPS = ("model", "agent", "session", "purpose", "provider", "day")
 PRIORITY_NAMES = ("critical", "high", "normal", "low", "background")  # ksi_host.models.PRIORITIES (not imported: --help stays fast)
 
@@ -129,9 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.name, parents=[common], help=command.help, description=command.description)
         command.add_arguments(p)
         p.set_defaults(plugin_command=command)
+    for p in sub.choices.values():
+        p.set_defaults(command_parser=p)  # an unknown option is then reported with its command's usage
     return parser
 
 
+
+
+def _stdout_reader_left() -> bool:
+    """Is stdout a pipe whose reader has closed it (``ksi-host logs | head``)? Then a BrokenPipeError is not a
+    programming error: the output is no longer wanted. stdout then goes to /dev/null, so that the flush at exit
+    does not fail again. A BrokenPipeError from anything else (a plugin's socket) stays a programming error."""
+    import os
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))  # a pipe with no reader left
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a file
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def _err(message: str) -> None:
@@ -209,7 +232,11 @@ async def _run(args: argparse.Namespace) -> int:
                 if not host.hooks.implemented(hook):
                     _err(missing_plugin(hook))
                     return EXIT_USAGE
-            out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            try:  # opened once the database is ours: a second run refused there leaves the first's results file be
+                out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            except OSError as e:
+                _err(f"cannot write {args.out}: {e.strerror}")
+                return EXIT_USAGE
             try:
                 # no bar when the results themselves scroll on the same terminal
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
@@ -379,7 +406,9 @@ COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cance
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `ksi-host run x --outt y`: say it with run's usage, not the top-level one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -403,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except Exception:
+    except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_reader_left():
+            return EXIT_PIPE
         traceback.print_exc()
         _err("stopped by a programming error (traceback above); stored work resumes on the next run")
         return EXIT_CRASH

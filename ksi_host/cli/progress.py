@@ -17,10 +17,14 @@ class BatchStats:
 
     ``total``: the request lines of the input (None until known: stdin is counted as it is read).
     ``read``: lines read so far. ``submitted``: requests the queue accepted (bad lines never are).
+    ``stored``: results that finished before this run began (an earlier run's, answered from the
+    database: nothing was sent for them now; their tokens and cost are in the totals all the same).
     """
 
     total: int | None
     started: float = attrs.field(factory=time.monotonic)
+    started_wall: float = attrs.field(factory=time.time)
+    stored: int = 0
     read: int = 0
     submitted: int = 0
     ok: int = 0
@@ -49,6 +53,7 @@ class BatchStats:
         else:
             self.failed += 1
         self.rejected += rejected
+        self.stored += result.finished_at is not None and result.finished_at < self.started_wall
         u = result.usage
         self.prompt_tokens += u.prompt_tokens
         self.completion_tokens += u.completion_tokens
@@ -66,7 +71,8 @@ class BatchStats:
         left = self.expected - self.done
         return (
             f"{head}: {self.done} of {self.expected} requests in {elapsed:.2f}s: {self.ok} ok, {self.failed} failed, "
-            f"{self.cancelled} cancelled" + (f", {left} not finished (run again to resume)" if left > 0 else "") + ". "
+            f"{self.cancelled} cancelled" + (f", {left} not finished (run again to resume)" if left > 0 else "")
+            + (f"; {self.stored} stored by an earlier run (not sent again)" if self.stored else "") + ". "
             f"Tokens: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion = {self.total_tokens:,}; "
             f"cost {cost}. Throughput {self.done / elapsed if elapsed > 0 else 0:,.1f} requests/s, "
             f"{self.total_tokens / elapsed if elapsed > 0 else 0:,.0f} tokens/s."

@@ -87,8 +87,9 @@ class DeploymentProvider:
         yield  # pragma: no cover  (makes this an async generator)
 
     async def prepare(self) -> None:
-        """Work a streamed attempt needs first that is not the upstream's time (a lazy import, a client to
-        open): :meth:`stream` awaits it before the wait for the first piece starts. Nothing by default."""
+        """Work an attempt needs first that is not the upstream's time (a lazy import, a client to open): the
+        host awaits it before each attempt's timeout and latency start (and :meth:`stream` before the wait for
+        the first piece). Nothing by default."""
 
     @property
     def can_stream(self) -> bool:

@@ -71,6 +71,7 @@ class View:
     end: float = 0.0
     read_at: float = 0.0  # host.clock reading of the last read
     spent: dict[str, float] = attrs.field(factory=dict)  # name -> USD, from the ledger
+    unpriced: dict[str, int] = attrs.field(factory=dict)  # name -> the ledger's calls of unknown cost (spent leaves them out)
     recent: dict[str, float] = attrs.field(factory=dict)  # name -> USD trued up since the last reading began
     pending: dict[str, float] = attrs.field(factory=dict)  # name -> USD trued up before the reading under way began
     task: asyncio.Task[None] | None = None  # the reading under way
@@ -136,8 +137,9 @@ class BudgetBook:
             raise
         finally:
             view.pending = {}
-        view.spent = {("" if view.scope == "total" else r["key"]): float(r.get("cost_usd") or 0.0)
-                      for r in rows if view.scope == "total" or r["key"] is not None}
+        rows = [r for r in rows if view.scope == "total" or r["key"] is not None]
+        view.spent = {("" if view.scope == "total" else r["key"]): float(r.get("cost_usd") or 0.0) for r in rows}
+        view.unpriced = {("" if view.scope == "total" else r["key"]): int(r.get("unpriced_calls") or 0) for r in rows}
         view.start, view.end, view.read_at = start, end, self.clock()
 
     def check(self, request: CompletionRequest, usd: float, provider: str) -> None:
@@ -192,7 +194,8 @@ class BudgetBook:
                     view.recent[name] = view.recent.get(name, 0.0) + cost
 
     async def status(self) -> list[dict[str, Any]]:
-        """One row per budget and name: spent, in flight, left."""
+        """One row per budget and name: spent, in flight, left, and the calls of unknown cost that ``spent``
+        leaves out (as of the last reading of the ledger: a model without a price is never stopped by a budget)."""
         await self.fresh()
         rows = []
         for i, budget in self.budgets:
@@ -210,5 +213,6 @@ class BudgetBook:
                 rows.append({"budget": f"budgets[{i}]", "scope": budget.scope, "name": name or None,
                              "period": budget.period, "since": iso(view.start), "usd": budget.usd,
                              "spent_usd": round(spent, 6), "in_flight_usd": round(flying, 6),
-                             "left_usd": round(max(0.0, budget.usd - spent - flying), 6)})
+                             "left_usd": round(max(0.0, budget.usd - spent - flying), 6),
+                             "unpriced_calls": view.unpriced.get(name, 0)})
         return rows

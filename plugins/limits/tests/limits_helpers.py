@@ -151,6 +151,6 @@ class FakeLedger:
         return [dict(r) for r in self.rows.get(by, [])]
 
 
-def row(key: Any, *, cost: float | None = None, calls: int = 0, tokens: int = 0) -> dict[str, Any]:
+def row(key: Any, *, cost: float | None = None, calls: int = 0, tokens: int = 0, unpriced: int = 0) -> dict[str, Any]:
     return {"key": key, "calls": calls, "requests": calls, "prompt_tokens": tokens, "completion_tokens": 0,
-            "total_tokens": tokens, "cost_usd": cost}
+            "total_tokens": tokens, "cost_usd": cost, "unpriced_calls": unpriced}

@@ -83,7 +83,7 @@ async def test_a_priced_call_in_flight_counts_its_estimate(make_host: Any) -> No
     assert len(dep.calls) == 3
     assert status == [{"budget": "budgets[0]", "scope": "purpose", "name": "review", "period": "day",
                        "since": status[0]["since"], "usd": 3.5, "spent_usd": 0.0, "in_flight_usd": 3.0,
-                       "left_usd": 0.5}]
+                       "left_usd": 0.5, "unpriced_calls": 0}]
     message = next(r.error["message"] for r in results if r.error)
     assert message.startswith("budget exceeded for agent 'a")
     assert "purpose 'review' spent $0.000000 of the day's $3.50 (limits.budgets[0]: purpose 'review', since " in message

@@ -74,3 +74,14 @@ async def test_a_ledger_reading_left_behind_by_a_deadline_stops_with_the_host(ma
         assert result.error is not None and result.error["type"] == "DeadlineExceeded"
         assert plugin._seeding is not None and not plugin._seeding.done()  # shielded: it goes on for the others
     assert plugin._seeding.cancelled()
+
+
+async def test_a_budgets_row_counts_the_calls_its_spend_leaves_out(make_host: Any) -> None:
+    """Calls of unknown cost count zero against a budget: its status says how many there were, so a spend of
+    $0 after many calls to an unpriced model is not read as nothing spent."""
+    ledger = FakeLedger({"agent": [row("writer", cost=None, calls=4, tokens=120, unpriced=4),
+                                   row("researcher", cost=0.5, calls=4, tokens=120)]})
+    config = {"limits": {"budgets": [{"scope": "agent", "match": "*", "usd": 5.0}]}}
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("dep")), ledger, Plugin(), config=config) as host:
+        rows = (await host.status())["budgets"]
+    assert [(b["name"], b["spent_usd"], b["unpriced_calls"]) for b in rows] == [("researcher", 0.5, 0), ("writer", 0.0, 4)]
