@@ -195,12 +195,11 @@ class Server:
             if stream:
                 return await self._stream(request, req, visible, include_usage)
             result = await self._result(req)
-            headers = {"X-KSI-Request-Id": visible}
             if not result.ok:
-                error = wire.result_error(result, self._retry_after)
-                return _json_response(error.status, error.body(), {**headers, **error.headers()})
+                error = wire.result_error(result, self._retry_after, visible)
+                return _json_response(error.status, error.body(), error.headers())
             self.metrics.added_seconds.observe(max(0.0, time.perf_counter() - started - _upstream_s(result)))
-            return _json_response(200, wire.completion(result, visible, req.model), headers)
+            return _json_response(200, wire.completion(result, visible, req.model), wire.id_headers(visible))
         finally:
             self.pending -= 1
             self.pending_bytes -= size
@@ -258,7 +257,7 @@ class Server:
         if rid in self.host.streams:  # the same request id is being streamed to another connection (a retry):
             result = await self._result(req)  # wait for it, and send its result as one piece
             if not result.ok:
-                raise wire.result_error(result, self._retry_after)
+                raise wire.result_error(result, self._retry_after, visible)
             return await self._send_whole(request, result, visible, include_usage, req.model)
         stream = self.host.stream(req, cancel_on_exit=False)
         pieces = stream.__aiter__()
@@ -267,14 +266,14 @@ class Server:
         except OperationalError as e:
             result = getattr(e, "result", None)
             if result is not None:
-                raise wire.result_error(result, self._retry_after) from None
+                raise wire.result_error(result, self._retry_after, visible) from None
             if isinstance(e, ValidationError):
                 raise wire.invalid(e) from None
             raise self._not_accepted(e) from None
         created = int(time.time())
         model = first.model or req.model
         response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-KSI-Request-Id": visible})
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         try:
             await response.prepare(request)
             await response.write(wire.chunk(visible, created, model, _delta(first, role=True), first.finish_reason))
@@ -320,7 +319,7 @@ class Server:
         if message.get("tool_calls"):
             message["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
         response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-KSI-Request-Id": visible})
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         await response.prepare(request)
         await _write_quietly(response, wire.chunk(visible, body["created"], body["model"], message, choice["finish_reason"]))
         if include_usage:

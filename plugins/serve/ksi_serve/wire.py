@@ -46,10 +46,12 @@ class ApiError(Exception):
     """An answer in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}`` with ``status``.
 
     ``retry`` sets ``x-should-retry`` (the ``openai`` client obeys it: True for a full queue or a stopping
-    server, False for a final stored result); ``retry_after`` (seconds) sets ``Retry-After``."""
+    server, False for a final stored result); ``retry_after`` (seconds) sets ``Retry-After``; ``request_id`` (the
+    visible id of the request it answers) sets :func:`id_headers`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
-                 code: str | None = None, retry: bool | None = None, retry_after: int | None = None) -> None:
+                 code: str | None = None, retry: bool | None = None, retry_after: int | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -58,17 +60,25 @@ class ApiError(Exception):
         self.code = code
         self.retry = retry
         self.retry_after = retry_after
+        self.request_id = request_id
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        h = {}
+        h = id_headers(self.request_id) if self.request_id is not None else {}
         if self.retry is not None:
             h["x-should-retry"] = "true" if self.retry else "false"
         if self.retry_after is not None:
             h["Retry-After"] = str(self.retry_after)
         return h
+
+
+def id_headers(visible: str) -> dict[str, str]:
+    """The headers that name the request an answer is for: ``X-KSI-Request-Id``, and ``x-request-id``, where the
+    ``openai`` client reads a response's ``_request_id`` (and an ``APIStatusError``'s ``request_id``), as from
+    OpenAI's own answers."""
+    return {"X-KSI-Request-Id": visible, "x-request-id": visible}
 
 
 # -- requests ------------------------------------------------------------------------------------------
@@ -246,11 +256,12 @@ def _mapping(kind: str) -> tuple[int, str, str | None]:
     return 500, "server_error", None
 
 
-def result_error(result: CompletionResult, retry_after_s: int) -> ApiError:
-    """A failed (or cancelled) result as an ApiError. The host already retried it as its policy says, and a retry
-    with the same request id gets this same stored result: ``x-should-retry: false``."""
+def result_error(result: CompletionResult, retry_after_s: int, visible: str | None = None) -> ApiError:
+    """A failed (or cancelled) result as an ApiError (naming the request ``visible`` in :func:`id_headers`). The host
+    already retried it as its policy says, and a retry with the same request id gets this same stored result:
+    ``x-should-retry: false``."""
     info = result.error or {"type": "OperationalError", "message": f"the request ended {result.status}"}
     kind = info.get("type") or "OperationalError"
     status, type_, code = _mapping(kind)
     return ApiError(status, f"{kind}: {info.get('message') or kind}", type_, code=code, retry=False,
-                    retry_after=retry_after_s if status == 429 else None)
+                    retry_after=retry_after_s if status == 429 else None, request_id=visible)

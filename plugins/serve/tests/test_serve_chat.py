@@ -43,6 +43,28 @@ async def test_a_completion_in_openai_shape(serve):
     assert provider.calls[0].request_id == "k-1" and provider.calls[0].model == "m1"
 
 
+async def test_the_openai_client_reads_the_request_id_of_answers_errors_and_streams(serve):
+    """x-request-id is where the openai client reads a response's request id (``_request_id``, an error's
+    ``request_id``, a raw response's ``request_id``), as OpenAI sends it: here the id GET /v1/requests/{id} takes."""
+    provider = FakeProvider("p1", script=["fine", BadRequest("the upstream said no"), "streamed",
+                                          BadRequest("no stream either")])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        answer = await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "k-2"})
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "k-3"})
+        raw = await client.chat.completions.with_raw_response.create(model="m1", messages=MESSAGES, stream=True,
+                                                                     extra_headers={"Idempotency-Key": "k-4"})
+        chunks = [c async for c in raw.parse()]
+        with pytest.raises(openai.BadRequestError) as failed_stream:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, stream=True,
+                                                 extra_headers={"Idempotency-Key": "k-5"})
+    assert answer._request_id == "k-2" and e.value.request_id == "k-3"
+    assert raw.request_id == "k-4" and chunks[0].choices[0].delta.content == "streamed"
+    assert failed_stream.value.request_id == "k-5"
+    assert failed_stream.value.response.headers["X-KSI-Request-Id"] == "k-5"
+
+
 async def test_headers_set_the_host_fields(serve):
     provider = FakeProvider("p1")
     async with serve(ScriptedProviders(provider)) as s:
