@@ -112,6 +112,44 @@ def given_id(headers: Mapping[str, str]) -> str | None:
     return value
 
 
+_MESSAGE_ECHOES = frozenset({"annotations", "parsed"})
+
+
+def without_response_fields(messages: Any) -> Any:
+    """``messages`` without the response fields the ``openai`` client's own message objects carry when an agent
+    appends one back as it came (``messages.append(completion.choices[0].message)`` after ``.parse()`` or
+    ``.stream()``): ``annotations`` and ``parsed`` on an assistant message, ``index`` on its tool calls (a stream's),
+    ``parsed_arguments`` on their functions. OpenAI takes such a message and ignores them; they are not part of a
+    request (``ChatCompletionAssistantMessageParam``), so they are dropped here, and any other unknown key stays an
+    error naming it. The list (and a message) is copied only when it holds one."""
+    if not isinstance(messages, list):
+        return messages
+    copied: list[Any] | None = None
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            bare = _assistant_without_response_fields(m)
+            if bare is not m:
+                copied = copied if copied is not None else list(messages)
+                copied[i] = bare
+    return messages if copied is None else copied
+
+
+def _assistant_without_response_fields(m: dict[str, Any]) -> dict[str, Any]:
+    bare = {k: v for k, v in m.items() if k not in _MESSAGE_ECHOES} if not _MESSAGE_ECHOES.isdisjoint(m) else m
+    calls = m.get("tool_calls")
+    if isinstance(calls, list) and any(isinstance(c, dict) and ("index" in c or (
+            isinstance(c.get("function"), dict) and "parsed_arguments" in c["function"])) for c in calls):
+        bare_calls = []
+        for c in calls:
+            if isinstance(c, dict):
+                c = {k: v for k, v in c.items() if k != "index"}
+                if isinstance(c.get("function"), dict):
+                    c["function"] = {k: v for k, v in c["function"].items() if k != "parsed_arguments"}
+            bare_calls.append(c)
+        bare = {**bare, "tool_calls": bare_calls}
+    return bare
+
+
 def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_id: str | None
                ) -> tuple[CompletionRequest, bool, bool, str]:
     """A chat-completions call as ``(request, stream, include_usage, visible id)``.
@@ -136,6 +174,8 @@ def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_
         include_usage = options.get("include_usage") is True
     visible = given_id(headers) or new_request_id()
     data = {k: v for k, v in body.items() if v is not None and k != "stream" and k != "stream_options"}
+    if "messages" in data:
+        data["messages"] = without_response_fields(data["messages"])
     data["request_id"] = scoped_id(client, visible)
     for header, field in HEADER_FIELDS.items():
         value = headers.get(header)

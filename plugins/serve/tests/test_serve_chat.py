@@ -7,6 +7,7 @@ import json
 
 import aiohttp
 import openai
+import pydantic
 import pytest
 from conftest import until
 
@@ -166,6 +167,37 @@ async def test_a_tool_call_round_trip(serve):
     assert second.choices[0].message.content == "it is sunny in Oslo"
     assert provider.calls[0].tools[0]["function"]["name"] == "get_weather" and provider.calls[0].tool_choice == "auto"
     assert provider.calls[1].messages[1]["tool_calls"][0]["id"] == "call_1"
+
+
+async def test_a_message_from_the_openai_helpers_is_taken_back_as_it_came(serve):
+    """The openai client's ``.parse()`` and ``.stream()`` helpers give messages with response fields (``parsed``,
+    ``annotations``, a tool call's ``index``, its function's ``parsed_arguments``); an agent appends them to its
+    messages as they came, and OpenAI takes them. They are dropped; the rest of the message reaches the provider."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+    class get_weather(pydantic.BaseModel):  # noqa: N801 (the tool's name)
+        city: str
+
+    tool = openai.pydantic_function_tool(get_weather)
+    calling = ProviderResponse("", tool_calls=[call], finish_reason="tool_calls")
+    provider = FakeProvider("p1", script=[calling, calling, "sunny", "rainy"])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        parsed = await client.chat.completions.parse(model="m1", messages=MESSAGES, tools=[tool])
+        async with client.chat.completions.stream(model="m1", messages=MESSAGES, tools=[tool]) as stream:
+            streamed = await stream.get_final_completion()
+        answers = []
+        for first in (parsed, streamed):
+            message = first.choices[0].message
+            assert message.tool_calls[0].function.parsed_arguments == get_weather(city="Oslo")
+            answer = await client.chat.completions.create(model="m1", tools=[tool], messages=[
+                *MESSAGES, message, {"role": "tool", "tool_call_id": "call_1", "content": "done"}])
+            answers.append(answer.choices[0].message.content)
+    assert answers == ["sunny", "rainy"]
+    for request in provider.calls[2:]:
+        sent = request.messages[1]
+        assert sent["role"] == "assistant" and sent["tool_calls"] == [call]
+        assert not {"parsed", "annotations"} & set(sent) and request.messages[2]["content"] == "done"
 
 
 @pytest.mark.parametrize(("error", "status", "kind", "code"), [
