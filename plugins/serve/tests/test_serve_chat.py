@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 
 import aiohttp
 import openai
@@ -76,6 +77,16 @@ async def test_headers_set_the_host_fields(serve):
     assert (r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.priority) == ("s-7", "writer", "boss", "draft",
                                                                                          "high")
     assert (r.temperature, r.max_tokens, r.user, r.metadata) == (0.5, 20, "u1", {"k": "v"})
+
+
+async def test_every_reasoning_effort_of_the_openai_client_is_taken(serve):
+    efforts = typing.get_args(typing.get_args(openai.types.ReasoningEffort)[0])  # Optional[Literal[...]]
+    assert {"low", "high", "xhigh", "max"} <= set(efforts)
+    provider = FakeProvider("p1")
+    async with serve(ScriptedProviders(provider)) as s:
+        for effort in efforts:
+            await s.client().chat.completions.create(model="m1", messages=MESSAGES, reasoning_effort=effort)
+    assert [r.reasoning_effort for r in provider.calls] == list(efforts)
 
 
 async def test_a_request_without_a_key_gets_an_id_of_its_own(serve):
