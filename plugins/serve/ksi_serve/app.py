@@ -92,6 +92,7 @@ class Server:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)  # (a model name may hold '/': mock/gpt-4o-mini)
         app.router.add_get("/v1/requests/{id}", self.request_details)
         app.router.add_post("/v1/requests/{id}/cancel", self.cancel)
         app.router.add_get("/healthz", self.healthz)
@@ -336,10 +337,21 @@ class Server:
         for info in await self.host.providers(None):
             entry = seen.get(info.model)
             if entry is None:
-                entry = seen[info.model] = {"id": info.model, "object": "model", "created": 0, "owned_by": info.plugin,
-                                            "ksi_pattern": any(c in info.model for c in "*?["), "ksi_deployments": []}
-            entry["ksi_deployments"].append({"name": info.name, "plugin": info.plugin, "state": info.state})
+                entry = seen[info.model] = _model_entry(info.model, info.plugin)
+            entry["ksi_deployments"].append(_deployment(info))
         return _json_response(200, {"object": "list", "data": list(seen.values())})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """One model (``client.models.retrieve``): a name or pattern ``/v1/models`` lists, or a name a pattern covers
+        (``gpt-4o-mini`` for ``gpt-*``), with the deployments serving it in the order they are tried; 404
+        ``model_not_found`` when none does."""
+        name = request.match_info["model"]
+        infos = await self.host.providers(name)
+        if not infos:
+            raise ApiError(404, f"no provider serves model {name!r}", param="model", code="model_not_found")
+        entry = _model_entry(name, infos[0].plugin)
+        entry["ksi_deployments"] = [_deployment(info) for info in infos]
+        return _json_response(200, entry)
 
     def _stored_id(self, request: web.Request) -> tuple[str, str]:
         visible = request.match_info["id"]
@@ -412,6 +424,17 @@ class Server:
     def _not_accepted(self, e: OperationalError) -> ApiError:
         return ApiError(503, f"{e.type}: {e.message}", "server_error", code="not_accepted", retry=True,
                         retry_after=self._retry_after)
+
+
+def _model_entry(model: str, plugin: str) -> dict[str, Any]:
+    """A ``model`` object as OpenAI's ``/v1/models`` gives it, with ``ksi_pattern`` (a glob such as ``llama-*``) and
+    ``ksi_deployments`` (filled in by the caller)."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": plugin,
+            "ksi_pattern": any(c in model for c in "*?["), "ksi_deployments": []}
+
+
+def _deployment(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "plugin": info.plugin, "state": info.state}
 
 
 def _delta(delta: Any, *, role: bool = False) -> dict[str, Any]:
