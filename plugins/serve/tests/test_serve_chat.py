@@ -45,6 +45,14 @@ async def test_a_completion_in_openai_shape(serve):
     assert provider.calls[0].request_id == "k-1" and provider.calls[0].model == "m1"
 
 
+async def test_a_refusal_has_null_content_as_openais_does(serve):
+    provider = FakeProvider("p1", script=[ProviderResponse("", refusal="I can't help with that", finish_reason="stop")])
+    async with serve(ScriptedProviders(provider)) as s:
+        answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    message = answer.choices[0].message
+    assert message.refusal == "I can't help with that" and message.content is None
+
+
 async def test_the_openai_client_reads_the_request_id_of_answers_errors_and_streams(serve):
     """x-request-id is where the openai client reads a response's request id (``_request_id``, an error's
     ``request_id``, a raw response's ``request_id``), as OpenAI sends it: here the id GET /v1/requests/{id} takes."""
