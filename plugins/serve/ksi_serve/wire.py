@@ -28,9 +28,13 @@ HEADER_FIELDS = {
 """Request headers -> the CompletionRequest field each sets."""
 
 _HEADER_OF = {field: header for header, field in HEADER_FIELDS.items()}
-BODY_KEYS = frozenset(PARAMETERS) | {"model", "messages", "metadata", "stream", "stream_options"}
+PASSED_AS_OPTIONS = ("prompt_cache_retention", "prompt_cache_options", "moderation")
+"""Parameters of OpenAI's chat completions (the ``openai`` client's ``create`` takes them) that the host has no field
+for: a request carries them in ``provider_options``, so they reach the provider as they are (an OpenAI-compatible
+upstream gets them in its body, as given) instead of being refused as unknown."""
+BODY_KEYS = frozenset(PARAMETERS) | {"model", "messages", "metadata", "stream", "stream_options", *PASSED_AS_OPTIONS}
 """What a chat-completions body may hold: the OpenAI parameters the host takes (:data:`ksi_host.chat.PARAMETERS`),
-``model``, ``messages``, ``metadata``, ``stream`` and ``stream_options``."""
+``model``, ``messages``, ``metadata``, ``stream``, ``stream_options`` and :data:`PASSED_AS_OPTIONS`."""
 
 MAX_ID = 200
 """The longest request id a client may give (``Idempotency-Key``, ``X-KSI-Request-Id``)."""
@@ -176,6 +180,9 @@ def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_
     data = {k: v for k, v in body.items() if v is not None and k != "stream" and k != "stream_options"}
     if "messages" in data:
         data["messages"] = without_response_fields(data["messages"])
+    options = {k: data.pop(k) for k in PASSED_AS_OPTIONS if k in data}
+    if options:
+        data["provider_options"] = options
     data["request_id"] = scoped_id(client, visible)
     for header, field in HEADER_FIELDS.items():
         value = headers.get(header)
@@ -197,7 +204,11 @@ def invalid(e: ValidationError) -> ApiError:
     if root == "request_id":
         return ApiError(422, f"this request id was used before with a different request: {e.reason}",
                         param="Idempotency-Key", code="idempotency_key_reused", retry=False)
-    return ApiError(400, e.message, param=_HEADER_OF.get(root, e.field), code="invalid_value")
+    field = e.field
+    if root == "provider_options" and field.startswith(PASSED_AS_OPTIONS, len("provider_options.")):
+        field = field.removeprefix("provider_options.")  # (it came as a parameter of its own)
+        return ApiError(400, f"{field}: {e.reason}", param=field, code="invalid_value")
+    return ApiError(400, e.message, param=_HEADER_OF.get(root, field), code="invalid_value")
 
 
 # -- answers --------------------------------------------------------------------------------------------

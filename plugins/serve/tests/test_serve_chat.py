@@ -97,6 +97,24 @@ async def test_every_reasoning_effort_of_the_openai_client_is_taken(serve):
     assert [r.reasoning_effort for r in provider.calls] == list(efforts)
 
 
+async def test_openai_parameters_the_host_has_no_field_for_reach_the_provider_as_given(serve):
+    provider = FakeProvider("p1")
+    moderation = {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}}
+    async with serve(ScriptedProviders(provider)) as s:
+        await s.client().chat.completions.create(model="m1", messages=MESSAGES, prompt_cache_retention="24h",
+                                                 prompt_cache_options={"ttl": "30m"}, moderation=moderation)
+        await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert provider.calls[0].provider_options == {"prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "30m"},
+                                                  "moderation": moderation}
+    assert provider.calls[1].provider_options is None
+    body = b'{"model": "m1", "messages": [{"role": "user", "content": "hi"}], "prompt_cache_options": {"ttl": [1e999]}}'
+    async with serve(ScriptedProviders(provider)) as s, aiohttp.ClientSession() as http:
+        async with http.post(f"{s.url}/chat/completions", data=body) as resp:  # checked as JSON; named as it came
+            error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "prompt_cache_options.ttl[0]"
+    assert error["message"].startswith("prompt_cache_options.ttl[0]: must be a finite number")
+
+
 async def test_a_request_without_a_key_gets_an_id_of_its_own(serve):
     provider = FakeProvider("p1")
     async with serve(ScriptedProviders(provider)) as s:
