@@ -50,7 +50,7 @@ _KEYS_OF = {  # the keys a message of each role may hold
 }
 _EXTENSIONS = {"cache_control"}
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # (the openai client's ReasoningEffort)
 VERBOSITIES = ("low", "medium", "high")
 
 

@@ -291,8 +291,10 @@ class ProviderResponse:
     refusal: str | None = None
 
     def message(self) -> dict[str, Any]:
-        """The assistant message of this answer, as the OpenAI schema shapes it."""
-        message: dict[str, Any] = {"role": "assistant", "content": self.text if self.text or not self.tool_calls else None}
+        """The assistant message of this answer, as the OpenAI schema shapes it (``content`` null when the answer is
+        only tool calls or a refusal, as OpenAI's is)."""
+        bare = not self.text and (self.tool_calls or self.refusal is not None)
+        message: dict[str, Any] = {"role": "assistant", "content": None if bare else self.text}
         if self.tool_calls:
             message["tool_calls"] = [dict(c) for c in self.tool_calls]
         if self.refusal is not None:

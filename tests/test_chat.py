@@ -88,7 +88,7 @@ def test_cache_control_is_accepted_on_messages_and_parts() -> None:
     ({"response_format": {"type": "yaml"}}, "response_format.type", "text, json_object or json_schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name",
      "non-empty string"),
-    ({"reasoning_effort": "max"}, "reasoning_effort", "one of none, minimal"),
+    ({"reasoning_effort": "maximum"}, "reasoning_effort", "one of none, minimal, low, medium, high, xhigh, max"),
     ({"max_completion_tokens": 0}, "max_completion_tokens", "integer from 1"),
     ({"provider_options": [1]}, "provider_options", "must be an object"),
     ({"temperature": float("nan")}, "temperature", "from 0 to 2"),

@@ -92,6 +92,7 @@ class Server:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)  # (a model name may hold '/': mock/gpt-4o-mini)
         app.router.add_get("/v1/requests/{id}", self.request_details)
         app.router.add_post("/v1/requests/{id}/cancel", self.cancel)
         app.router.add_get("/healthz", self.healthz)
@@ -195,12 +196,11 @@ class Server:
             if stream:
                 return await self._stream(request, req, visible, include_usage)
             result = await self._result(req)
-            headers = {"X-KSI-Request-Id": visible}
             if not result.ok:
-                error = wire.result_error(result, self._retry_after)
-                return _json_response(error.status, error.body(), {**headers, **error.headers()})
+                error = wire.result_error(result, self._retry_after, visible)
+                return _json_response(error.status, error.body(), error.headers())
             self.metrics.added_seconds.observe(max(0.0, time.perf_counter() - started - _upstream_s(result)))
-            return _json_response(200, wire.completion(result, visible, req.model), headers)
+            return _json_response(200, wire.completion(result, visible, req.model), wire.id_headers(visible))
         finally:
             self.pending -= 1
             self.pending_bytes -= size
@@ -258,7 +258,7 @@ class Server:
         if rid in self.host.streams:  # the same request id is being streamed to another connection (a retry):
             result = await self._result(req)  # wait for it, and send its result as one piece
             if not result.ok:
-                raise wire.result_error(result, self._retry_after)
+                raise wire.result_error(result, self._retry_after, visible)
             return await self._send_whole(request, result, visible, include_usage, req.model)
         stream = self.host.stream(req, cancel_on_exit=False)
         pieces = stream.__aiter__()
@@ -267,14 +267,14 @@ class Server:
         except OperationalError as e:
             result = getattr(e, "result", None)
             if result is not None:
-                raise wire.result_error(result, self._retry_after) from None
+                raise wire.result_error(result, self._retry_after, visible) from None
             if isinstance(e, ValidationError):
                 raise wire.invalid(e) from None
             raise self._not_accepted(e) from None
         created = int(time.time())
         model = first.model or req.model
         response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-KSI-Request-Id": visible})
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         try:
             await response.prepare(request)
             await response.write(wire.chunk(visible, created, model, _delta(first, role=True), first.finish_reason))
@@ -320,7 +320,7 @@ class Server:
         if message.get("tool_calls"):
             message["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
         response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-KSI-Request-Id": visible})
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         await response.prepare(request)
         await _write_quietly(response, wire.chunk(visible, body["created"], body["model"], message, choice["finish_reason"]))
         if include_usage:
@@ -337,10 +337,21 @@ class Server:
         for info in await self.host.providers(None):
             entry = seen.get(info.model)
             if entry is None:
-                entry = seen[info.model] = {"id": info.model, "object": "model", "created": 0, "owned_by": info.plugin,
-                                            "ksi_pattern": any(c in info.model for c in "*?["), "ksi_deployments": []}
-            entry["ksi_deployments"].append({"name": info.name, "plugin": info.plugin, "state": info.state})
+                entry = seen[info.model] = _model_entry(info.model, info.plugin)
+            entry["ksi_deployments"].append(_deployment(info))
         return _json_response(200, {"object": "list", "data": list(seen.values())})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """One model (``client.models.retrieve``): a name or pattern ``/v1/models`` lists, or a name a pattern covers
+        (``gpt-4o-mini`` for ``gpt-*``), with the deployments serving it in the order they are tried; 404
+        ``model_not_found`` when none does."""
+        name = request.match_info["model"]
+        infos = await self.host.providers(name)
+        if not infos:
+            raise ApiError(404, f"no provider serves model {name!r}", param="model", code="model_not_found")
+        entry = _model_entry(name, infos[0].plugin)
+        entry["ksi_deployments"] = [_deployment(info) for info in infos]
+        return _json_response(200, entry)
 
     def _stored_id(self, request: web.Request) -> tuple[str, str]:
         visible = request.match_info["id"]
@@ -413,6 +424,17 @@ class Server:
     def _not_accepted(self, e: OperationalError) -> ApiError:
         return ApiError(503, f"{e.type}: {e.message}", "server_error", code="not_accepted", retry=True,
                         retry_after=self._retry_after)
+
+
+def _model_entry(model: str, plugin: str) -> dict[str, Any]:
+    """A ``model`` object as OpenAI's ``/v1/models`` gives it, with ``ksi_pattern`` (a glob such as ``llama-*``) and
+    ``ksi_deployments`` (filled in by the caller)."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": plugin,
+            "ksi_pattern": any(c in model for c in "*?["), "ksi_deployments": []}
+
+
+def _deployment(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "plugin": info.plugin, "state": info.state}
 
 
 def _delta(delta: Any, *, role: bool = False) -> dict[str, Any]:

@@ -28,9 +28,13 @@ HEADER_FIELDS = {
 """Request headers -> the CompletionRequest field each sets."""
 
 _HEADER_OF = {field: header for header, field in HEADER_FIELDS.items()}
-BODY_KEYS = frozenset(PARAMETERS) | {"model", "messages", "metadata", "stream", "stream_options"}
+PASSED_AS_OPTIONS = ("prompt_cache_retention", "prompt_cache_options", "moderation")
+"""Parameters of OpenAI's chat completions (the ``openai`` client's ``create`` takes them) that the host has no field
+for: a request carries them in ``provider_options``, so they reach the provider as they are (an OpenAI-compatible
+upstream gets them in its body, as given) instead of being refused as unknown."""
+BODY_KEYS = frozenset(PARAMETERS) | {"model", "messages", "metadata", "stream", "stream_options", *PASSED_AS_OPTIONS}
 """What a chat-completions body may hold: the OpenAI parameters the host takes (:data:`ksi_host.chat.PARAMETERS`),
-``model``, ``messages``, ``metadata``, ``stream`` and ``stream_options``."""
+``model``, ``messages``, ``metadata``, ``stream``, ``stream_options`` and :data:`PASSED_AS_OPTIONS`."""
 
 MAX_ID = 200
 """The longest request id a client may give (``Idempotency-Key``, ``X-KSI-Request-Id``)."""
@@ -46,10 +50,12 @@ class ApiError(Exception):
     """An answer in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}`` with ``status``.
 
     ``retry`` sets ``x-should-retry`` (the ``openai`` client obeys it: True for a full queue or a stopping
-    server, False for a final stored result); ``retry_after`` (seconds) sets ``Retry-After``."""
+    server, False for a final stored result); ``retry_after`` (seconds) sets ``Retry-After``; ``request_id`` (the
+    visible id of the request it answers) sets :func:`id_headers`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
-                 code: str | None = None, retry: bool | None = None, retry_after: int | None = None) -> None:
+                 code: str | None = None, retry: bool | None = None, retry_after: int | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -58,17 +64,25 @@ class ApiError(Exception):
         self.code = code
         self.retry = retry
         self.retry_after = retry_after
+        self.request_id = request_id
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        h = {}
+        h = id_headers(self.request_id) if self.request_id is not None else {}
         if self.retry is not None:
             h["x-should-retry"] = "true" if self.retry else "false"
         if self.retry_after is not None:
             h["Retry-After"] = str(self.retry_after)
         return h
+
+
+def id_headers(visible: str) -> dict[str, str]:
+    """The headers that name the request an answer is for: ``X-KSI-Request-Id``, and ``x-request-id``, where the
+    ``openai`` client reads a response's ``_request_id`` (and an ``APIStatusError``'s ``request_id``), as from
+    OpenAI's own answers."""
+    return {"X-KSI-Request-Id": visible, "x-request-id": visible}
 
 
 # -- requests ------------------------------------------------------------------------------------------
@@ -102,6 +116,44 @@ def given_id(headers: Mapping[str, str]) -> str | None:
     return value
 
 
+_MESSAGE_ECHOES = frozenset({"annotations", "parsed"})
+
+
+def without_response_fields(messages: Any) -> Any:
+    """``messages`` without the response fields the ``openai`` client's own message objects carry when an agent
+    appends one back as it came (``messages.append(completion.choices[0].message)`` after ``.parse()`` or
+    ``.stream()``): ``annotations`` and ``parsed`` on an assistant message, ``index`` on its tool calls (a stream's),
+    ``parsed_arguments`` on their functions. OpenAI takes such a message and ignores them; they are not part of a
+    request (``ChatCompletionAssistantMessageParam``), so they are dropped here, and any other unknown key stays an
+    error naming it. The list (and a message) is copied only when it holds one."""
+    if not isinstance(messages, list):
+        return messages
+    copied: list[Any] | None = None
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            bare = _assistant_without_response_fields(m)
+            if bare is not m:
+                copied = copied if copied is not None else list(messages)
+                copied[i] = bare
+    return messages if copied is None else copied
+
+
+def _assistant_without_response_fields(m: dict[str, Any]) -> dict[str, Any]:
+    bare = {k: v for k, v in m.items() if k not in _MESSAGE_ECHOES} if not _MESSAGE_ECHOES.isdisjoint(m) else m
+    calls = m.get("tool_calls")
+    if isinstance(calls, list) and any(isinstance(c, dict) and ("index" in c or (
+            isinstance(c.get("function"), dict) and "parsed_arguments" in c["function"])) for c in calls):
+        bare_calls = []
+        for c in calls:
+            if isinstance(c, dict):
+                c = {k: v for k, v in c.items() if k != "index"}
+                if isinstance(c.get("function"), dict):
+                    c["function"] = {k: v for k, v in c["function"].items() if k != "parsed_arguments"}
+            bare_calls.append(c)
+        bare = {**bare, "tool_calls": bare_calls}
+    return bare
+
+
 def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_id: str | None
                ) -> tuple[CompletionRequest, bool, bool, str]:
     """A chat-completions call as ``(request, stream, include_usage, visible id)``.
@@ -126,6 +178,11 @@ def parse_chat(body: Any, headers: Mapping[str, str], client: str | None, agent_
         include_usage = options.get("include_usage") is True
     visible = given_id(headers) or new_request_id()
     data = {k: v for k, v in body.items() if v is not None and k != "stream" and k != "stream_options"}
+    if "messages" in data:
+        data["messages"] = without_response_fields(data["messages"])
+    options = {k: data.pop(k) for k in PASSED_AS_OPTIONS if k in data}
+    if options:
+        data["provider_options"] = options
     data["request_id"] = scoped_id(client, visible)
     for header, field in HEADER_FIELDS.items():
         value = headers.get(header)
@@ -147,7 +204,11 @@ def invalid(e: ValidationError) -> ApiError:
     if root == "request_id":
         return ApiError(422, f"this request id was used before with a different request: {e.reason}",
                         param="Idempotency-Key", code="idempotency_key_reused", retry=False)
-    return ApiError(400, e.message, param=_HEADER_OF.get(root, e.field), code="invalid_value")
+    field = e.field
+    if root == "provider_options" and field.startswith(PASSED_AS_OPTIONS, len("provider_options.")):
+        field = field.removeprefix("provider_options.")  # (it came as a parameter of its own)
+        return ApiError(400, f"{field}: {e.reason}", param=field, code="invalid_value")
+    return ApiError(400, e.message, param=_HEADER_OF.get(root, field), code="invalid_value")
 
 
 # -- answers --------------------------------------------------------------------------------------------
@@ -246,11 +307,12 @@ def _mapping(kind: str) -> tuple[int, str, str | None]:
     return 500, "server_error", None
 
 
-def result_error(result: CompletionResult, retry_after_s: int) -> ApiError:
-    """A failed (or cancelled) result as an ApiError. The host already retried it as its policy says, and a retry
-    with the same request id gets this same stored result: ``x-should-retry: false``."""
+def result_error(result: CompletionResult, retry_after_s: int, visible: str | None = None) -> ApiError:
+    """A failed (or cancelled) result as an ApiError (naming the request ``visible`` in :func:`id_headers`). The host
+    already retried it as its policy says, and a retry with the same request id gets this same stored result:
+    ``x-should-retry: false``."""
     info = result.error or {"type": "OperationalError", "message": f"the request ended {result.status}"}
     kind = info.get("type") or "OperationalError"
     status, type_, code = _mapping(kind)
     return ApiError(status, f"{kind}: {info.get('message') or kind}", type_, code=code, retry=False,
-                    retry_after=retry_after_s if status == 429 else None)
+                    retry_after=retry_after_s if status == 429 else None, request_id=visible)

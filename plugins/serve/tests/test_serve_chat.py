@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 
 import aiohttp
 import openai
+import pydantic
 import pytest
 from conftest import until
 
@@ -43,6 +45,36 @@ async def test_a_completion_in_openai_shape(serve):
     assert provider.calls[0].request_id == "k-1" and provider.calls[0].model == "m1"
 
 
+async def test_a_refusal_has_null_content_as_openais_does(serve):
+    provider = FakeProvider("p1", script=[ProviderResponse("", refusal="I can't help with that", finish_reason="stop")])
+    async with serve(ScriptedProviders(provider)) as s:
+        answer = await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    message = answer.choices[0].message
+    assert message.refusal == "I can't help with that" and message.content is None
+
+
+async def test_the_openai_client_reads_the_request_id_of_answers_errors_and_streams(serve):
+    """x-request-id is where the openai client reads a response's request id (``_request_id``, an error's
+    ``request_id``, a raw response's ``request_id``), as OpenAI sends it: here the id GET /v1/requests/{id} takes."""
+    provider = FakeProvider("p1", script=["fine", BadRequest("the upstream said no"), "streamed",
+                                          BadRequest("no stream either")])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        answer = await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "k-2"})
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, extra_headers={"Idempotency-Key": "k-3"})
+        raw = await client.chat.completions.with_raw_response.create(model="m1", messages=MESSAGES, stream=True,
+                                                                     extra_headers={"Idempotency-Key": "k-4"})
+        chunks = [c async for c in raw.parse()]
+        with pytest.raises(openai.BadRequestError) as failed_stream:
+            await client.chat.completions.create(model="m1", messages=MESSAGES, stream=True,
+                                                 extra_headers={"Idempotency-Key": "k-5"})
+    assert answer._request_id == "k-2" and e.value.request_id == "k-3"
+    assert raw.request_id == "k-4" and chunks[0].choices[0].delta.content == "streamed"
+    assert failed_stream.value.request_id == "k-5"
+    assert failed_stream.value.response.headers["X-KSI-Request-Id"] == "k-5"
+
+
 async def test_headers_set_the_host_fields(serve):
     provider = FakeProvider("p1")
     async with serve(ScriptedProviders(provider)) as s:
@@ -53,6 +85,34 @@ async def test_headers_set_the_host_fields(serve):
     assert (r.session_id, r.agent_id, r.originator_agent_id, r.purpose, r.priority) == ("s-7", "writer", "boss", "draft",
                                                                                          "high")
     assert (r.temperature, r.max_tokens, r.user, r.metadata) == (0.5, 20, "u1", {"k": "v"})
+
+
+async def test_every_reasoning_effort_of_the_openai_client_is_taken(serve):
+    efforts = typing.get_args(typing.get_args(openai.types.ReasoningEffort)[0])  # Optional[Literal[...]]
+    assert {"low", "high", "xhigh", "max"} <= set(efforts)
+    provider = FakeProvider("p1")
+    async with serve(ScriptedProviders(provider)) as s:
+        for effort in efforts:
+            await s.client().chat.completions.create(model="m1", messages=MESSAGES, reasoning_effort=effort)
+    assert [r.reasoning_effort for r in provider.calls] == list(efforts)
+
+
+async def test_openai_parameters_the_host_has_no_field_for_reach_the_provider_as_given(serve):
+    provider = FakeProvider("p1")
+    moderation = {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}}
+    async with serve(ScriptedProviders(provider)) as s:
+        await s.client().chat.completions.create(model="m1", messages=MESSAGES, prompt_cache_retention="24h",
+                                                 prompt_cache_options={"ttl": "30m"}, moderation=moderation)
+        await s.client().chat.completions.create(model="m1", messages=MESSAGES)
+    assert provider.calls[0].provider_options == {"prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "30m"},
+                                                  "moderation": moderation}
+    assert provider.calls[1].provider_options is None
+    body = b'{"model": "m1", "messages": [{"role": "user", "content": "hi"}], "prompt_cache_options": {"ttl": [1e999]}}'
+    async with serve(ScriptedProviders(provider)) as s, aiohttp.ClientSession() as http:
+        async with http.post(f"{s.url}/chat/completions", data=body) as resp:  # checked as JSON; named as it came
+            error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "prompt_cache_options.ttl[0]"
+    assert error["message"].startswith("prompt_cache_options.ttl[0]: must be a finite number")
 
 
 async def test_a_request_without_a_key_gets_an_id_of_its_own(serve):
@@ -144,6 +204,37 @@ async def test_a_tool_call_round_trip(serve):
     assert second.choices[0].message.content == "it is sunny in Oslo"
     assert provider.calls[0].tools[0]["function"]["name"] == "get_weather" and provider.calls[0].tool_choice == "auto"
     assert provider.calls[1].messages[1]["tool_calls"][0]["id"] == "call_1"
+
+
+async def test_a_message_from_the_openai_helpers_is_taken_back_as_it_came(serve):
+    """The openai client's ``.parse()`` and ``.stream()`` helpers give messages with response fields (``parsed``,
+    ``annotations``, a tool call's ``index``, its function's ``parsed_arguments``); an agent appends them to its
+    messages as they came, and OpenAI takes them. They are dropped; the rest of the message reaches the provider."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+    class get_weather(pydantic.BaseModel):  # noqa: N801 (the tool's name)
+        city: str
+
+    tool = openai.pydantic_function_tool(get_weather)
+    calling = ProviderResponse("", tool_calls=[call], finish_reason="tool_calls")
+    provider = FakeProvider("p1", script=[calling, calling, "sunny", "rainy"])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        parsed = await client.chat.completions.parse(model="m1", messages=MESSAGES, tools=[tool])
+        async with client.chat.completions.stream(model="m1", messages=MESSAGES, tools=[tool]) as stream:
+            streamed = await stream.get_final_completion()
+        answers = []
+        for first in (parsed, streamed):
+            message = first.choices[0].message
+            assert message.tool_calls[0].function.parsed_arguments == get_weather(city="Oslo")
+            answer = await client.chat.completions.create(model="m1", tools=[tool], messages=[
+                *MESSAGES, message, {"role": "tool", "tool_call_id": "call_1", "content": "done"}])
+            answers.append(answer.choices[0].message.content)
+    assert answers == ["sunny", "rainy"]
+    for request in provider.calls[2:]:
+        sent = request.messages[1]
+        assert sent["role"] == "assistant" and sent["tool_calls"] == [call]
+        assert not {"parsed", "annotations"} & set(sent) and request.messages[2]["content"] == "done"
 
 
 @pytest.mark.parametrize(("error", "status", "kind", "code"), [

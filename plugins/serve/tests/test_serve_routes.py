@@ -48,6 +48,23 @@ async def test_models_lists_names_and_patterns(serve):
     assert by_id["gpt-4o"].ksi_deployments[1]["state"] == "open"
 
 
+async def test_a_model_is_retrieved_by_its_name_or_a_pattern_serving_it(serve):
+    providers = ScriptedProviders(FakeProvider("main", "gpt-*"), FakeProvider("local", "mock/*"),
+                                  FakeProvider("backup", "gpt-4o*"))
+    async with serve(providers) as s:
+        client = s.client()
+        named = await client.models.retrieve("gpt-4o-mini")
+        slashed = await client.models.retrieve("mock/gpt-4o-mini")
+        pattern = await client.models.retrieve("gpt-*")
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.models.retrieve("claude-3")
+    assert (named.id, named.object, named.owned_by) == ("gpt-4o-mini", "model", "fake")
+    assert [d["name"] for d in named.ksi_deployments] == ["main", "backup"] and named.ksi_pattern is False
+    assert slashed.id == "mock/gpt-4o-mini" and [d["name"] for d in slashed.ksi_deployments] == ["local"]
+    assert pattern.ksi_pattern is True and [d["name"] for d in pattern.ksi_deployments] == ["main"]
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
 async def test_a_request_is_read_back_by_its_id(serve):
     providers = ScriptedProviders(FakeProvider("p1", script=[ProviderUnavailable("blip")]), FakeProvider("p2", script=["fine"]))
     async with serve(providers, FailOver()) as s:
