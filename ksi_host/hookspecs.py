@@ -13,7 +13,9 @@ Rules that hold for every hook:
   (so a plain ``def`` may also return an awaitable, such as the future of a
   ``host.db.execute``, and its answer is what that awaitable gives).
   Hookimpls may accept any subset of a hook's parameters, by name. A hookimpl
-  whose name is not a hook below stops start-up, naming the plugin and the name.
+  whose name is not a hook below, or that takes a parameter its hook does not
+  have, stops start-up (PluginLoadError, exit 2) naming the plugin and the name.
+  A plugin class whose ``__init__`` raises is a programming error naming the plugin.
 * ``firstresult`` hooks stop at the first hookimpl that returns something other
   than None (hookimpls run newest-registered first; ``tryfirst``/``trylast``
   reorder them, as in pluggy). Other hooks collect every non-None answer.
@@ -26,7 +28,7 @@ Rules that hold for every hook:
 * Observer hooks (``ksi_attempt_finished``, ``ksi_request_finished``) cannot
   change anything: every implementation is called, and an OperationalError
   raised there is logged (naming the plugin) and does not change the result.
-* Hookwrappers are not supported.
+* Hookwrappers are not supported: one stops start-up, naming the plugin.
 
 ``host`` is the running :class:`ksi_host.Host`: ``host.db`` (the async SQLite
 helper), ``host.config`` (each plugin's validated config table), ``host.clock``

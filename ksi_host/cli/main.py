@@ -123,12 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect.add_arguments(sub, common, _since, _positive)
 
-    for plugin, command in plugin_commands():
+    load_errors: list[Exception] = []
+    for plugin, command in plugin_commands(load_errors):
         if command.name in sub.choices:
             parser.error(f"plugin {plugin!r} adds a command {command.name!r}, which ksi-host or another plugin has already")
         p = sub.add_parser(command.name, parents=[common], help=command.help, description=command.description)
         command.add_arguments(p)
         p.set_defaults(plugin_command=command)
+    if load_errors:  # a command a plugin adds is missing when any plugin fails to load: say why, not only "invalid choice"
+        usage_error = parser.error
+
+        def error(message: str) -> Any:
+            _err(f"{load_errors[0]} (the commands plugins add are not available)")
+            return usage_error(message)
+
+        parser.error = error  # type: ignore[method-assign]
     return parser
 
 
@@ -155,14 +164,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     import pluggy
 
     from .. import hookspecs
-    from ..plugins import instantiate, load_plugins
+    from ..plugins import load_plugins, register_one
 
     rows = []
     for info in load_plugins():
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        obj = instantiate(info.obj)
-        pm.register(obj, name=info.name)
+        obj = register_one(pm, info.obj, info.name)
         hooks = sorted(h.name for h in pm.get_hookcallers(obj) or [])
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version, "hooks": hooks})
     if args.json:
@@ -378,7 +386,12 @@ COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cance
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # asks the plugins for their commands
+    except Exception:  # a plugin's programming error (its note names the plugin), as in any command
+        traceback.print_exc()
+        _err("stopped by a programming error (traceback above)")
+        return EXIT_CRASH
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -1,0 +1,128 @@
+"""Mistakes a plugin author plausibly makes: the host says what is wrong and names the plugin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_dist, run_cli
+
+from ksi_host import PluginLoadError, hookimpl
+from ksi_host.testing import DirectQueue
+
+MISTAKES = '''
+from ksi_host import hookimpl
+from ksi_host.commands import Command
+
+
+async def run(args):
+    print("ran", args.command)
+    return 0
+
+
+class ArgTypo:
+    @hookimpl
+    def ksi_request_finished(self, host, reslt):
+        pass
+
+
+class Wrapper:
+    @hookimpl(hookwrapper=True)
+    def ksi_request_finished(self, result):
+        yield
+
+
+class InitFails:
+    def __init__(self):
+        raise KeyError("OOPS_URL")
+
+
+class AsyncCommands:
+    @hookimpl
+    async def ksi_cli_commands(self):
+        return [Command("hello", "say hello", lambda p: None, run)]
+
+
+class CommandsRaise:
+    @hookimpl
+    def ksi_cli_commands(self):
+        raise RuntimeError("no commands today")
+
+
+class NotACommand:
+    @hookimpl
+    def ksi_cli_commands(self):
+        return [("hello", "say hello")]
+
+
+class Tally:
+    @hookimpl
+    def ksi_cli_commands(self):
+        return [Command("tally", "count", lambda p: None, run)]
+'''
+
+KINDS = ("ArgTypo", "Wrapper", "InitFails", "AsyncCommands", "CommandsRaise", "NotACommand", "Tally")
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    entry_points = {k.lower(): f"ksi_mistakes:{k}" for k in KINDS}
+    entry_points["broken"] = "ksi_no_such_module:Plugin"
+    return make_dist(tmp_path / "site", "ksi-mistakes", "ksi_mistakes", MISTAKES, entry_points)
+
+
+def only(*names: str) -> dict[str, str]:
+    return {"KSI_HOST_PLUGINS": ",".join(names)}
+
+
+def test_an_argument_the_hook_does_not_have_is_one_line_naming_plugin_hook_and_argument(site: Path) -> None:
+    for args in (["plugins"], ["status", "--db", str(site / "k.db")]):
+        p = run_cli(args, site=site, env=only("argtypo"))
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip() == (
+            "ksi-host: plugin 'argtypo' implements ksi_request_finished(host, reslt), but the hook has no argument "
+            "'reslt' (did you mean result? its arguments: host, request, result)")
+
+
+async def test_an_argument_typo_stops_make_host_too(make_host) -> None:
+    class Plugin:
+        @hookimpl
+        def ksi_attempt_finished(self, attempts):
+            pass
+
+    with pytest.raises(PluginLoadError, match=r"'Plugin' implements ksi_attempt_finished\(attempts\).*did you mean attempt\?"):
+        async with make_host(Plugin(), DirectQueue()):
+            pass
+
+
+def test_a_hookwrapper_is_refused_naming_the_plugin(site: Path) -> None:
+    p = run_cli(["plugins"], site=site, env=only("wrapper"))
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "ksi-host: plugin 'wrapper' implements ksi_request_finished as a hookwrapper, which KSI host does not support "
+        "(write a plain hookimpl; tryfirst/trylast order it)")
+
+
+def test_a_plugin_class_that_fails_to_start_is_a_programming_error_naming_it(site: Path) -> None:
+    for args in (["plugins"], ["--help"]):
+        p = run_cli(args, site=site, env=only("initfails"))
+        assert p.returncode == 70, p.stderr
+        assert "KeyError: 'OOPS_URL'" in p.stderr and "raised by plugin 'initfails' when the host created it" in p.stderr
+
+
+def test_an_async_ksi_cli_commands_is_awaited(site: Path) -> None:
+    p = run_cli(["hello"], site=site, env=only("asynccommands"))
+    assert p.returncode == 0 and p.stdout.strip() == "ran hello", p.stderr
+
+
+def test_a_ksi_cli_commands_that_raises_or_answers_no_command_names_the_plugin(site: Path) -> None:
+    p = run_cli(["--help"], site=site, env=only("commandsraise"))
+    assert p.returncode == 70 and "RuntimeError: no commands today" in p.stderr
+    assert "raised by plugin 'commandsraise' in hook ksi_cli_commands" in p.stderr
+    p = run_cli(["--help"], site=site, env=only("notacommand"))
+    assert p.returncode == 70 and "plugin 'notacommand': ksi_cli_commands returned ('hello', 'say hello')" in p.stderr
+
+
+def test_a_plugin_command_missing_because_another_plugin_failed_to_load_says_so(site: Path) -> None:
+    p = run_cli(["tally"], site=site, env=only("tally", "broken"))
+    assert p.returncode == 2
+    assert "plugin 'broken' (ksi_no_such_module:Plugin) failed to load" in p.stderr and "invalid choice: 'tally'" in p.stderr
