@@ -148,8 +148,11 @@ def build_table(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"config table {where}: {e}") from None
 
 
-def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
+def build_config(raw: dict[str, Any], specs: dict[str, type], owners: dict[str, str] | None = None) -> dict[str, Any]:
     """Validate every table of ``raw`` against ``specs`` (table name -> attrs class).
+
+    A table absent from ``raw`` is built from its defaults; when those fail the class's own validators,
+    the ConfigError names the plugin that declared it (``owners``: table name -> plugin name) as the culprit.
 
     A table that no loaded plugin declares is ignored, with a warning, when it belongs to an
     installed plugin that ``KSI_HOST_DISABLE`` or ``KSI_HOST_PLUGINS`` leaves out; otherwise it
@@ -171,4 +174,16 @@ def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
         raise ConfigError(
             f"config table [{table}]: unknown table, no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
         )
-    return {name: build_table(cls, raw.get(name), name) for name, cls in specs.items()}
+    return {name: build_table(cls, raw[name], name) if name in raw else _defaults(cls, name, (owners or {}).get(name))
+            for name, cls in specs.items()}
+
+
+def _defaults(cls: type, table: str, owner: str | None) -> Any:
+    """The table ``cls`` built from its defaults (the file has no ``[table]``)."""
+    try:
+        return build_table(cls, None, table)
+    except ConfigError as e:
+        if owner is None or any(a.default is attrs.NOTHING and a.init for a in attrs.fields(cls)):
+            raise  # a required key: the user's to write
+        raise ConfigError(f"plugin {owner!r}: its defaults for config table [{table}] fail its own checks ({e}); "
+                          f"a bug in the plugin (setting the key in [{table}] works around it)") from None

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import pluggy
 
+from .config import HOST_TABLE
 from .errors import KsiError, OperationalError, PluginLoadError, StartupError
 
 log = logging.getLogger("ksi_host.hooks")
@@ -67,6 +68,7 @@ class HookCaller:
         self.pm = pm
         self._impls: dict[str, tuple[Impl, ...]] = {}
         self._owners: dict[str, str] = {}  # hook -> the one plugin whose implementation is called (ksi_exclusive_hooks)
+        self.table_owners: dict[str, str] = {}  # config table -> the plugin that declares it (config_specs)
 
     def reset(self) -> None:
         """Forget the cached hookimpl lists (call after registering plugins)."""
@@ -86,15 +88,25 @@ class HookCaller:
         return found
 
     async def config_specs(self) -> dict[str, type]:
-        """``ksi_config_spec`` of every plugin: table name -> attrs class."""
+        """``ksi_config_spec`` of every plugin: table name -> attrs class (and :attr:`table_owners`: table name ->
+        the plugin that declared it). An answer that is not ``(str, attrs class)`` raises PluginLoadError, and a
+        table two plugins declare (or the host's own ``[host]``) StartupError, naming the plugins."""
         specs: dict[str, type] = {}
+        owners: dict[str, str] = {}
         for impl in self.impls("ksi_config_spec"):
             spec = await self.call_impl(impl, "ksi_config_spec", {})
-            if spec is not None:
-                table, cls = spec
-                if table in specs:
-                    raise StartupError(f"config table [{table}] is declared by two plugins (second: {impl.plugin})")
-                specs[table] = cls
+            if spec is None:
+                continue
+            if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and attrs.has(spec[1])):
+                raise PluginLoadError(f"plugin {impl.plugin!r}: ksi_config_spec must return (table name, attrs class) "
+                                      f"or None, got {spec!r}")
+            table, cls = spec
+            if table in owners or table == HOST_TABLE:
+                first = f"plugin {owners[table]!r}" if table in owners else "the host itself"
+                raise StartupError(f"config table [{table}] is declared by {first} and by plugin {impl.plugin!r}")
+            specs[table] = cls
+            owners[table] = impl.plugin
+        self.table_owners = owners
         return specs
 
     async def claim_exclusive(self, host: Any) -> list[str]:

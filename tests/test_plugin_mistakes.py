@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import attrs
 import pytest
 from conftest import make_dist, run_cli
 
-from ksi_host import PluginLoadError, hookimpl
+from ksi_host import ConfigError, PluginLoadError, StartupError, hookimpl
+from ksi_host.providers.validators import positive_int
 from ksi_host.testing import DirectQueue
 
 MISTAKES = '''
@@ -126,3 +129,57 @@ def test_a_plugin_command_missing_because_another_plugin_failed_to_load_says_so(
     p = run_cli(["tally"], site=site, env=only("tally", "broken"))
     assert p.returncode == 2
     assert "plugin 'broken' (ksi_no_such_module:Plugin) failed to load" in p.stderr and "invalid choice: 'tally'" in p.stderr
+
+
+def spec_plugin(answer: object) -> object:
+    class Plugin:
+        @hookimpl
+        def ksi_config_spec(self):
+            return answer
+
+    return Plugin()
+
+
+@attrs.define(frozen=True)
+class Window:
+    window_s: int = attrs.field(default=0, validator=positive_int)  # a default its own validator refuses
+
+
+@dataclasses.dataclass
+class NotAttrs:
+    n: int = 1
+
+
+@pytest.mark.parametrize("answer", [Window, ("win", NotAttrs), ("win", Window, "extra")], ids=["no-table", "dataclass", "three"])
+async def test_a_config_spec_of_the_wrong_shape_names_the_plugin(make_host, answer: object) -> None:
+    with pytest.raises(PluginLoadError, match=r"^plugin 'Plugin': ksi_config_spec must return \(table name, attrs class\) or None, got"):
+        async with make_host(spec_plugin(answer), DirectQueue()):
+            pass
+
+
+async def test_a_table_two_plugins_declare_names_both(make_host) -> None:
+    class First:
+        @hookimpl
+        def ksi_config_spec(self):
+            return "win", Window
+
+    with pytest.raises(StartupError, match=r"^config table \[win\] is declared by plugin 'Plugin' and by plugin 'First'$"):
+        async with make_host(First(), spec_plugin(("win", Window))):
+            pass
+    with pytest.raises(StartupError, match=r"^config table \[host\] is declared by the host itself and by plugin 'Plugin'$"):
+        async with make_host(spec_plugin(("host", Window))):
+            pass
+
+
+async def test_defaults_that_fail_their_own_validator_blame_the_plugin_not_the_file(make_host) -> None:
+    with pytest.raises(ConfigError) as info:
+        async with make_host(spec_plugin(("win", Window))):
+            pass
+    assert str(info.value) == (
+        "plugin 'Plugin': its defaults for config table [win] fail its own checks (config table win: window_s must be "
+        "an integer >= 1, got 0); a bug in the plugin (setting the key in [win] works around it)")
+    async with make_host(spec_plugin(("win", Window)), config={"win": {"window_s": 5}}) as host:
+        assert host.config["win"].window_s == 5
+    with pytest.raises(ConfigError, match=r"^config table win: window_s must be an integer >= 1, got 0$"):  # the user's
+        async with make_host(spec_plugin(("win", Window)), config={"win": {"window_s": 0}}):
+            pass
