@@ -21,6 +21,7 @@ import pluggy
 
 from .config import HOST_TABLE
 from .errors import KsiError, OperationalError, PluginLoadError, StartupError
+from .models import CompletionRequest, FailureDecision, ProviderInfo, Ticket
 
 log = logging.getLogger("ksi_host.hooks")
 
@@ -28,6 +29,39 @@ _HOUSEKEEPING = frozenset({"ksi_config_spec", "ksi_exclusive_hooks", "ksi_startu
                            "ksi_cli_commands", "ksi_attempt_finished", "ksi_request_finished"})
 """Hooks that do not keep a plugin worth starting once its others are taken over (see ``ksi_exclusive_hooks``):
 a queue that also observes its results has nothing to observe when another plugin queues."""
+
+
+def _is_provider(a: Any) -> bool:
+    return hasattr(a, "name") and hasattr(a, "timeout_s") and callable(getattr(a, "complete", None))
+
+
+def _list_of(*types: type) -> Any:
+    return lambda a: isinstance(a, list | tuple) and all(isinstance(i, types) for i in a)
+
+
+ANSWERS: dict[str, tuple[Any, str]] = {
+    "ksi_enqueue": (lambda a: isinstance(a, Ticket), "a Ticket"),
+    "ksi_prepare_request": (lambda a: isinstance(a, CompletionRequest), "a CompletionRequest (attrs.evolve of the one given)"),
+    "ksi_select_provider": (_is_provider, "a Provider (name, timeout_s and async complete(request, *, timeout_s))"),
+    "ksi_list_providers": (_list_of(ProviderInfo), "a list of ProviderInfo"),
+    "ksi_handle_failure": (lambda a: isinstance(a, FailureDecision), "a FailureDecision"),
+    "ksi_exclusive_hooks": (_list_of(str), "a list of hook names"),
+    "ksi_status": (lambda a: isinstance(a, dict), "a dict {section: data}"),
+    "ksi_request_details": (lambda a: isinstance(a, dict), "a dict {section: data}"),
+    "ksi_usage_report": (_list_of(dict), "a list of dicts"),
+    "ksi_list_requests": (_list_of(dict), "a list of dicts"),
+}
+"""What each hook's non-None answer must be (the manual's words for the message): an answer that is not is a
+programming error naming the plugin, where the host would otherwise fail later on an attribute, unnamed."""
+
+
+def check_answer(plugin: str, hook: str, answer: Any) -> None:
+    """Raise TypeError naming ``plugin`` when ``answer`` (not None) is not what ``hook`` answers."""
+    check = ANSWERS.get(hook)
+    if check is not None and not check[0](answer):
+        shown = repr(answer)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise TypeError(f"plugin {plugin!r}: {hook} returned {shown} ({type(answer).__name__}), not {check[1]} or None")
 
 
 @attrs.frozen
@@ -155,6 +189,8 @@ class HookCaller:
             answer = impl.function(*[kwargs[name] for name in impl.argnames])
             if answer is not None and hasattr(answer, "__await__"):
                 answer = await answer
+            if answer is not None and hook in ANSWERS:
+                check_answer(impl.plugin, hook, answer)
         except KsiError:
             raise
         except Exception as e:

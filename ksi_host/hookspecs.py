@@ -24,7 +24,9 @@ Rules that hold for every hook:
   expected failure: it fails the request being handled (for request hooks) and
   flows into failure handling. Raising anything else is a programming error:
   the host lets it propagate with its traceback, adding a note that names the
-  plugin and the hook. It is never swallowed.
+  plugin and the hook. It is never swallowed. So is an answer of the wrong kind
+  (a name where a Provider is due, True for a FailureDecision): a TypeError
+  naming the plugin, the hook and what it returned (``ksi_host.hooks.ANSWERS``).
 * Observer hooks (``ksi_attempt_finished``, ``ksi_request_finished``) cannot
   change anything: every implementation is called, and an OperationalError
   raised there is logged (naming the plugin) and does not change the result.

@@ -9,9 +9,9 @@ import attrs
 import pytest
 from conftest import make_dist, run_cli
 
-from ksi_host import ConfigError, PluginLoadError, StartupError, hookimpl
+from ksi_host import ConfigError, PluginLoadError, RateLimited, StartupError, hookimpl
 from ksi_host.providers.validators import positive_int
-from ksi_host.testing import DirectQueue
+from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 MISTAKES = '''
 from ksi_host import hookimpl
@@ -183,3 +183,43 @@ async def test_defaults_that_fail_their_own_validator_blame_the_plugin_not_the_f
     with pytest.raises(ConfigError, match=r"^config table win: window_s must be an integer >= 1, got 0$"):  # the user's
         async with make_host(spec_plugin(("win", Window)), config={"win": {"window_s": 0}}):
             pass
+
+
+class StrProvider:
+    name, timeout_s = "s", 5.0
+
+    async def complete(self, request, *, timeout_s):
+        return "just text"  # not a ProviderResponse
+
+
+def answering(hook: str, answer: object) -> object:
+    """A plugin whose ``hook`` answers ``answer``."""
+    def impl(self):
+        return answer
+
+    impl.__name__ = hook
+    return type("Plugin", (), {hook: hookimpl(impl)})()
+
+
+@pytest.mark.parametrize(("plugins", "message"), [
+    ([answering("ksi_select_provider", "a-provider-name")],
+     "plugin 'Plugin': ksi_select_provider returned 'a-provider-name' (str), not a Provider"),
+    ([ScriptedProviders(FakeProvider("a", script=[RateLimited("slow")])), answering("ksi_handle_failure", True)],
+     "plugin 'Plugin': ksi_handle_failure returned True (bool), not a FailureDecision or None"),
+    ([answering("ksi_prepare_request", {"model": "m"})],
+     "plugin 'Plugin': ksi_prepare_request returned {'model': 'm'} (dict), not a CompletionRequest"),
+    ([answering("ksi_select_provider", StrProvider())], "Provider.complete returned str, not a ProviderResponse"),
+], ids=["select", "failure", "prepare", "complete"])
+async def test_a_hook_answer_of_the_wrong_type_is_a_programming_error_naming_the_plugin(make_host, plugins, message) -> None:
+    async with make_host(DirectQueue(), *plugins) as host:
+        with pytest.raises(TypeError) as info:
+            await host.complete({"model": "m", "prompt": "hi"})
+    assert str(info.value).startswith(message)
+    assert any(n.startswith(("raised by plugin 'Plugin'", "raised by provider 's' (test_plugin_mistakes)"))
+               for n in info.value.__notes__)
+
+
+async def test_a_status_that_is_not_a_dict_names_the_plugin(make_host) -> None:
+    async with make_host(answering("ksi_status", ["x"])) as host:
+        with pytest.raises(TypeError, match=r"^plugin 'Plugin': ksi_status returned \['x'\] \(list\), not a dict"):
+            await host.status()
