@@ -14,7 +14,9 @@ Rules that hold for every hook:
   ``host.db.execute``, and its answer is what that awaitable gives).
   Hookimpls may accept any subset of a hook's parameters, by name. A hookimpl
   whose name is not a hook below, or that takes a parameter its hook does not
-  have, stops start-up (PluginLoadError, exit 2) naming the plugin and the name.
+  have, stops start-up (PluginLoadError, exit 2) naming the plugin and the name;
+  so does a method named as a hook but not marked ``@hookimpl`` (pluggy would
+  never call it: a method overriding a hookimpl needs the mark again).
   A plugin class whose ``__init__`` raises is a programming error naming the plugin.
 * ``firstresult`` hooks stop at the first hookimpl that returns something other
   than None (hookimpls run newest-registered first; ``tryfirst``/``trylast``

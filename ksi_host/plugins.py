@@ -176,6 +176,11 @@ def register_one(pm: Any, obj: Any, name: str) -> Any:
         pm.register(obj, name=name)
     except pluggy.PluginValidationError as e:
         raise PluginLoadError(_refused(pm, obj, name) or f"plugin {name!r}: {' '.join(str(e).split())}") from None
+    unmarked = _unmarked_hooks(pm, obj)
+    if unmarked:
+        pm.unregister(obj)
+        raise PluginLoadError(f"plugin {name!r} has a method {unmarked[0]} that is not marked @hookimpl, so it would "
+                              "never be called (mark it @ksi_host.hookimpl; a method overriding a hookimpl needs the mark too)")
     for caller in pm.get_hookcallers(obj) or ():
         for impl in caller.get_hookimpls():
             if impl.plugin is obj and (impl.hookwrapper or getattr(impl, "wrapper", False)):
@@ -183,6 +188,22 @@ def register_one(pm: Any, obj: Any, name: str) -> Any:
                 raise PluginLoadError(f"plugin {name!r} implements {caller.name} as a hookwrapper, which KSI host does "
                                       "not support (write a plain hookimpl; tryfirst/trylast order it)")
     return obj
+
+
+def _unmarked_hooks(pm: Any, obj: Any) -> list[str]:
+    """The functions of ``obj`` named as a hook but not marked ``@hookimpl`` (pluggy passes them over in silence)."""
+    import inspect
+
+    import pluggy
+
+    found = []
+    for attr in dir(obj):
+        if not attr.startswith("ksi_") or pm.parse_hookimpl_opts(obj, attr) is not None:
+            continue
+        caller = getattr(pm.hook, attr, None)
+        if isinstance(caller, pluggy.HookCaller) and caller.has_spec() and callable(inspect.getattr_static(obj, attr)):
+            found.append(attr)
+    return found
 
 
 def _refused(pm: Any, obj: Any, name: str) -> str | None:

@@ -223,3 +223,24 @@ async def test_a_status_that_is_not_a_dict_names_the_plugin(make_host) -> None:
     async with make_host(answering("ksi_status", ["x"])) as host:
         with pytest.raises(TypeError, match=r"^plugin 'Plugin': ksi_status returned \['x'\] \(list\), not a dict"):
             await host.status()
+
+
+async def test_a_method_named_as_a_hook_but_not_marked_stops_start_up(make_host) -> None:
+    class Observer:
+        def ksi_request_finished(self, result):  # the @hookimpl forgotten: pluggy would never call it
+            pass
+
+    class Base:
+        @hookimpl
+        def ksi_status(self):
+            return {"base": {}}
+
+    class Override(Base):
+        def ksi_status(self):  # overrides a hookimpl without the mark (the provider walk-through's warning)
+            return {"mine": {}}
+
+    for plugin, method in ((Observer(), "ksi_request_finished"), (Override(), "ksi_status")):
+        with pytest.raises(PluginLoadError, match=rf"^plugin '{type(plugin).__name__}' has a method {method} that is not "
+                                                  r"marked @hookimpl, so it would never be called"):
+            async with make_host(plugin, DirectQueue()):
+                pass
