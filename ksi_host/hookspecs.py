@@ -111,7 +111,10 @@ def ksi_config_spec() -> tuple[str, type] | None:
     names the key — and makes the instance available as
     ``host.config[table_name]`` (built from defaults when the table is absent).
     Nested attrs classes, ``list[...]`` of them (TOML arrays of tables) and
-    ``dict[str, ...]`` are supported. Secrets never go in the file: name the
+    ``dict[str, ...]`` are supported; a field of a type TOML has not (``Path``,
+    ``Decimal``, an Enum) needs an attrs ``converter``, which gets the TOML value
+    as it is. A config class the host cannot read (an annotation naming nothing)
+    is a programming error naming the plugin. Secrets never go in the file: name the
     environment variable that holds them (for example ``api_key_env``).
 
     Return None if the plugin has no config.

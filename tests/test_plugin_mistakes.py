@@ -244,3 +244,31 @@ async def test_a_method_named_as_a_hook_but_not_marked_stops_start_up(make_host)
                                                   r"marked @hookimpl, so it would never be called"):
             async with make_host(plugin, DirectQueue()):
                 pass
+
+
+@attrs.define(frozen=True)
+class Folder:
+    folder: Path = attrs.field(default=Path("/tmp"), converter=Path)  # attrs' way to get a Path from a string
+    ttl_s: float = attrs.field(default=1.0, converter=float)  # a TOML-native type: still checked as a number
+
+
+async def test_a_field_with_a_converter_gets_the_toml_value_for_a_type_toml_has_not(make_host) -> None:
+    async with make_host(spec_plugin(("files", Folder)), config={"files": {"folder": "/var/x"}}) as host:
+        assert host.config["files"].folder == Path("/var/x")
+    with pytest.raises(ConfigError, match=r"^config key files.ttl_s: expected a number, got 'soon'$"):
+        async with make_host(spec_plugin(("files", Folder)), config={"files": {"ttl_s": "soon"}}):
+            pass
+
+
+async def test_a_config_class_whose_annotation_names_nothing_names_the_plugin(make_host) -> None:
+    @attrs.define(frozen=True)
+    class Prices:
+        price: Decimal | None = None  # noqa: F821  (imported only under TYPE_CHECKING, say)
+
+    for config in ({}, {"prices": {"price": 1}}):
+        with pytest.raises(NameError) as info:
+            async with make_host(spec_plugin(("prices", Prices)), config=config):
+                pass
+        assert info.value.__notes__ == [
+            "raised by the config class test_a_config_class_whose_annotation_names_nothing_names_the_plugin.<locals>.Prices "
+            "of table [prices], declared by plugin 'Plugin'"]
