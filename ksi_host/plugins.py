@@ -58,6 +58,16 @@ def selected_entry_points() -> list[EntryPoint]:
     return [ep for ep in found if (only is None or ep.name in only) and ep.name not in disabled]
 
 
+def misspelled_groups() -> list[tuple[str, EntryPoint]]:
+    """Entry points in a group spelled like ``ksi_host`` but not it (``ksi-host``, ``ksi.host``, ``KSI_HOST``):
+    ``(group, entry point)``. The host never reads them; ``ksi-host plugins`` says so."""
+    found = []
+    for group in sorted(entry_points().groups):
+        if group != PROJECT and "".join(c for c in group.lower() if c.isalnum()) == "ksihost":
+            found.extend((group, ep) for ep in entry_points(group=group))
+    return found
+
+
 def why_not_loaded(name: str) -> str | None:
     """Which variable leaves the installed plugin ``name`` out (``KSI_HOST_DISABLE`` or ``KSI_HOST_PLUGINS``), or None."""
     only, disabled = _names("KSI_HOST_PLUGINS"), _names("KSI_HOST_DISABLE") or set()

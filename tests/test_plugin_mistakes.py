@@ -272,3 +272,13 @@ async def test_a_config_class_whose_annotation_names_nothing_names_the_plugin(ma
         assert info.value.__notes__ == [
             "raised by the config class test_a_config_class_whose_annotation_names_nothing_names_the_plugin.<locals>.Prices "
             "of table [prices], declared by plugin 'Plugin'"]
+
+
+def test_plugins_warns_of_an_entry_point_in_a_misspelled_group(tmp_path: Path) -> None:
+    site = make_dist(tmp_path / "s", "ksi-dashed", "ksi_dashed", "class Plugin:\n    pass\n", {})
+    info = next(site.glob("*.dist-info"))
+    (info / "entry_points.txt").write_text("[ksi-host]\ndashed = ksi_dashed:Plugin\n")
+    p = run_cli(["plugins", "--json"], site=site)
+    assert p.returncode == 0 and "dashed" not in p.stdout
+    assert ("ksi-host: warning: ksi-dashed declares the entry point 'dashed' in group 'ksi-host', which the host does "
+            "not read (the group is ksi_host: [project.entry-points.ksi_host])") in p.stderr.splitlines()

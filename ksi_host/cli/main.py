@@ -164,8 +164,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     import pluggy
 
     from .. import hookspecs
-    from ..plugins import load_plugins, register_one
+    from ..plugins import load_plugins, misspelled_groups, register_one
 
+    for group, ep in misspelled_groups():  # an author's slip that would otherwise leave the plugin silently unlisted
+        dist = ep.dist.name if ep.dist else "a distribution"
+        _err(f"warning: {dist} declares the entry point {ep.name!r} in group {group!r}, which the host does not read "
+             "(the group is ksi_host: [project.entry-points.ksi_host])")
     rows = []
     for info in load_plugins():
         pm = pluggy.PluginManager(hookspecs.PROJECT)
