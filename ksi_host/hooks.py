@@ -131,7 +131,8 @@ class HookCaller:
             spec = await self.call_impl(impl, "ksi_config_spec", {})
             if spec is None:
                 continue
-            if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and attrs.has(spec[1])):
+            if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)
+                    and isinstance(spec[1], type) and attrs.has(spec[1])):
                 raise PluginLoadError(f"plugin {impl.plugin!r}: ksi_config_spec must return (table name, attrs class) "
                                       f"or None, got {spec!r}")
             table, cls = spec

@@ -150,7 +150,8 @@ class NotAttrs:
     n: int = 1
 
 
-@pytest.mark.parametrize("answer", [Window, ("win", NotAttrs), ("win", Window, "extra")], ids=["no-table", "dataclass", "three"])
+@pytest.mark.parametrize("answer", [Window, ("win", NotAttrs), ("win", Window, "extra"), ("win", Window(window_s=1))],
+                         ids=["no-table", "dataclass", "three", "an-instance"])
 async def test_a_config_spec_of_the_wrong_shape_names_the_plugin(make_host, answer: object) -> None:
     with pytest.raises(PluginLoadError, match=r"^plugin 'Plugin': ksi_config_spec must return \(table name, attrs class\) or None, got"):
         async with make_host(spec_plugin(answer), DirectQueue()):
