@@ -68,9 +68,12 @@ def host_from_args(args: argparse.Namespace, *, serve: bool, resume: bool = True
     return Host(config, getattr(args, "db", None), serve=serve, resume=resume)
 
 
-def plugin_commands() -> list[tuple[str, Command]]:
+def plugin_commands(load_errors: list[Exception] | None = None) -> list[tuple[str, Command]]:
     """``(plugin name, command)`` for every command the installed plugins add (none when a plugin fails to
-    load: the command that starts a Host reports that failure)."""
+    load: the command that starts a Host reports that failure; it is appended to ``load_errors`` if given).
+
+    An ``async def`` ``ksi_cli_commands`` is run to its answer, as the host awaits every hook. A hookimpl
+    that raises, or answers anything but Command objects, is a programming error naming the plugin."""
     import pluggy
 
     from . import hookspecs
@@ -81,11 +84,32 @@ def plugin_commands() -> list[tuple[str, Command]]:
     pm.add_hookspecs(hookspecs)
     try:
         register(pm, None)  # the selected entry points, under their names
-    except PluginLoadError:
+    except PluginLoadError as e:
+        if load_errors is not None:
+            load_errors.append(e)
         return []
     found = []
     for impl in reversed(pm.hook.ksi_cli_commands.get_hookimpls()):
-        for command in impl.function() or ():
+        where = f"raised by plugin {impl.plugin_name!r} in hook ksi_cli_commands"
+        try:
+            answer = impl.function()
+            if answer is not None and hasattr(answer, "__await__"):
+                import asyncio
+
+                async def awaited(a: Any = answer) -> Any:
+                    return await a
+
+                answer = asyncio.run(awaited())
+        except Exception as e:
+            e.add_note(where)
+            raise
+        if not isinstance(answer, (list, tuple, type(None))):
+            raise TypeError(f"plugin {impl.plugin_name!r}: ksi_cli_commands returned {answer!r}, "
+                            "not a list of ksi_host.commands.Command")
+        for command in answer or ():
+            if not isinstance(command, Command):
+                raise TypeError(f"plugin {impl.plugin_name!r}: ksi_cli_commands returned {command!r} in its list, "
+                                "not a ksi_host.commands.Command")
             found.append((impl.plugin_name, command))
     return found
 

@@ -122,12 +122,22 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _toml_native(tp: Any) -> bool:
+    """Can a TOML value be checked against ``tp`` as it is (no converter needed)?"""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return all(a is type(None) or _toml_native(a) for a in typing.get_args(tp))
+    return tp in (Any, bool, int, float, str) or origin in (list, tuple, dict) or attrs.has(tp)
+
+
 def build_table(cls: type, data: Any, where: str) -> Any:
     """Build attrs class ``cls`` from the TOML table ``data`` found at ``where``.
 
     Unknown keys and wrong types raise ConfigError naming ``where.key``. A
     validator of ``cls`` that raises ValueError or TypeError becomes a
-    ConfigError naming the table.
+    ConfigError naming the table. A field with an attrs ``converter`` whose type
+    TOML has not (``Path``, ``Decimal``, an Enum) gets the TOML value as it is:
+    its converter makes the type (and its ValueError is a ConfigError too).
     """
     if data is None:
         data = {}
@@ -144,7 +154,11 @@ def build_table(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"config key {where}.{missing[0]}: is required")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints.get(name, Any), f"{where}.{name}")
+        hint = hints.get(name, Any)
+        if fields[name].converter is not None and not _toml_native(hint):
+            kwargs[name] = value  # the converter makes its type from the TOML value
+        else:
+            kwargs[name] = _convert(value, hint, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -153,8 +167,11 @@ def build_table(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"config table {where}: {e}") from None
 
 
-def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
+def build_config(raw: dict[str, Any], specs: dict[str, type], owners: dict[str, str] | None = None) -> dict[str, Any]:
     """Validate every table of ``raw`` against ``specs`` (table name -> attrs class).
+
+    A table absent from ``raw`` is built from its defaults; when those fail the class's own validators,
+    the ConfigError names the plugin that declared it (``owners``: table name -> plugin name) as the culprit.
 
     A table that no loaded plugin declares is ignored, with a warning, when it belongs to an
     installed plugin that ``KSI_HOST_DISABLE`` or ``KSI_HOST_PLUGINS`` leaves out; otherwise it
@@ -176,4 +193,26 @@ def build_config(raw: dict[str, Any], specs: dict[str, type]) -> dict[str, Any]:
         raise ConfigError(
             f"config table [{table}]: unknown table, no loaded plugin declares it (known tables: {', '.join(sorted(specs))})"
         )
-    return {name: build_table(cls, raw.get(name), name) for name, cls in specs.items()}
+    tables = {}
+    for name, cls in specs.items():
+        owner = (owners or {}).get(name)
+        try:
+            tables[name] = build_table(cls, raw[name], name) if name in raw else _defaults(cls, name, owner)
+        except ConfigError:
+            raise
+        except Exception as e:  # the config class itself is wrong (an annotation that names nothing): a programming error
+            e.add_note(f"raised by the config class {getattr(cls, '__qualname__', cls)} of table [{name}]"
+                       + (f", declared by plugin {owner!r}" if owner else ""))
+            raise
+    return tables
+
+
+def _defaults(cls: type, table: str, owner: str | None) -> Any:
+    """The table ``cls`` built from its defaults (the file has no ``[table]``)."""
+    try:
+        return build_table(cls, None, table)
+    except ConfigError as e:
+        if owner is None or any(a.default is attrs.NOTHING and a.init for a in attrs.fields(cls)):
+            raise  # a required key: the user's to write
+        raise ConfigError(f"plugin {owner!r}: its defaults for config table [{table}] fail its own checks ({e}); "
+                          f"a bug in the plugin (setting the key in [{table}] works around it)") from None

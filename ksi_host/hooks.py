@@ -19,7 +19,9 @@ from typing import Any
 import attrs
 import pluggy
 
+from .config import HOST_TABLE
 from .errors import KsiError, OperationalError, PluginLoadError, StartupError
+from .models import CompletionRequest, FailureDecision, ProviderInfo, Ticket
 
 log = logging.getLogger("ksi_host.hooks")
 
@@ -27,6 +29,39 @@ _HOUSEKEEPING = frozenset({"ksi_config_spec", "ksi_exclusive_hooks", "ksi_startu
                            "ksi_cli_commands", "ksi_attempt_finished", "ksi_request_finished"})
 """Hooks that do not keep a plugin worth starting once its others are taken over (see ``ksi_exclusive_hooks``):
 a queue that also observes its results has nothing to observe when another plugin queues."""
+
+
+def _is_provider(a: Any) -> bool:
+    return hasattr(a, "name") and hasattr(a, "timeout_s") and callable(getattr(a, "complete", None))
+
+
+def _list_of(*types: type) -> Any:
+    return lambda a: isinstance(a, list | tuple) and all(isinstance(i, types) for i in a)
+
+
+ANSWERS: dict[str, tuple[Any, str]] = {
+    "ksi_enqueue": (lambda a: isinstance(a, Ticket), "a Ticket"),
+    "ksi_prepare_request": (lambda a: isinstance(a, CompletionRequest), "a CompletionRequest (attrs.evolve of the one given)"),
+    "ksi_select_provider": (_is_provider, "a Provider (name, timeout_s and async complete(request, *, timeout_s))"),
+    "ksi_list_providers": (_list_of(ProviderInfo), "a list of ProviderInfo"),
+    "ksi_handle_failure": (lambda a: isinstance(a, FailureDecision), "a FailureDecision"),
+    "ksi_exclusive_hooks": (_list_of(str), "a list of hook names"),
+    "ksi_status": (lambda a: isinstance(a, dict), "a dict {section: data}"),
+    "ksi_request_details": (lambda a: isinstance(a, dict), "a dict {section: data}"),
+    "ksi_usage_report": (_list_of(dict), "a list of dicts"),
+    "ksi_list_requests": (_list_of(dict), "a list of dicts"),
+}
+"""What each hook's non-None answer must be (the manual's words for the message): an answer that is not is a
+programming error naming the plugin, where the host would otherwise fail later on an attribute, unnamed."""
+
+
+def check_answer(plugin: str, hook: str, answer: Any) -> None:
+    """Raise TypeError naming ``plugin`` when ``answer`` (not None) is not what ``hook`` answers."""
+    check = ANSWERS.get(hook)
+    if check is not None and not check[0](answer):
+        shown = repr(answer)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise TypeError(f"plugin {plugin!r}: {hook} returned {shown} ({type(answer).__name__}), not {check[1]} or None")
 
 
 @attrs.frozen
@@ -67,6 +102,7 @@ class HookCaller:
         self.pm = pm
         self._impls: dict[str, tuple[Impl, ...]] = {}
         self._owners: dict[str, str] = {}  # hook -> the one plugin whose implementation is called (ksi_exclusive_hooks)
+        self.table_owners: dict[str, str] = {}  # config table -> the plugin that declares it (config_specs)
 
     def reset(self) -> None:
         """Forget the cached hookimpl lists (call after registering plugins)."""
@@ -86,15 +122,26 @@ class HookCaller:
         return found
 
     async def config_specs(self) -> dict[str, type]:
-        """``ksi_config_spec`` of every plugin: table name -> attrs class."""
+        """``ksi_config_spec`` of every plugin: table name -> attrs class (and :attr:`table_owners`: table name ->
+        the plugin that declared it). An answer that is not ``(str, attrs class)`` raises PluginLoadError, and a
+        table two plugins declare (or the host's own ``[host]``) StartupError, naming the plugins."""
         specs: dict[str, type] = {}
+        owners: dict[str, str] = {}
         for impl in self.impls("ksi_config_spec"):
             spec = await self.call_impl(impl, "ksi_config_spec", {})
-            if spec is not None:
-                table, cls = spec
-                if table in specs:
-                    raise StartupError(f"config table [{table}] is declared by two plugins (second: {impl.plugin})")
-                specs[table] = cls
+            if spec is None:
+                continue
+            if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)
+                    and isinstance(spec[1], type) and attrs.has(spec[1])):
+                raise PluginLoadError(f"plugin {impl.plugin!r}: ksi_config_spec must return (table name, attrs class) "
+                                      f"or None, got {spec!r}")
+            table, cls = spec
+            if table in owners or table == HOST_TABLE:
+                first = f"plugin {owners[table]!r}" if table in owners else "the host itself"
+                raise StartupError(f"config table [{table}] is declared by {first} and by plugin {impl.plugin!r}")
+            specs[table] = cls
+            owners[table] = impl.plugin
+        self.table_owners = owners
         return specs
 
     async def claim_exclusive(self, host: Any) -> list[str]:
@@ -143,6 +190,8 @@ class HookCaller:
             answer = impl.function(*[kwargs[name] for name in impl.argnames])
             if answer is not None and hasattr(answer, "__await__"):
                 answer = await answer
+            if answer is not None and hook in ANSWERS:
+                check_answer(impl.plugin, hook, answer)
         except KsiError:
             raise
         except Exception as e:

@@ -13,7 +13,11 @@ Rules that hold for every hook:
   (so a plain ``def`` may also return an awaitable, such as the future of a
   ``host.db.execute``, and its answer is what that awaitable gives).
   Hookimpls may accept any subset of a hook's parameters, by name. A hookimpl
-  whose name is not a hook below stops start-up, naming the plugin and the name.
+  whose name is not a hook below, or that takes a parameter its hook does not
+  have, stops start-up (PluginLoadError, exit 2) naming the plugin and the name;
+  so does a method named as a hook but not marked ``@hookimpl`` (pluggy would
+  never call it: a method overriding a hookimpl needs the mark again).
+  A plugin class whose ``__init__`` raises is a programming error naming the plugin.
 * ``firstresult`` hooks stop at the first hookimpl that returns something other
   than None (hookimpls run newest-registered first; ``tryfirst``/``trylast``
   reorder them, as in pluggy). Other hooks collect every non-None answer.
@@ -22,11 +26,13 @@ Rules that hold for every hook:
   expected failure: it fails the request being handled (for request hooks) and
   flows into failure handling. Raising anything else is a programming error:
   the host lets it propagate with its traceback, adding a note that names the
-  plugin and the hook. It is never swallowed.
+  plugin and the hook. It is never swallowed. So is an answer of the wrong kind
+  (a name where a Provider is due, True for a FailureDecision): a TypeError
+  naming the plugin, the hook and what it returned (``ksi_host.hooks.ANSWERS``).
 * Observer hooks (``ksi_attempt_finished``, ``ksi_request_finished``) cannot
   change anything: every implementation is called, and an OperationalError
   raised there is logged (naming the plugin) and does not change the result.
-* Hookwrappers are not supported.
+* Hookwrappers are not supported: one stops start-up, naming the plugin.
 
 ``host`` is the running :class:`ksi_host.Host`: ``host.db`` (the async SQLite
 helper), ``host.config`` (each plugin's validated config table), ``host.clock``
@@ -105,7 +111,10 @@ def ksi_config_spec() -> tuple[str, type] | None:
     names the key — and makes the instance available as
     ``host.config[table_name]`` (built from defaults when the table is absent).
     Nested attrs classes, ``list[...]`` of them (TOML arrays of tables) and
-    ``dict[str, ...]`` are supported. Secrets never go in the file: name the
+    ``dict[str, ...]`` are supported; a field of a type TOML has not (``Path``,
+    ``Decimal``, an Enum) needs an attrs ``converter``, which gets the TOML value
+    as it is. A config class the host cannot read (an annotation naming nothing)
+    is a programming error naming the plugin. Secrets never go in the file: name the
     environment variable that holds them (for example ``api_key_env``).
 
     Return None if the plugin has no config.

@@ -58,6 +58,16 @@ def selected_entry_points() -> list[EntryPoint]:
     return [ep for ep in found if (only is None or ep.name in only) and ep.name not in disabled]
 
 
+def misspelled_groups() -> list[tuple[str, EntryPoint]]:
+    """Entry points in a group spelled like ``ksi_host`` but not it (``ksi-host``, ``ksi.host``, ``KSI_HOST``):
+    ``(group, entry point)``. The host never reads them; ``ksi-host plugins`` says so."""
+    found = []
+    for group in sorted(entry_points().groups):
+        if group != PROJECT and "".join(c for c in group.lower() if c.isalnum()) == "ksihost":
+            found.extend((group, ep) for ep in entry_points(group=group))
+    return found
+
+
 def why_not_loaded(name: str) -> str | None:
     """Which variable leaves the installed plugin ``name`` out (``KSI_HOST_DISABLE`` or ``KSI_HOST_PLUGINS``), or None."""
     only, disabled = _names("KSI_HOST_PLUGINS"), _names("KSI_HOST_DISABLE") or set()
@@ -150,11 +160,83 @@ def register(pm: Any, explicit: list[Any] | None) -> list[PluginInfo]:
         found = [PluginInfo(getattr(p, "__name__", type(p).__name__), None, None, p) for p in explicit]
     registered = []
     for info in found:
-        obj = instantiate(info.obj)
         name, n = info.name, 1
         while pm.has_plugin(name):
             n += 1
             name = f"{info.name}-{n}"
-        pm.register(obj, name=name)
+        obj = register_one(pm, info.obj, name)
         registered.append(PluginInfo(name, info.distribution, info.version, obj))
     return registered
+
+
+def register_one(pm: Any, obj: Any, name: str) -> Any:
+    """Register one plugin (a class is instantiated) under ``name``; returns the registered object.
+
+    The class's ``__init__`` raising is a programming error: it propagates with a note naming the plugin.
+    A hookimpl that pluggy refuses (an argument the hook does not have) or that is a hookwrapper (not
+    supported) raises PluginLoadError naming the plugin, the hook and what is wrong."""
+    import pluggy
+
+    try:
+        obj = instantiate(obj)
+    except Exception as e:
+        e.add_note(f"raised by plugin {name!r} when the host created it ({getattr(obj, '__qualname__', obj)}())")
+        raise
+    try:
+        pm.register(obj, name=name)
+    except pluggy.PluginValidationError as e:
+        raise PluginLoadError(_refused(pm, obj, name) or f"plugin {name!r}: {' '.join(str(e).split())}") from None
+    unmarked = _unmarked_hooks(pm, obj)
+    if unmarked:
+        pm.unregister(obj)
+        raise PluginLoadError(f"plugin {name!r} has a method {unmarked[0]} that is not marked @hookimpl, so it would "
+                              "never be called (mark it @ksi_host.hookimpl; a method overriding a hookimpl needs the mark too)")
+    for caller in pm.get_hookcallers(obj) or ():
+        for impl in caller.get_hookimpls():
+            if impl.plugin is obj and (impl.hookwrapper or getattr(impl, "wrapper", False)):
+                pm.unregister(obj)
+                raise PluginLoadError(f"plugin {name!r} implements {caller.name} as a hookwrapper, which KSI host does "
+                                      "not support (write a plain hookimpl; tryfirst/trylast order it)")
+    return obj
+
+
+def _unmarked_hooks(pm: Any, obj: Any) -> list[str]:
+    """The functions of ``obj`` named as a hook but not marked ``@hookimpl`` (pluggy passes them over in silence)."""
+    import inspect
+
+    import pluggy
+
+    found = []
+    for attr in dir(obj):
+        if not attr.startswith("ksi_") or pm.parse_hookimpl_opts(obj, attr) is not None:
+            continue
+        caller = getattr(pm.hook, attr, None)
+        if isinstance(caller, pluggy.HookCaller) and caller.has_spec() and callable(inspect.getattr_static(obj, attr)):
+            found.append(attr)
+    return found
+
+
+def _refused(pm: Any, obj: Any, name: str) -> str | None:
+    """Why pluggy refused one of ``obj``'s hookimpls, in the host's words: an argument the hook does not give."""
+    import difflib
+    import inspect
+
+    for attr in dir(obj):
+        if pm.parse_hookimpl_opts(obj, attr) is None:
+            continue
+        caller = getattr(pm.hook, attr, None)
+        spec = getattr(caller, "spec", None)
+        if spec is None:
+            continue
+        try:
+            params = [p for p in inspect.signature(getattr(obj, attr)).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+        except (TypeError, ValueError):
+            continue
+        for p in params:
+            if p.name not in spec.argnames:
+                close = difflib.get_close_matches(p.name, spec.argnames, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                return (f"plugin {name!r} implements {attr}({', '.join(q.name for q in params)}), but the hook has no "
+                        f"argument {p.name!r} ({hint}its arguments: {', '.join(spec.argnames)})")
+    return None

@@ -104,7 +104,8 @@ class Host:
         self.plugins = register(self.pm, self._explicit)
         check_hook_names(self.pm)
         self.hooks.reset()
-        self.config = build_config(self._raw_config, await self.hooks.config_specs())
+        specs = await self.hooks.config_specs()
+        self.config = build_config(self._raw_config, specs, self.hooks.table_owners)
         logging.getLogger("ksi_host").setLevel(self.config[HOST_TABLE].log_level.upper())
         for name in await self.hooks.claim_exclusive(self):  # plugins left idle by ksi_exclusive_hooks
             self.plugins = [p for p in self.plugins if p.name != name]

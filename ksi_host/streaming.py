@@ -198,7 +198,10 @@ async def call_prepare(provider: Provider) -> None:
 async def call_complete(provider: Provider, request: CompletionRequest, timeout_s: float | None) -> ProviderResponse:
     """``provider.complete``; a programming error it raises gets a note naming the provider."""
     try:
-        return await provider.complete(request, timeout_s=timeout_s)
+        response = await provider.complete(request, timeout_s=timeout_s)
+        if not isinstance(response, ProviderResponse):
+            raise TypeError(f"Provider.complete returned {type(response).__name__}, not a ProviderResponse")
+        return response
     except OperationalError:
         raise
     except Exception as e:

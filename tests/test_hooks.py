@@ -13,6 +13,19 @@ def caller(*plugins):
     return HookCaller(pm)
 
 
+class Answer(str):
+    """A provider (the hook's answer must be one) that compares as its name."""
+
+    timeout_s = None
+
+    @property
+    def name(self):
+        return str(self)
+
+    async def complete(self, request, *, timeout_s):
+        raise NotImplementedError
+
+
 class AsyncNone:
     @hookimpl
     async def ksi_select_provider(self, request, exclude):
@@ -22,13 +35,13 @@ class AsyncNone:
 class SyncAnswer:
     @hookimpl
     def ksi_select_provider(self, request):
-        return "sync"
+        return Answer("sync")
 
 
 class AsyncAnswer:
     @hookimpl
     async def ksi_select_provider(self, exclude):
-        return f"async {sorted(exclude)}"
+        return Answer(f"async {sorted(exclude)}")
 
 
 async def test_firstresult_awaits_async_none_before_moving_on():

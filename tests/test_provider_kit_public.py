@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import ksi_host.providers as kit
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDER_PLUGINS = ["provider", "provider-openai", "provider-claude-cli"]
 READMES = [ROOT / "README.md"] + [ROOT / "plugins" / p / "README.md" for p in PROVIDER_PLUGINS]
-PUBLIC_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.errors", "ksi_host.models", "ksi_host.providers", "ksi_host.testing",
+PUBLIC_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.commands", "ksi_host.errors", "ksi_host.models", "ksi_host.providers", "ksi_host.testing",
                   "ksi_host.windows"} | {
     f"ksi_host.providers.{m}" for m in ("circuit", "circuit_store", "config", "deployment_provider", "deployments",
                                         "errormap", "plugin", "validators")}
@@ -95,3 +96,13 @@ def test_the_walk_through_imports_what_its_snippets_use() -> None:
 
 def _snippets_of(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+
+
+def test_the_readme_lists_every_module_it_sends_plugin_authors_to() -> None:
+    section = (ROOT / "README.md").read_text().split("## Writing a plugin", 1)[1].split("\n## ", 1)[0]
+    listed = re.search(r"Import only `ksi_host`'s public API \(([^)]*)\)", section)
+    assert listed is not None
+    public = set(re.findall(r"`(ksi_host[\w.]*)`", listed.group(1)))
+    named = {m for m in (".".join(m.split(".")[:2]) for m in re.findall(r"\bksi_host\.[a-z_]+", section))
+             if importlib.util.find_spec(m) is not None}  # modules, not names (ksi_host.hookimpl)
+    assert named <= public, f"named for plugin authors but not in the public list: {sorted(named - public)}"

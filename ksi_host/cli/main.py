@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect.add_arguments(sub, common, _since, _positive)
 
-    for plugin, command in plugin_commands():
+    load_errors: list[Exception] = []
+    for plugin, command in plugin_commands(load_errors):
         if command.name in sub.choices:
             parser.error(f"plugin {plugin!r} adds a command {command.name!r}, which ksi-host or another plugin has already")
         p = sub.add_parser(command.name, parents=[common], help=command.help, description=command.description)
@@ -133,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(plugin_command=command)
     for p in sub.choices.values():
         p.set_defaults(command_parser=p)  # an unknown option is then reported with its command's usage
+    if load_errors:  # a command a plugin adds is missing when any plugin fails to load: say why, not only "invalid choice"
+        usage_error = parser.error
+
+        def error(message: str) -> Any:
+            _err(f"{load_errors[0]} (the commands plugins add are not available)")
+            return usage_error(message)
+
+        parser.error = error  # type: ignore[method-assign]
     return parser
 
 
@@ -178,14 +187,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     import pluggy
 
     from .. import hookspecs
-    from ..plugins import instantiate, load_plugins
+    from ..plugins import load_plugins, misspelled_groups, register_one
 
+    for group, ep in misspelled_groups():  # an author's slip that would otherwise leave the plugin silently unlisted
+        dist = ep.dist.name if ep.dist else "a distribution"
+        _err(f"warning: {dist} declares the entry point {ep.name!r} in group {group!r}, which the host does not read "
+             "(the group is ksi_host: [project.entry-points.ksi_host])")
     rows = []
     for info in load_plugins():
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        obj = instantiate(info.obj)
-        pm.register(obj, name=info.name)
+        obj = register_one(pm, info.obj, info.name)
         hooks = sorted(h.name for h in pm.get_hookcallers(obj) or [])
         rows.append({"name": info.name, "distribution": info.distribution, "version": info.version, "hooks": hooks})
     if args.json:
@@ -405,7 +417,12 @@ COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cance
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # asks the plugins for their commands
+    except Exception:  # a plugin's programming error (its note names the plugin), as in any command
+        traceback.print_exc()
+        _err("stopped by a programming error (traceback above)")
+        return EXIT_CRASH
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # `ksi-host run x --outt y`: say it with run's usage, not the top-level one
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")

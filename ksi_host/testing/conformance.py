@@ -37,6 +37,10 @@ reads what reached the server in its arrival log. What the suite checks:
   OperationalError class and HTTP status, whole and streamed, in exactly one upstream call, the key in
   no message, the provider usable after it.
 
+A provider that does not stream piece by piece (writes no ``attempt_stream``: the kit then answers a
+streamed request in one piece, from ``attempt``) sets :attr:`~ProviderConformance.STREAMS` to False: the
+tests of piece-by-piece streaming are then left out, and one test checks the one-piece answer instead.
+
 A plugin whose deployments need a fixture (a client, a temporary folder) overrides the
 ``provider_host`` fixture instead of :meth:`~ProviderConformance.plugin`. The async tests carry the
 ``asyncio`` mark, so the suite runs under pytest-asyncio's default strict mode as in ``auto``.
@@ -114,6 +118,25 @@ class ProviderConformance:
     CONNECTION_FAILED: ClassVar[str] = "connection failed"
     """What the message of a dropped connection (a cut stream) says after ``"<deployment>: "`` (a regular
     expression): the kit's :func:`~ksi_host.providers.connection_error` by default."""
+
+    STREAMS: ClassVar[bool] = True
+    """Does the provider stream piece by piece (its class writes ``attempt_stream``)? False: a streamed request
+    is answered in one piece; the tests in :data:`PIECE_BY_PIECE` are not collected, and
+    ``test_a_stream_is_answered_in_one_piece`` is (see :meth:`__init_subclass__`)."""
+
+    PIECE_BY_PIECE: ClassVar[tuple[str, ...]] = (
+        "test_pieces_arrive_before_the_upstream_finishes", "test_a_cut_stream_is_an_error_not_a_clean_end_and_is_not_retried",
+        "test_the_consumer_leaving_closes_the_connection", "test_a_streamed_tool_call_is_put_together")
+    """The tests only a provider that streams piece by piece can pass."""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        """Leave out the tests that do not apply (a name set to None is not collected by pytest), and put back
+        those that do (a subclass of a subclass may say otherwise than its parent)."""
+        super().__init_subclass__(**kw)
+        one_piece = ("test_a_stream_is_answered_in_one_piece",)
+        for name in (*cls.PIECE_BY_PIECE, *one_piece):
+            applies = cls.STREAMS != (name in one_piece)
+            setattr(cls, name, ProviderConformance.__dict__[name] if applies else None)
 
     # -- what a subclass provides ----------------------------------------------------------
 
@@ -216,8 +239,9 @@ class ProviderConformance:
         for name, value in {**EVERY_PARAMETER, **options}.items():
             assert body[name] == value, name
         assert body["model"] == MODEL and body["messages"] == [{"role": "user", "content": "weather in Paris"}]
-        assert set(body) == {"model", "messages", *EVERY_PARAMETER, *options} | ({"stream", "stream_options"} if streamed else set())
-        if streamed:
+        streams = streamed and self.STREAMS  # a provider that does not stream sends a streamed request whole
+        assert set(body) == {"model", "messages", *EVERY_PARAMETER, *options} | ({"stream", "stream_options"} if streams else set())
+        if streams:
             assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
     @pytest.mark.asyncio
@@ -331,7 +355,8 @@ class ProviderConformance:
             stream = host.stream({"model": MODEL, "prompt": "one two"})
             with pytest.raises(ProviderTimeout, match="main: no answer within 0.3s"):
                 [d async for d in stream]
-            await until(lambda: openai_server.closed_early == 1)
+            if self.STREAMS:
+                await until(lambda: openai_server.closed_early == 1)
 
     @pytest.mark.asyncio
     async def test_usage_of_the_last_chunk_is_the_calls_usage(self, provider_host: Any, openai_server: Any) -> None:
@@ -354,6 +379,21 @@ class ProviderConformance:
         [call] = r.message["tool_calls"]
         assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {
             "city": "weather in Paris"}
+
+    @pytest.mark.asyncio
+    async def test_a_stream_is_answered_in_one_piece(self, provider_host: Any, openai_server: Any) -> None:
+        """(Only with ``STREAMS = False``.) A streamed request gets the whole answer as one piece, from one
+        upstream call that did not ask for a stream; a tool call comes whole too."""
+        async with provider_host() as host:
+            pieces, r = await _streamed(host, {"model": MODEL, "prompt": "one two three"})
+            _, tool = await _streamed(host, {"model": MODEL, "prompt": "weather in Paris", "tools": [WEATHER]})
+        assert [d.content for d in pieces if d.content] == ["echo: one two three"]
+        assert r is not None and r.ok and r.text == "echo: one two three" and r.finish_reason == "stop"
+        sent = openai_server.arrivals[0]
+        assert r.usage.total_tokens == sent.usage["total_tokens"] and openai_server.hits == 2 and "stream" not in sent.body
+        assert tool is not None and tool.finish_reason == "tool_calls"
+        [call] = tool.message["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == {"city": "weather in Paris"}
 
     # -- faults -----------------------------------------------------------------------------
 
