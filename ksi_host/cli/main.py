@@ -13,7 +13,7 @@ import json
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import IO, Any
 
 from ..commands import host_from_args, log_to_stderr, plugin_commands
 from . import inspect
@@ -196,6 +196,10 @@ async def _run(args: argparse.Namespace) -> int:
     from ..commands import tune_gc
     from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests
 
+    clash = _out_clash(args)
+    if clash:
+        _err(f"--out {args.out} is {clash}: writing the results there would destroy it (choose another file)")
+        return EXIT_USAGE
     try:
         total = count_lines(args.requests)
         requests = open_requests(args.requests)
@@ -209,7 +213,12 @@ async def _run(args: argparse.Namespace) -> int:
                 if not host.hooks.implemented(hook):
                     _err(missing_plugin(hook))
                     return EXIT_USAGE
-            out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            try:
+                out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+            except OSError as e:
+                _err(f"cannot write {args.out}: {e.strerror}")
+                return EXIT_USAGE
+            runner = None
             try:
                 # no bar when the results themselves scroll on the same terminal
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
@@ -218,12 +227,46 @@ async def _run(args: argparse.Namespace) -> int:
                 tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.commands)
                 stats, interrupted = await _run_interruptible(runner, lines)
             finally:
-                if out is not sys.stdout:
-                    out.close()
+                _close_out(out, runner)
     print(stats.summary(interrupted), file=sys.stderr)
+    assert runner is not None
+    if runner.output_error is not None:
+        where = "stdout" if out is sys.stdout else args.out
+        _err(f"cannot write the results to {where}: {runner.output_error.strerror or runner.output_error}; "
+             "every finished result is stored: run the same command again to write them")
+        return EXIT_FAILED
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if stats.ok == stats.expected else EXIT_FAILED
+
+
+def _out_clash(args: argparse.Namespace) -> str | None:
+    """What ``--out`` would overwrite that must not be: the input file or the database (None: nothing)."""
+    import os
+
+    from ..db import default_db_path
+
+    if args.out == "-" or not os.path.exists(args.out):
+        return None
+    db = getattr(args, "db", None) or default_db_path()
+    for path, what in ((args.requests, "the input file"), (db, "the database")):
+        try:
+            if path != "-" and os.path.samefile(path, args.out):
+                return what
+        except OSError:  # that file does not exist (yet): nothing to destroy
+            continue
+    return None
+
+
+def _close_out(out: IO[str], runner: Any) -> None:
+    """Close the results file; a failure to write its last lines is the runner's output error."""
+    if out is sys.stdout:
+        return
+    try:
+        out.close()
+    except OSError as e:
+        if runner is not None and runner.output_error is None:
+            runner.output_error = e
 
 
 async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:

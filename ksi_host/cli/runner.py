@@ -178,6 +178,7 @@ class BatchRunner:
         self._ids = RequestIds()
         self._unwritten: set[str] = set()  # request ids submitted whose result is not written yet
         self._taken = self._answered = 0  # requests handed to host.submit; of those, accepted or refused
+        self.output_error: OSError | None = None  # why ``out`` could not be written (the batch then stopped)
 
     def stop(self) -> None:
         """Read no more lines, start no more requests; the running ones finish (see the class docstring)."""
@@ -193,9 +194,20 @@ class BatchRunner:
         return running, len(self._unwritten) - running
 
     def write(self, result: CompletionResult, *, rejected: Rejected | None = None) -> None:
-        """Write the output line of ``result``; ``rejected``: the line never reached the queue, and why."""
-        self.out.write(json.dumps(self.format.render(result, rejected), ensure_ascii=False) + "\n")
-        self.out.flush()
+        """Write the output line of ``result``; ``rejected``: the line never reached the queue, and why.
+
+        When ``out`` cannot be written (a full disk, a closed pipe), the batch stops as at a Ctrl-C
+        (:meth:`stop`): the running requests finish and are stored, a rerun writes every result.
+        The error is kept in :attr:`output_error`; no more lines are written."""
+        if self.output_error is None:
+            try:
+                self.out.write(json.dumps(self.format.render(result, rejected), ensure_ascii=False) + "\n")
+                self.out.flush()
+            except OSError as e:
+                self.output_error = e
+                self.stop()
+        if self.output_error is not None:
+            return  # not written: counted as not finished (the rerun writes it)
         self.stats.add(result, rejected=rejected is not None)
         self.progress.update()
 
