@@ -75,6 +75,22 @@ def test_load_config_errors(tmp_path):
     assert load_config(good) == {"queue": {"concurrency": 4}}
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"[queue]\n# caf\xe9\n", "not valid TOML: not UTF-8 text (byte 13)"),
+    (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid TOML: nested too deeply to read"),
+    (None, "cannot read it: Is a directory"),
+])
+def test_a_config_file_that_cannot_be_read_as_toml_is_a_config_error(tmp_path, content, message):
+    path = tmp_path / "ksi.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"config file {path}: {message}"
+
+
 TABLED = """
 import attrs
 from ksi_host import hookimpl
