@@ -269,9 +269,14 @@ def _close_out(out: IO[str], runner: Any) -> None:
             runner.output_error = e
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""What stops ``ksi-host run`` gently: Ctrl-C, and SIGTERM (``kill``, systemd, ``docker stop``, ``timeout``) alike, so
+a request running when a service manager stops the batch is finished and stored, not sent again by the rerun."""
+
+
 async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
-    """Run the batch; the first Ctrl-C stops it gently (the running requests finish, their results are
-    written), the second at once (the host stops; running requests stay stored unfinished)."""
+    """Run the batch; the first Ctrl-C (or SIGTERM) stops it gently (the running requests finish, their results
+    are written), the second at once (the host stops; running requests stay stored unfinished)."""
     task = asyncio.ensure_future(runner.run(lines))
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -284,10 +289,12 @@ async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
             runner.progress.note(f"ksi-host: stopping; {running} running request(s) finish first (Ctrl-C again: stop now)")
             runner.stop()
         else:
-            loop.remove_signal_handler(signal.SIGINT)  # a third Ctrl-C raises KeyboardInterrupt
+            for sig in STOP_SIGNALS:  # a third Ctrl-C raises KeyboardInterrupt, a third SIGTERM kills
+                loop.remove_signal_handler(sig)
             task.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_interrupt)
     try:
         stats = await task
     except asyncio.CancelledError:
@@ -295,7 +302,8 @@ async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
             raise
         stats = runner.stats
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
     return stats, interrupts > 0
 
 
