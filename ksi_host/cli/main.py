@@ -183,13 +183,16 @@ def _line_format(choice: str, lines: Any) -> tuple[Any, Any]:
     import itertools
 
     from .formats import detect, make
+    from .runner import LongLine
 
     if choice != "auto":
         return make(choice), lines
-    first = next(lines, None)
+    long_lines = []  # too long to be read: the first line read decides
+    while (first := next(lines, None)) is not None and isinstance(first[1], LongLine):
+        long_lines.append(first)
     if first is None:
-        return make("ksi"), lines
-    return make(detect(first[1]), detected_from=first[0]), itertools.chain([first], lines)
+        return make("ksi"), iter(long_lines)
+    return make(detect(first[1]), detected_from=first[0]), itertools.chain(long_lines, [first], lines)
 
 
 async def _run(args: argparse.Namespace) -> int:
