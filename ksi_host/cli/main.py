@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -341,7 +342,7 @@ async def _ask(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from .tables import cut, fmt, render, terminal_width
+    from .tables import Printable
 
     async with _host(args, serve=False) as host:
         status = await host.status()
@@ -352,6 +353,14 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return EXIT_OK
+    with contextlib.redirect_stdout(Printable(sys.stdout)):  # an upstream's error text cannot drive the terminal
+        _print_status(status)
+    return EXIT_OK
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    from .tables import cut, fmt, render, terminal_width
+
     width = terminal_width()
 
     def table(rows: list[dict[str, Any]]) -> str:
@@ -375,11 +384,10 @@ async def _status(args: argparse.Namespace) -> int:
                     print(table(v))
         else:
             print(cut(fmt(data), width) if data not in (None, [], {}) else "(empty)")
-    return EXIT_OK
 
 
 async def _usage(args: argparse.Namespace) -> int:
-    from .tables import parse_since, render, terminal_width
+    from .tables import Printable, parse_since
 
     since = parse_since(args.since)
     async with _host(args, serve=False) as host:
@@ -392,6 +400,14 @@ async def _usage(args: argparse.Namespace) -> int:
     if not rows:
         print("no usage recorded" + (f" since {args.since}" if args.since else ""))
         return EXIT_OK
+    with contextlib.redirect_stdout(Printable(sys.stdout)):  # the groups are what requests named
+        _print_usage(args, rows, totals)
+    return EXIT_OK
+
+
+def _print_usage(args: argparse.Namespace, rows: list[dict[str, Any]], totals: list[dict[str, Any]]) -> None:
+    from .tables import render, terminal_width
+
     total: dict[str, Any] = {**(totals[0] if totals else {}), "key": "TOTAL"}
     shown = [{**r, "key": "(none)" if r.get("key") is None else r["key"]} for r in rows]
     columns = [("key", args.by), ("calls", "calls"), ("requests", "requests"), ("prompt_tokens", "prompt"),
@@ -402,7 +418,6 @@ async def _usage(args: argparse.Namespace) -> int:
     unknown, in_flight = total.get("unknown_calls") or 0, total.get("in_flight_calls") or 0
     if unknown:  # sent, and nobody saw how they ended: a timeout, a cancel, a killed process
         print(f"{unknown:,} calls of unknown outcome, possibly billed" + (f" ({in_flight:,} still in flight)" if in_flight else ""))
-    return EXIT_OK
 
 
 async def _cancel(args: argparse.Namespace) -> int:
