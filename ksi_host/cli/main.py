@@ -47,6 +47,10 @@ def _since(text: str) -> str:
     return text
 
 
+MAX_COUNT = 1_000_000_000
+"""The most a whole-number option (``--concurrency``, ``-n``, ``--max-tokens``) takes."""
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -54,6 +58,8 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > MAX_COUNT:  # a database's integers end at 2**63 - 1: more would crash the query that reads it
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value}")
     return value
 
 
