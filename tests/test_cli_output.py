@@ -69,3 +69,13 @@ def test_a_reader_that_leaves_stops_the_batch_with_one_line_exit_1(tmp_path, fak
     assert p.returncode == 1
     assert one_line(err) == ("ksi-host: cannot write the results to stdout: Broken pipe; every finished result is "
                              "stored: run the same command again to write them")
+
+
+def test_a_database_that_is_the_input_file_is_refused_and_the_input_survives(tmp_path, fake_site):
+    for f in (batch(tmp_path), tmp_path / "empty.jsonl"):
+        f.touch()
+        before = f.read_bytes()
+        p = run_cli(["run", str(f), "--db", str(f)], site=fake_site, env=ONLY)
+        assert p.returncode == 2
+        assert one_line(p.stderr) == f"ksi-host: --db {f} is the input file {f}: the database needs a file of its own"
+        assert f.read_bytes() == before

@@ -210,6 +210,9 @@ async def _run(args: argparse.Namespace) -> int:
     if clash:
         _err(f"--out {args.out} is {clash}: writing the results there would destroy it (choose another file)")
         return EXIT_USAGE
+    if _same_file(args.requests, _db_path(args)):
+        _err(f"--db {_db_path(args)} is the input file {args.requests}: the database needs a file of its own")
+        return EXIT_USAGE
     try:
         total = count_lines(args.requests)
         requests = open_requests(args.requests)
@@ -250,21 +253,27 @@ async def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if stats.ok == stats.expected else EXIT_FAILED
 
 
-def _out_clash(args: argparse.Namespace) -> str | None:
-    """What ``--out`` would overwrite that must not be: the input file or the database (None: nothing)."""
-    import os
-
+def _db_path(args: argparse.Namespace) -> str:
     from ..db import default_db_path
 
-    if args.out == "-" or not os.path.exists(args.out):
-        return None
-    db = getattr(args, "db", None) or default_db_path()
-    for path, what in ((args.requests, "the input file"), (db, "the database")):
-        try:
-            if path != "-" and os.path.samefile(path, args.out):
-                return what
-        except OSError:  # that file does not exist (yet): nothing to destroy
-            continue
+    return getattr(args, "db", None) or default_db_path()
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Are ``a`` and ``b`` one existing file (``-`` is none)?"""
+    import os
+
+    try:
+        return a != "-" and b != "-" and os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _out_clash(args: argparse.Namespace) -> str | None:
+    """What ``--out`` would overwrite that must not be: the input file or the database (None: nothing)."""
+    for path, what in ((args.requests, "the input file"), (_db_path(args), "the database")):
+        if _same_file(path, args.out):
+            return what
     return None
 
 
