@@ -57,10 +57,12 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
-    except OSError as e:  # a directory, no permission
-        raise ConfigError(f"config file {p}: cannot read: {e.strerror}") from None
+    except OSError as e:  # a folder, a file this user may not read
+        raise ConfigError(f"config file {p}: cannot read it: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p}: not valid TOML: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise ConfigError(f"config file {p}: not valid TOML: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p}: not valid TOML: nested too deeply to read") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
 

@@ -203,6 +203,8 @@ def test_bad_argument_values_are_usage_errors_exit_2(tmp_path, fake_site):
         assert p.returncode == 2 and "--concurrency" in p.stderr, (bad, p.stderr)
     p = run_cli(["usage", "--by", "colour", *db], site=fake_site, env={"KSI_HOST_PLUGINS": "fakeusage"})
     assert p.returncode == 2 and "--by" in p.stderr
+    p = run_cli(["logs", "-n", str(10**20), *db], site=fake_site, env=ONLY)  # past SQLite's integers
+    assert p.returncode == 2 and "argument -n: must be at most 1,000,000,000" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_version(fake_site):

@@ -242,11 +242,12 @@ def test_ctrl_c_leaves_the_answer_cancels_the_request_and_exits_130(tmp_path, as
     assert results[0].split(" ", 3)[2:] == ["cancelled", "'one two '"]  # ... and ended cancelled with what it had handed out
 
 
-@pytest.mark.parametrize("options", [["--no-stream"], ["--json"]])
-def test_ctrl_c_without_streaming_cancels_the_request_too(tmp_path, ask_site, options):
+@pytest.mark.parametrize(("options", "sig"), [(["--no-stream"], signal.SIGINT), (["--json"], signal.SIGINT),
+                                             ([], signal.SIGTERM)])  # SIGTERM (kill, a service manager) as Ctrl-C
+def test_ctrl_c_without_streaming_cancels_the_request_too(tmp_path, ask_site, options, sig):
     run = PtyRun(tmp_path, ask_site, "count to three", "--model", "hold/x", *options)
     wait_for(lambda: "holding" in events(tmp_path))
-    run.proc.send_signal(signal.SIGINT)
+    run.proc.send_signal(sig)
     code, err = run.finish()
     assert code == 130, err
     assert run.text == "" and err.strip().splitlines()[-1].startswith("ksi-host: cancelled: ")

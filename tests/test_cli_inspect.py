@@ -110,3 +110,45 @@ def test_logs_without_a_plugin_that_keeps_requests_says_what_to_install(keeper: 
     site, db = keeper
     p = run_cli(["logs", "--db", str(db)], site=site, env={"KSI_HOST_PLUGINS": "keeperledger"})
     assert p.returncode == 2 and "no plugin implements ksi_list_requests: install ksi-queue" in p.stderr
+
+
+HOSTILE = '''
+from ksi_host import hookimpl
+
+EVIL = "x\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202eevil"  # set the title, clear the screen, a C1 CSI, a bidi override
+
+
+class Hostile:
+    @hookimpl
+    def ksi_list_requests(self, query):
+        return [{"request_id": EVIL, "session_id": EVIL, "agent_id": EVIL, "model": EVIL, "status": "ok",
+                 "attempts": 1, "total_tokens": 1, "cost_usd": None, "latency_ms": 1.0, "submitted_at": 0.0}]
+
+    @hookimpl
+    def ksi_request_details(self, request_id):
+        return {"request": {"request_id": EVIL, "model": EVIL, "purpose": EVIL, "metadata": {"k": EVIL},
+                            "messages": [{"role": "user", "content": EVIL}]},
+                "state": "error", "submitted_at": 0.0,
+                "result": {"status": "error", "model": EVIL, "text": EVIL, "error": {"type": "X", "message": EVIL},
+                           "attempts": [{"number": 1, "provider": EVIL, "error_message": EVIL}]}}
+
+    @hookimpl
+    def ksi_status(self):
+        return {"circuits": [{"name": EVIL, "last_error": EVIL}], "queue": {"oldest": EVIL}}
+
+    @hookimpl
+    def ksi_usage_report(self, by, since):
+        return [{"key": EVIL, "calls": 1, "requests": 1, "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                 "cost_usd": None}]
+'''
+
+
+@pytest.mark.parametrize("command", [["show", "r1"], ["logs"], ["status"], ["usage"]])
+def test_what_requests_and_upstreams_wrote_cannot_drive_the_terminal(tmp_path: Path, command: list[str]) -> None:
+    site = make_dist(tmp_path / "site", "ksi-hostile", "ksi_hostile", HOSTILE, {"hostile": "ksi_hostile:Hostile"})
+    db = tmp_path / "k.db"
+    db.touch()
+    p = run_cli([*command, "--db", str(db)], site=site, env={"KSI_HOST_PLUGINS": "hostile", "COLUMNS": "400"})
+    assert p.returncode == 0, p.stderr
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202eevil" in p.stdout  # shown, spelt out
+    assert not any(c in p.stdout for c in "\x1b\x07\x9b\u202e")

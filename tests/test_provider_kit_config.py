@@ -122,6 +122,25 @@ def test_good_headers_pass() -> None:
                  {"HTTP-Referer": "https://example.org/x?y=1", "X-Title": "My app (v2) ~ 100%"})
 
 
+@pytest.mark.parametrize("key", [
+    "sk-proj-" + "a1B2" * 12,                        # not a name at all
+    "gsk_" + "Xq7pL2mN9vR4tY8wZ3kJ6hB1cD5fG0sA2eI4uO7yT9rE3wQ1zX5v",  # Groq's shape: a valid name
+    "hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789",  # Hugging Face's
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",  # hex, starting with a letter
+])
+def test_a_key_in_api_key_env_is_refused_without_repeating_it(key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_table(Deployment, {"name": "a", "model": "m", "api_key_env": key}, "t.deployments[0]")
+    assert "never the key itself" in str(e.value)
+    assert not any(key[i:i + 12] in str(e.value) for i in range(len(key) - 11))
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "AZURE_OPENAI_API_KEY_WESTEUROPE2", "my_key_2", "KEY_FOR_PROJECT_20251128",
+                                  "GROQ_API_KEY", "Openai_Key", "ANTHROPICAPIKEYFORTHEBATCHJOBS"])
+def test_variable_names_pass(name: str) -> None:
+    assert Deployment("a", "m", api_key_env=name).api_key_env == name
+
+
 def test_names_and_models_without_control_characters() -> None:
     with pytest.raises(ValueError, match="name must not hold control characters"):
         Deployment("a\nb", "m")

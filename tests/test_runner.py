@@ -258,3 +258,49 @@ def test_the_summary_says_how_many_results_an_earlier_run_had_stored():
     stats = BatchStats(1)
     stats.add(CompletionResult("b", "ok", usage=usage, finished_at=time.time()))
     assert "earlier run" not in stats.summary()
+
+
+class _LongFirstLine(io.TextIOBase):
+    """A first line of ``length`` characters, then ``rest``, handed out as readline asks; remembers the most
+    characters one call returned (what the reader held at once)."""
+
+    def __init__(self, length: int, rest: str) -> None:
+        self.left, self.rest, self.most = length, rest, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1) -> str:
+        if self.left > 0:
+            n = self.left if size is None or size < 0 else min(size, self.left)
+            self.left -= n
+            text = "x" * n + ("\n" if self.left == 0 else "")
+        else:
+            text, self.rest = self.rest, ""
+        self.most = max(self.most, len(text))
+        return text
+
+
+async def test_a_line_longer_than_the_limit_is_refused_unread_and_the_others_run(make_host: Any, monkeypatch: Any) -> None:
+    from ksi_host.cli import runner
+
+    monkeypatch.setattr(runner, "MAX_LINE_CHARS", 1000)
+    stream = _LongFirstLine(10_000_000, json.dumps({"model": "m", "prompt": "after", "request_id": "after"}) + "\n")
+    async with make_host(DirectQueue(), ScriptedProviders(FakeProvider("p"))) as host:
+        out = io.StringIO()
+        stats = await BatchRunner(host, out, io.StringIO()).run(runner.iter_lines(stream))
+    assert stream.most <= 1024 * 1024 + 1  # never the whole line in memory
+    got = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["status"], r["request_id"]) for r in got] == [("error", got[0]["request_id"]), ("ok", "after")]
+    assert got[0]["error"]["message"] == "line 1: line: longer than 1,000 characters (not read)"
+    assert stats.failed == 1 and stats.ok == 1
+
+
+def test_a_first_line_too_long_to_read_does_not_decide_the_format() -> None:
+    from ksi_host.cli.main import _line_format
+    from ksi_host.cli.runner import LongLine
+
+    batch_line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}})
+    fmt, lines = _line_format("auto", iter([(1, LongLine("{")), (2, batch_line)]))
+    assert fmt.name == "openai-batch" and fmt.detected_from == 2
+    assert list(lines) == [(1, "{"), (2, batch_line)]

@@ -25,6 +25,8 @@ from ..errors import OperationalError, ValidationError
 from ..models import ChatDelta, CompletionRequest, CompletionResult, RequestQuery
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and SIGTERM (``kill``, a service manager) alike: the request is cancelled and stored ``cancelled``."""
 
 FLAGS = {"model": "--model", "session_id": "--session", "agent_id": "--agent", "purpose": "--purpose",
          "priority": "--priority", "max_tokens": "--max-tokens", "temperature": "--temperature", "timeout_s": "--timeout",
@@ -139,10 +141,12 @@ class Ask:
         def on_interrupt() -> None:
             nonlocal interrupted
             interrupted = True
-            loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C raises KeyboardInterrupt: stop at once
+            for sig in STOP_SIGNALS:  # a second Ctrl-C raises KeyboardInterrupt, a second SIGTERM kills: stop at once
+                loop.remove_signal_handler(sig)
             task.cancel()
 
-        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_interrupt)
         try:
             result: CompletionResult | None = None
             try:
@@ -156,7 +160,8 @@ class Ask:
                     self._say("finish them with ksi-host run (the same file and --db), or ask with another --db")
                 return EXIT_USAGE
         finally:
-            loop.remove_signal_handler(signal.SIGINT)
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
         if result is None:  # left before its end (Ctrl-C)
             result = await self._settle()
             self.answer.end(None)

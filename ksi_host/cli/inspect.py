@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from .tables import cut, money, parse_since, render, terminal_width
+from .tables import Printable, cut, money, parse_since, printable, render, terminal_width
 
 STATUSES = ("queued", "running", "ok", "error", "cancelled")
 
@@ -98,7 +98,7 @@ async def show(args: argparse.Namespace, host_for: Any) -> int:
     if args.json:
         print(json.dumps(details, indent=2, default=str, ensure_ascii=False))
     else:
-        print_details(args.request_id, details)
+        print_details(args.request_id, details, Printable(sys.stdout))
     return 0
 
 
@@ -121,7 +121,7 @@ async def logs(args: argparse.Namespace, host_for: Any) -> int:
         print("no requests" + (" match" if any((args.session, args.agent, args.model, args.status, args.since)) else ""))
         return 0
     shown = [{**r, "submitted_at": _when(r.get("submitted_at"))} for r in rows]
-    print(render(shown, LOG_COLUMNS, width=terminal_width(), missing={"cost_usd": "n/a"}))
+    print(printable(render(shown, LOG_COLUMNS, width=terminal_width(), missing={"cost_usd": "n/a"})))
     return 0
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import IO, Any
 
 from ..commands import host_from_args, log_to_stderr, plugin_commands
 from . import inspect
@@ -48,6 +49,10 @@ def _since(text: str) -> str:
     return text
 
 
+MAX_COUNT = 1_000_000_000
+"""The most a whole-number option (``--concurrency``, ``-n``, ``--max-tokens``) takes."""
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -55,6 +60,8 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > MAX_COUNT:  # a database's integers end at 2**63 - 1: more would crash the query that reads it
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value}")
     return value
 
 
@@ -218,19 +225,29 @@ def _line_format(choice: str, lines: Any) -> tuple[Any, Any]:
     import itertools
 
     from .formats import detect, make
+    from .runner import LongLine
 
     if choice != "auto":
         return make(choice), lines
-    first = next(lines, None)
+    long_lines = []  # too long to be read: the first line read decides
+    while (first := next(lines, None)) is not None and isinstance(first[1], LongLine):
+        long_lines.append(first)
     if first is None:
-        return make("ksi"), lines
-    return make(detect(first[1]), detected_from=first[0]), itertools.chain([first], lines)
+        return make("ksi"), iter(long_lines)
+    return make(detect(first[1]), detected_from=first[0]), itertools.chain(long_lines, [first], lines)
 
 
 async def _run(args: argparse.Namespace) -> int:
     from ..commands import tune_gc
     from .runner import REQUIRED_HOOKS, BatchRunner, count_lines, iter_lines, open_requests
 
+    clash = _out_clash(args)
+    if clash:
+        _err(f"--out {args.out} is {clash}: writing the results there would destroy it (choose another file)")
+        return EXIT_USAGE
+    if _same_file(args.requests, _db_path(args)):
+        _err(f"--db {_db_path(args)} is the input file {args.requests}: the database needs a file of its own")
+        return EXIT_USAGE
     try:
         total = count_lines(args.requests)
         requests = open_requests(args.requests)
@@ -249,6 +266,7 @@ async def _run(args: argparse.Namespace) -> int:
             except OSError as e:
                 _err(f"cannot write {args.out}: {e.strerror}")
                 return EXIT_USAGE
+            runner = None
             try:
                 # no bar when the results themselves scroll on the same terminal
                 bar = sys.stderr.isatty() and not (out is sys.stdout and sys.stdout.isatty())
@@ -257,17 +275,62 @@ async def _run(args: argparse.Namespace) -> int:
                 tune_gc()  # this process is the batch's own: fewer collections (see ksi_host.commands)
                 stats, interrupted = await _run_interruptible(runner, lines)
             finally:
-                if out is not sys.stdout:
-                    out.close()
+                _close_out(out, runner)
     print(stats.summary(interrupted), file=sys.stderr)
+    assert runner is not None
+    if runner.output_error is not None:
+        where = "stdout" if out is sys.stdout else args.out
+        _err(f"cannot write the results to {where}: {runner.output_error.strerror or runner.output_error}; "
+             "every finished result is stored: run the same command again to write them")
+        return EXIT_FAILED
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if stats.ok == stats.expected else EXIT_FAILED
 
 
+def _db_path(args: argparse.Namespace) -> str:
+    from ..db import default_db_path
+
+    return getattr(args, "db", None) or default_db_path()
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Are ``a`` and ``b`` one existing file (``-`` is none)?"""
+    import os
+
+    try:
+        return a != "-" and b != "-" and os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _out_clash(args: argparse.Namespace) -> str | None:
+    """What ``--out`` would overwrite that must not be: the input file or the database (None: nothing)."""
+    for path, what in ((args.requests, "the input file"), (_db_path(args), "the database")):
+        if _same_file(path, args.out):
+            return what
+    return None
+
+
+def _close_out(out: IO[str], runner: Any) -> None:
+    """Close the results file; a failure to write its last lines is the runner's output error."""
+    if out is sys.stdout:
+        return
+    try:
+        out.close()
+    except OSError as e:
+        if runner is not None and runner.output_error is None:
+            runner.output_error = e
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""What stops ``ksi-host run`` gently: Ctrl-C, and SIGTERM (``kill``, systemd, ``docker stop``, ``timeout``) alike, so
+a request running when a service manager stops the batch is finished and stored, not sent again by the rerun."""
+
+
 async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
-    """Run the batch; the first Ctrl-C stops it gently (the running requests finish, their results are
-    written), the second at once (the host stops; running requests stay stored unfinished)."""
+    """Run the batch; the first Ctrl-C (or SIGTERM) stops it gently (the running requests finish, their results
+    are written), the second at once (the host stops; running requests stay stored unfinished)."""
     task = asyncio.ensure_future(runner.run(lines))
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -280,10 +343,12 @@ async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
             runner.progress.note(f"ksi-host: stopping; {running} running request(s) finish first (Ctrl-C again: stop now)")
             runner.stop()
         else:
-            loop.remove_signal_handler(signal.SIGINT)  # a third Ctrl-C raises KeyboardInterrupt
+            for sig in STOP_SIGNALS:  # a third Ctrl-C raises KeyboardInterrupt, a third SIGTERM kills
+                loop.remove_signal_handler(sig)
             task.cancel()
 
-    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_interrupt)
     try:
         stats = await task
     except asyncio.CancelledError:
@@ -291,7 +356,8 @@ async def _run_interruptible(runner: Any, lines: Any) -> tuple[Any, bool]:
             raise
         stats = runner.stats
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
     return stats, interrupts > 0
 
 
@@ -326,7 +392,7 @@ async def _ask(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from .tables import cut, fmt, render, terminal_width
+    from .tables import Printable
 
     async with _host(args, serve=False) as host:
         status = await host.status()
@@ -337,6 +403,14 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return EXIT_OK
+    with contextlib.redirect_stdout(Printable(sys.stdout)):  # an upstream's error text cannot drive the terminal
+        _print_status(status)
+    return EXIT_OK
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    from .tables import cut, fmt, render, terminal_width
+
     width = terminal_width()
 
     def table(rows: list[dict[str, Any]]) -> str:
@@ -360,11 +434,10 @@ async def _status(args: argparse.Namespace) -> int:
                     print(table(v))
         else:
             print(cut(fmt(data), width) if data not in (None, [], {}) else "(empty)")
-    return EXIT_OK
 
 
 async def _usage(args: argparse.Namespace) -> int:
-    from .tables import parse_since, render, terminal_width
+    from .tables import Printable, parse_since
 
     since = parse_since(args.since)
     async with _host(args, serve=False) as host:
@@ -377,6 +450,14 @@ async def _usage(args: argparse.Namespace) -> int:
     if not rows:
         print("no usage recorded" + (f" since {args.since}" if args.since else ""))
         return EXIT_OK
+    with contextlib.redirect_stdout(Printable(sys.stdout)):  # the groups are what requests named
+        _print_usage(args, rows, totals)
+    return EXIT_OK
+
+
+def _print_usage(args: argparse.Namespace, rows: list[dict[str, Any]], totals: list[dict[str, Any]]) -> None:
+    from .tables import render, terminal_width
+
     total: dict[str, Any] = {**(totals[0] if totals else {}), "key": "TOTAL"}
     shown = [{**r, "key": "(none)" if r.get("key") is None else r["key"]} for r in rows]
     columns = [("key", args.by), ("calls", "calls"), ("requests", "requests"), ("prompt_tokens", "prompt"),
@@ -387,7 +468,6 @@ async def _usage(args: argparse.Namespace) -> int:
     unknown, in_flight = total.get("unknown_calls") or 0, total.get("in_flight_calls") or 0
     if unknown:  # sent, and nobody saw how they ended: a timeout, a cancel, a killed process
         print(f"{unknown:,} calls of unknown outcome, possibly billed" + (f" ({in_flight:,} still in flight)" if in_flight else ""))
-    return EXIT_OK
 
 
 async def _cancel(args: argparse.Namespace) -> int:

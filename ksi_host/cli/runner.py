@@ -96,10 +96,32 @@ def open_requests(path: str) -> IO[str]:
     return open(path, encoding=INPUT_ENCODING, errors=INPUT_ERRORS)  # noqa: SIM115
 
 
+MAX_LINE_CHARS = 64 * 1024 * 1024
+"""A line longer than this many characters is refused without being read whole (:class:`LongLine`), so
+memory stays bounded whatever the input (a file without line breaks, ``/dev/zero``). OpenAI allows a
+request payload of 50 MB at most (images included): such a line fits."""
+
+_SKIP_CHARS = 1024 * 1024  # the rest of a long line is read (and dropped) this much at a time
+
+
+class LongLine(str):
+    """The first characters of a line longer than :data:`MAX_LINE_CHARS`; the rest was skipped unread."""
+
+    KEPT = 200
+
+
 def iter_lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
-    """Non-blank lines with their 1-based line numbers, read as they are asked for."""
-    for n, line in enumerate(stream, 1):
-        if line.strip():
+    """Non-blank lines with their 1-based line numbers, read as they are asked for; a line longer than
+    :data:`MAX_LINE_CHARS` as a :class:`LongLine` (its first characters only)."""
+    readline, max_chars = stream.readline, MAX_LINE_CHARS
+    n = 0
+    while line := readline(max_chars + 1):
+        n += 1
+        if len(line) > max_chars and not line.endswith("\n"):  # too long: skip to the next line break
+            while (rest := readline(_SKIP_CHARS)) and not rest.endswith("\n"):
+                pass
+            yield n, LongLine(line[:LongLine.KEPT])
+        elif line.strip():
             yield n, line
 
 
@@ -116,7 +138,7 @@ def count_lines(path: str) -> int | None:
     if path == "-" or not os.path.isfile(path):
         return None
     with open_requests(path) as f:
-        return sum(1 for line in f if line.strip())
+        return sum(1 for _ in iter_lines(f))
 
 
 def parse_line(lineno: int, text: str) -> CompletionRequest | CompletionResult:
@@ -178,6 +200,7 @@ class BatchRunner:
         self._ids = RequestIds()
         self._unwritten: set[str] = set()  # request ids submitted whose result is not written yet
         self._taken = self._answered = 0  # requests handed to host.submit; of those, accepted or refused
+        self.output_error: OSError | None = None  # why ``out`` could not be written (the batch then stopped)
 
     def stop(self) -> None:
         """Read no more lines, start no more requests; the running ones finish (see the class docstring)."""
@@ -193,9 +216,20 @@ class BatchRunner:
         return running, len(self._unwritten) - running
 
     def write(self, result: CompletionResult, *, rejected: Rejected | None = None) -> None:
-        """Write the output line of ``result``; ``rejected``: the line never reached the queue, and why."""
-        self.out.write(json.dumps(self.format.render(result, rejected), ensure_ascii=False) + "\n")
-        self.out.flush()
+        """Write the output line of ``result``; ``rejected``: the line never reached the queue, and why.
+
+        When ``out`` cannot be written (a full disk, a closed pipe), the batch stops as at a Ctrl-C
+        (:meth:`stop`): the running requests finish and are stored, a rerun writes every result.
+        The error is kept in :attr:`output_error`; no more lines are written."""
+        if self.output_error is None:
+            try:
+                self.out.write(json.dumps(self.format.render(result, rejected), ensure_ascii=False) + "\n")
+                self.out.flush()
+            except OSError as e:
+                self.output_error = e
+                self.stop()
+        if self.output_error is not None:
+            return  # not written: counted as not finished (the rerun writes it)
         self.stats.add(result, rejected=rejected is not None)
         self.progress.update()
 
@@ -205,7 +239,11 @@ class BatchRunner:
             if self.stopping:
                 return
             self.stats.read += 1
-            item = self.format.parse(lineno, text)
+            if isinstance(text, LongLine):
+                item: CompletionRequest | Rejected = Rejected(line_request_id(lineno, text), ValidationError(
+                    "line", f"longer than {MAX_LINE_CHARS:,} characters (not read)", line=lineno), own_id=False)
+            else:
+                item = self.format.parse(lineno, text)
             if isinstance(item, CompletionRequest):
                 earlier = self._ids.first_line(item.request_id, lineno)
                 if earlier is not None:

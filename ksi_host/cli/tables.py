@@ -53,6 +53,33 @@ def fmt(value: Any, key: str = "") -> str:
     return str(value)
 
 
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Characters that drive a terminal rather than show: C0 and C1 controls but tab and newline (escape
+sequences: colours, clearing the screen, setting the title, OSC 8 links) and the bidirectional overrides."""
+
+
+def printable(text: str) -> str:
+    """``text`` with each of :data:`_CONTROLS` spelt out (``\\x1b``, ``\\u202e``): what a request, an upstream
+    or a model wrote is shown, it cannot drive the terminal of whoever reads it."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class Printable:
+    """A text stream that writes to ``stream`` through :func:`printable` (for ``print(..., file=...)``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(printable(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
 ELLIPSIS = "\u2026"
 
 

@@ -121,10 +121,17 @@ def opt_price(inst: Any, a: attrs.Attribute, value: Any) -> None:
                          f"{MAX_PRICE_PER_MTOK:g}, or absent; got {value!r}")
 
 
+_KEY_PART = re.compile(r"(?=[^_]*[0-9])(?=[^_]*[a-z])[A-Za-z0-9]{20,}")
+"""A part of a name (between underscores) that is a key rather than a word: 20 or more letters and digits,
+lower case among them. Keys that fit a variable's name (``gsk_…``, ``hf_…``, hex) have one; names such
+as ``AZURE_OPENAI_API_KEY_2`` do not."""
+
+
 def env_name(inst: Any, a: attrs.Attribute, value: Any) -> None:
-    """Absent, or the name of an environment variable (``OPENAI_API_KEY``)."""
+    """Absent, or the name of an environment variable (``OPENAI_API_KEY``), not a key shaped like one."""
     # The message never repeats the value: if someone pasted a key here, it must not reach a log.
-    if value is not None and (not isinstance(value, str) or not _ENV_NAME.match(value)):
+    if value is not None and (not isinstance(value, str) or not _ENV_NAME.match(value)
+                              or any(_KEY_PART.fullmatch(part) for part in value.split("_"))):
         raise ValueError(
             f"{a.name} must be the name of the environment variable that holds the key "
             "(like OPENAI_API_KEY), never the key itself"

@@ -1,4 +1,4 @@
-"""Ctrl-C during `ksi-host run`: exit 130, unfinished work stored; the rerun completes the batch."""
+"""Ctrl-C (or SIGTERM) during `ksi-host run`: exit 130, unfinished work stored; the rerun completes the batch."""
 
 import json
 import os
@@ -49,13 +49,14 @@ timeout_s = 10
     return args, env, out
 
 
-def test_sigint_stops_then_rerun_completes_with_one_upstream_call_per_request(tmp_path, server):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_sigint_stops_then_rerun_completes_with_one_upstream_call_per_request(tmp_path, server, sig):
     args, env, out = _setup(tmp_path, server)
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 10):
         time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)  # SIGTERM (kill, a service manager) stops as Ctrl-C does
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "Interrupted" in err and "run again to resume" in err and "Traceback" not in err

@@ -3,7 +3,9 @@
 A fake ``claude`` (``plugins/provider-claude-cli/tests/fake_claude.py``) first on PATH; a batch
 whose requests hang: one starts a child and sleeps (``!hang``), one starts a child whose own
 child calls ``setsid`` (``!setsid``). Once every process has noted its pid, the ``ksi-host run``
-process is killed with the signal; then every noted process must be gone within a few seconds.
+process is killed with the signal (SIGTERM twice: the first stops the batch gently, as Ctrl-C does, and
+would let the hanging requests run to their timeout; the second stops it at once); then every noted
+process must be gone within a few seconds.
 Before the reaper, SIGTERM and SIGKILL orphaned all of them (SIGINT cleaned up); after SIGKILL,
 the kernel's parent-death signal (``PR_SET_PDEATHSIG``, armed by the reaper) is what starts the
 clean-up.
@@ -64,8 +66,11 @@ def test_killing_ksi_host_run_leaves_no_claude_process_behind(tmp_path: Path, si
         every = [pid for group in found.values() for pid in group]
         assert len(every) == 5 and all(fake.pid_alive(pid) for pid in every)  # 2 CLIs, 2 children, 1 grandchild
         p.send_signal(sig)
+        if sig == signal.SIGTERM:  # the first stops gently (the hanging requests would finish); the second at once
+            time.sleep(0.5)
+            p.send_signal(sig)
         p.wait(30)
-        assert p.returncode == -sig
+        assert p.returncode == (130 if sig == signal.SIGTERM else -sig)
         deadline = time.monotonic() + 5
         while any(fake.pid_alive(pid) for pid in every) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -33,7 +33,9 @@ BATCH_MAX = 500
 
 def describe(dsn: str) -> str:
     """The DSN as it may be printed: user, host, port and database, never a password."""
-    text = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+    if "://" not in dsn and "=" not in dsn:  # neither a URL nor key=value pairs: it could be anything, a password too
+        return "(the DSN in dsn_env: not a postgresql:// URL)"
+    text = re.sub(r"(://[^:/@]*):.*@", r"\1:***@", dsn)  # to the last '@': a password may hold one unescaped
     return re.sub(r"(password=)\S+", r"\1***", text)
 
 
@@ -78,7 +80,7 @@ class Pg:
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.size, timeout=30,
                                                   command_timeout=None, statement_cache_size=256, reset=_no_reset)
         except Exception as e:
-            if _operational(e) or isinstance(e, (ValueError, asyncpg.PostgresError)):
+            if _operational(e) or isinstance(e, (ValueError, OverflowError, asyncpg.PostgresError)):  # Overflow: a port > 65535
                 raise self.error(e, starting=True) from None
             raise
         return self

@@ -70,12 +70,24 @@ async def test_an_unset_dsn_variable_stops_the_start_naming_it(make_host, monkey
             pass
 
 
-async def test_an_unreachable_database_is_a_start_up_error_without_the_password(make_host, monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv(ENV, f"postgresql://ksi:s3cret-pw@/nodb?host={tmp_path}&port=1")
+@pytest.mark.parametrize("dsn", [
+    "postgresql://ksi:s3cret-pw@/nodb?host={tmp}&port=1",
+    "postgresql://ksi:s3cret@pw@/nodb?host={tmp}&port=1",  # an '@' in the password, not percent-encoded
+    "postgresql://ksi:s3cret-pw@127.0.0.1:99999/nodb",      # a port out of range (asyncpg: OverflowError)
+    "host={tmp} port=1 user=ksi password=s3cret-pw",        # key=value pairs (not what asyncpg reads)
+])
+async def test_an_unreachable_database_is_a_start_up_error_without_the_password(make_host, monkeypatch, tmp_path, dsn) -> None:
+    monkeypatch.setenv(ENV, dsn.format(tmp=tmp_path))
     with pytest.raises(DatabaseStartupError) as caught:
         async with make_host(Plugin(), config=pg_config()):
             pass
-    assert "s3cret-pw" not in str(caught.value) and "***" in str(caught.value)
+    assert "s3cret" not in str(caught.value) and "pw@" not in str(caught.value) and "***" in str(caught.value)
+
+
+def test_a_dsn_that_is_not_a_url_is_not_printed() -> None:
+    from ksi_postgres.db import describe
+
+    assert "s3cret" not in describe("s3cret-pw")  # the password alone in the variable
 
 
 @pytest.mark.parametrize(("key", "value"), [("lease_s", 0.0), ("lease_s", float("nan")), ("concurrency", 0),
