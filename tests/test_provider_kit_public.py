@@ -15,8 +15,10 @@ import ksi_host.providers as kit
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDER_PLUGINS = ["provider", "provider-openai", "provider-claude-cli"]
 READMES = [ROOT / "README.md"] + [ROOT / "plugins" / p / "README.md" for p in PROVIDER_PLUGINS]
-PUBLIC_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.commands", "ksi_host.errors", "ksi_host.models", "ksi_host.providers", "ksi_host.testing",
-                  "ksi_host.windows"} | {
+LISTED_MODULES = {"ksi_host", "ksi_host.chat", "ksi_host.commands", "ksi_host.config", "ksi_host.db", "ksi_host.errors",
+                  "ksi_host.hookspecs", "ksi_host.models", "ksi_host.providers", "ksi_host.testing", "ksi_host.windows"}
+"""The public API the README lists for plugin authors."""
+PUBLIC_MODULES = LISTED_MODULES | {
     f"ksi_host.providers.{m}" for m in ("circuit", "circuit_store", "config", "deployment_provider", "deployments",
                                         "errormap", "plugin", "validators")}
 README_MODULES = {"ksi_host", "ksi_host.providers", "ksi_host.providers.validators", "ksi_host.testing",
@@ -61,6 +63,34 @@ def test_provider_plugins_import_only_public_names(path: Path) -> None:
                     assert [getattr(t, "id", None) for t in item.targets] != ["plugin"], f"{path.name}: {node.name}.plugin"
     docstring = ast.get_docstring(tree) or ""
     assert not GONE.search(docstring), f"{path.name}: {GONE.search(docstring).group()}"  # type: ignore[union-attr]
+
+
+def _every_plugins_sources() -> list[Path]:
+    return sorted(p for p in (ROOT / "plugins").glob("*/ksi_*/**/*.py") if "egg-info" not in str(p))
+
+
+@pytest.mark.parametrize("path", _every_plugins_sources(), ids=lambda p: str(p.relative_to(ROOT / "plugins")))
+def test_every_plugin_imports_only_the_public_api(path: Path) -> None:
+    """The rule every plugin follows (README, "Writing a plugin"): only the listed modules of ksi_host, no private
+    name, never another plugin."""
+    own = path.relative_to(ROOT / "plugins").parts[1]
+    others = {p.name for p in (ROOT / "plugins").glob("*/ksi_*") if p.is_dir() and "egg-info" not in p.name} - {own}
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                   else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        for module in modules:
+            if module.startswith("ksi_host"):
+                assert module in PUBLIC_MODULES, f"imports {module}"
+                for alias in getattr(node, "names", []) if isinstance(node, ast.ImportFrom) else []:
+                    assert not alias.name.startswith("_"), f"imports {alias.name} from {module}"
+            assert module.split(".")[0] not in others, f"imports another plugin: {module}"
+
+
+def test_the_readme_lists_the_public_modules() -> None:
+    section = (ROOT / "README.md").read_text().split("## Writing a plugin", 1)[1].split("\n## ", 1)[0]
+    listed = re.search(r"Import only `ksi_host`'s public API \(([^)]*)\)", section)
+    assert listed is not None
+    assert set(re.findall(r"`(ksi_host[\w.]*)`", listed.group(1))) == LISTED_MODULES
 
 
 def _snippets(readme: Path) -> list[str]:
