@@ -497,6 +497,18 @@ COMMANDS = {"run": _run, "ask": _ask, "status": _status, "usage": _usage, "cance
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    try:  # now, not at exit: stdout's reader having left is seen here (at exit, Python would print "Exception
+        # ignored" and exit 120, since stdout to a pipe keeps what it could not write in its buffer)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_reader_left():
+            raise
+        return EXIT_PIPE if code == EXIT_OK else code
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()  # asks the plugins for their commands
     except Exception:  # a plugin's programming error (its note names the plugin), as in any command
