@@ -221,6 +221,7 @@ def test_an_answer_with_tool_calls_refusal_finish_reason_model_and_usage_details
     ({"choices": [{"message": {"content": "", "tool_calls": [{"function": {"name": "f"}}]}}]}, "an id and a name"),
     ({"choices": [{"message": {"content": "", "tool_calls": {"id": "x"}}}]}, "not a list"),
     ({"choices": [{"message": {"content": "x"}, "finish_reason": 3}]}, "finish_reason is int"),
+    ({"choices": [{"message": {"content": "x"}, "logprobs": [-0.5]}]}, "logprobs is list, not an object"),
 ])
 def test_what_is_not_an_answer_is_a_malformed_response(payload: Any, why: str) -> None:
     with pytest.raises(ProviderUnavailable, match=f"d1: malformed response: .*{why}"):

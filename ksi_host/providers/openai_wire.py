@@ -10,7 +10,8 @@ client library that hands back that shape as plain data:
   the same name; the keys the provider sets itself are refused);
 * :func:`response_of`: a ``chat.completion`` object to a
   :class:`~ksi_host.models.ProviderResponse` (text, tool calls, finish reason,
-  refusal, the upstream's model name, usage with cached and reasoning tokens);
+  refusal, log probabilities, the upstream's model name, usage with cached and
+  reasoning tokens);
 * :func:`delta_of`: one ``chat.completion.chunk`` to a :class:`~ksi_host.models.ChatDelta`;
 * :func:`sse_data`: the ``data:`` payloads of a server-sent events byte stream.
 
@@ -129,6 +130,13 @@ def _tool_calls(calls: Any, provider: str) -> tuple[dict[str, Any], ...] | None:
     return tuple(found)
 
 
+def _logprobs(value: Any, provider: str) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` (an object, passed on as it is; None when absent)."""
+    if value is None or isinstance(value, dict):
+        return value
+    raise malformed_response(provider, f"the answer's logprobs is {type(value).__name__}, not an object")
+
+
 def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | None = None,
                 session_id: str | None = None) -> ProviderResponse:
     """A ``chat.completion`` object (parsed JSON) as a ProviderResponse; its first choice is the answer.
@@ -157,6 +165,7 @@ def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | 
         tool_calls=_tool_calls(message.get("tool_calls"), provider),
         finish_reason=_finish(choice.get("finish_reason"), provider),
         refusal=_text(message.get("refusal"), "refusal", provider),
+        logprobs=_logprobs(choice.get("logprobs"), provider),
     )
 
 

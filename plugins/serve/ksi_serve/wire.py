@@ -242,7 +242,7 @@ def completion(result: CompletionResult, visible: str, requested_model: str) -> 
         "object": "chat.completion",
         "created": created_of(result),
         "model": result.model or requested_model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
+        "choices": [{"index": 0, "message": message, "logprobs": result.logprobs,
                      "finish_reason": result.finish_reason or ("tool_calls" if message.get("tool_calls") else "stop")}],
         "usage": usage_of(result.usage),
         "system_fingerprint": None,
