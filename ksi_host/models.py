@@ -367,7 +367,9 @@ class ChatDelta:
     "arguments"}}``, each key present only when it has something: a call's
     ``arguments`` arrive in pieces under the same ``index``); ``finish_reason``
     comes with the last piece, ``usage`` with it or after it (when the
-    upstream reports usage for a stream).
+    upstream reports usage for a stream); ``logprobs`` the log probabilities
+    of the piece's tokens as the chunk's ``choices[0].logprobs`` shapes them
+    (``{"content": [...], "refusal": [...]}``), None when it has none.
 
     A provider that can stream has, besides ``complete``, ``stream(request,
     *, timeout_s)``: an async iterator of ChatDelta making exactly one upstream
@@ -385,6 +387,7 @@ class ChatDelta:
     usage: Usage | None = None
     model: str | None = None
     refusal: str | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @attrs.frozen(slots=True)

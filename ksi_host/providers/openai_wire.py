@@ -131,10 +131,17 @@ def _tool_calls(calls: Any, provider: str) -> tuple[dict[str, Any], ...] | None:
 
 
 def _logprobs(value: Any, provider: str) -> dict[str, Any] | None:
-    """A choice's ``logprobs`` (an object, passed on as it is; None when absent)."""
-    if value is None or isinstance(value, dict):
-        return value
-    raise malformed_response(provider, f"the answer's logprobs is {type(value).__name__}, not an object")
+    """A choice's ``logprobs`` (an object whose ``content`` and ``refusal`` are lists or null, passed on as it is;
+    None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise malformed_response(provider, f"the answer's logprobs is {type(value).__name__}, not an object")
+    for key in ("content", "refusal"):
+        entries = value.get(key)
+        if entries is not None and not isinstance(entries, list):
+            raise malformed_response(provider, f"the answer's logprobs.{key} is {type(entries).__name__}, not a list")
+    return value
 
 
 def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | None = None,
@@ -203,7 +210,7 @@ def delta_of(chunk: Any, *, provider: str, cost: Cost | None = None) -> ChatDelt
     choices = chunk.get("choices")
     if "error" in chunk and not choices:
         raise _stream_error(chunk, provider)
-    content = refusal = finish = calls = None
+    content = refusal = finish = calls = logprobs = None
     if choices:
         if not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise malformed_response(provider, "a stream chunk's choices are not a list of objects")
@@ -215,11 +222,12 @@ def delta_of(chunk: Any, *, provider: str, cost: Cost | None = None) -> ChatDelt
         refusal = _text(delta.get("refusal"), "refusal", provider) or None
         calls = _delta_calls(delta.get("tool_calls"), provider)
         finish = _finish(choice.get("finish_reason"), provider)
+        logprobs = _logprobs(choice.get("logprobs"), provider)
     usage = usage_of(chunk.get("usage"), cost)
-    if content is None and refusal is None and calls is None and finish is None and usage is None:
+    if content is None and refusal is None and calls is None and finish is None and usage is None and logprobs is None:
         return None
     model = chunk.get("model")
-    return ChatDelta(content, calls, finish, usage, model if isinstance(model, str) else None, refusal)
+    return ChatDelta(content, calls, finish, usage, model if isinstance(model, str) else None, refusal, logprobs)
 
 
 def _stream_error(chunk: dict[str, Any], provider: str) -> ProviderError:

@@ -305,6 +305,17 @@ class ProviderConformance:
         assert [len(e["top_logprobs"]) for e in r.logprobs["content"]] == [2, 2, 2]
         assert plain.ok and plain.logprobs is None and "logprobs" not in plain.to_dict()
 
+    @pytest.mark.asyncio
+    async def test_a_streams_log_probabilities_come_with_its_pieces_and_in_its_result(self, provider_host: Any) -> None:
+        async with provider_host() as host:
+            pieces, r = await _streamed(host, {"model": MODEL, "prompt": "one two", "logprobs": True, "top_logprobs": 1})
+            _, plain = await _streamed(host, {"model": MODEL, "prompt": "one two"})
+        expected = logprob_entries("echo: one two", 1)
+        assert [e for d in pieces if d.logprobs for e in d.logprobs["content"] or ()] == expected
+        assert r is not None and r.ok and r.logprobs is not None and r.logprobs["content"] == expected, r
+        assert not r.logprobs.get("refusal")
+        assert plain is not None and plain.ok and plain.logprobs is None
+
     # -- streaming --------------------------------------------------------------------------
 
     @pytest.mark.asyncio

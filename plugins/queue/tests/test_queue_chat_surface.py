@@ -136,6 +136,24 @@ async def test_a_result_keeps_its_log_probabilities(make_host: Any, ksi_db_path:
     assert json.loads(stored) == LOGPROBS and "é" in stored  # a JSON document, as written
 
 
+async def test_a_streamed_result_keeps_its_log_probabilities_and_a_stream_answered_from_the_table_has_them(
+        make_host: Any) -> None:
+    provider = FakeStreamingProvider("p", script=[[
+        ChatDelta("é ", logprobs={"content": LOGPROBS["content"][:1], "refusal": None}),
+        ChatDelta("ok", logprobs={"content": LOGPROBS["content"][1:], "refusal": None}),
+        ChatDelta(finish_reason="stop", usage=Usage(3, 2, 5))]])
+    request = {"model": "m", "prompt": "hi", "request_id": "slp", "logprobs": True, "top_logprobs": 1}
+    async with make_host(Plugin(), ScriptedProviders(provider)) as host:
+        stream = host.stream(request)
+        [d async for d in stream]
+        first = stream.result
+    async with make_host(Plugin()) as host:  # no provider: the table answers, as one piece
+        again = host.stream(request)
+        [whole] = [d async for d in again]
+    assert first.logprobs == LOGPROBS and again.result == first
+    assert whole.content == "é ok" and whole.logprobs == LOGPROBS
+
+
 async def test_a_streamed_result_keeps_its_time_to_first_token(make_host: Any) -> None:
     provider = FakeStreamingProvider("p", script=[["Hel", "lo", ChatDelta(finish_reason="length", usage=Usage(3, 2, 5))]])
     request = {"model": "m", "prompt": "hi", "request_id": "s1"}
