@@ -222,7 +222,9 @@ def delta_of(chunk: Any, *, provider: str, cost: Cost | None = None) -> ChatDelt
         refusal = _text(delta.get("refusal"), "refusal", provider) or None
         calls = _delta_calls(delta.get("tool_calls"), provider)
         finish = _finish(choice.get("finish_reason"), provider)
-        logprobs = _logprobs(choice.get("logprobs"), provider)
+        raw = choice.get("logprobs")
+        if raw is not None:  # (asked for: most chunks carry none, and pay no call for it)
+            logprobs = _logprobs(raw, provider)
     usage = usage_of(chunk.get("usage"), cost)
     if content is None and refusal is None and calls is None and finish is None and usage is None and logprobs is None:
         return None
