@@ -279,7 +279,11 @@ class ProviderResponse:
     answer may); ``tool_calls`` the OpenAI-shaped tool calls
     (``{"id", "type": "function", "function": {"name", "arguments"}}``) or
     None; ``finish_reason`` one of ``stop``, ``length``, ``tool_calls``,
-    ``content_filter`` (None when the upstream said none).
+    ``content_filter`` (None when the upstream said none); ``logprobs`` the
+    choice's log probabilities as the OpenAI schema shapes them
+    (``{"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...],
+    "refusal": ...}``, a document passed on as it is), None when the upstream
+    sent none (the request did not ask for them).
     """
 
     text: str
@@ -289,6 +293,7 @@ class ProviderResponse:
     tool_calls: tuple[dict[str, Any], ...] | None = attrs.field(default=None, converter=_tuple)
     finish_reason: str | None = None
     refusal: str | None = None
+    logprobs: dict[str, Any] | None = None
 
     def message(self) -> dict[str, Any]:
         """The assistant message of this answer, as the OpenAI schema shapes it (``content`` null when the answer is
@@ -362,7 +367,9 @@ class ChatDelta:
     "arguments"}}``, each key present only when it has something: a call's
     ``arguments`` arrive in pieces under the same ``index``); ``finish_reason``
     comes with the last piece, ``usage`` with it or after it (when the
-    upstream reports usage for a stream).
+    upstream reports usage for a stream); ``logprobs`` the log probabilities
+    of the piece's tokens as the chunk's ``choices[0].logprobs`` shapes them
+    (``{"content": [...], "refusal": [...]}``), None when it has none.
 
     A provider that can stream has, besides ``complete``, ``stream(request,
     *, timeout_s)``: an async iterator of ChatDelta making exactly one upstream
@@ -380,6 +387,7 @@ class ChatDelta:
     usage: Usage | None = None
     model: str | None = None
     refusal: str | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @attrs.frozen(slots=True)
@@ -499,7 +507,9 @@ class CompletionResult:
     request (retries included). ``error`` is None when ok, else
     ``{"type": ..., "message": ...}``. Times are unix seconds: ``submitted_at``
     when the queue accepted it (None when unknown), ``started_at`` when it
-    began to run, ``finished_at`` when it ended.
+    began to run, ``finished_at`` when it ended. ``logprobs`` is the answer's
+    log probabilities (see :class:`ProviderResponse`) when the request asked
+    for them (``logprobs: true``) and the upstream sent them, else None.
     """
 
     request_id: str
@@ -516,6 +526,7 @@ class CompletionResult:
     message: dict[str, Any] | None = None
     finish_reason: str | None = None
     submitted_at: float | None = None
+    logprobs: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -543,8 +554,8 @@ class CompletionResult:
         return cls(request_id, status, model=model, session_id=session_id, error=info, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form written to results files."""
-        return {
+        """The JSON form written to results files (``logprobs`` only when set)."""
+        d = {
             "request_id": self.request_id,
             "status": self.status,
             "text": self.text,
@@ -560,6 +571,9 @@ class CompletionResult:
             "finish_reason": self.finish_reason,
             "submitted_at": iso(self.submitted_at),
         }
+        if self.logprobs is not None:
+            d["logprobs"] = self.logprobs
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompletionResult:
@@ -585,6 +599,7 @@ class CompletionResult:
             message=d.get("message"),
             finish_reason=d.get("finish_reason"),
             submitted_at=ts(d.get("submitted_at")),
+            logprobs=d.get("logprobs"),
         )
 
 

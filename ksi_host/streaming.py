@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 
 class Assembly:
-    """The answer so far, from its pieces: text, tool calls (merged by ``index``), finish reason, usage."""
+    """The answer so far, from its pieces: text, tool calls (merged by ``index``), finish reason, usage, and the
+    log probabilities of the pieces that had them (their ``content`` and ``refusal`` entries, in order)."""
 
     def __init__(self) -> None:
         self.text: list[str] = []
@@ -45,6 +46,7 @@ class Assembly:
         self.usage: Usage | None = None
         self.model: str | None = None
         self.refusal: str | None = None
+        self.logprobs: dict[str, list[Any] | None] | None = None
 
     def add(self, delta: ChatDelta) -> None:
         if delta.content:
@@ -65,18 +67,34 @@ class Assembly:
             self.model = delta.model
         if delta.refusal is not None:
             self.refusal = (self.refusal or "") + delta.refusal
+        if delta.logprobs is not None:
+            self._add_logprobs(delta.logprobs)
+
+    def _add_logprobs(self, piece: dict[str, Any]) -> None:
+        found = self.logprobs
+        if found is None:
+            found = self.logprobs = {"content": None, "refusal": None}
+        for key in ("content", "refusal"):
+            entries = piece.get(key)
+            if entries:
+                so_far = found[key]
+                if so_far is None:
+                    found[key] = list(entries)
+                else:
+                    so_far.extend(entries)
 
     def response(self, session_id: str | None = None) -> ProviderResponse:
         calls = tuple(self.calls[i] for i in sorted(self.calls)) or None
         return ProviderResponse("".join(self.text), usage=self.usage, model=self.model, session_id=session_id,
-                                tool_calls=calls, finish_reason=self.finish_reason, refusal=self.refusal)
+                                tool_calls=calls, finish_reason=self.finish_reason, refusal=self.refusal,
+                                logprobs=self.logprobs)
 
 
 def deltas_of(response: ProviderResponse) -> ChatDelta:
     """A whole answer as one piece (a provider without ``stream``, or a result answered from the store)."""
     calls = tuple({"index": i, **call} for i, call in enumerate(response.tool_calls or ())) or None
     return ChatDelta(response.text or None, calls, response.finish_reason or "stop", response.usage, response.model,
-                     response.refusal)
+                     response.refusal, response.logprobs)
 
 
 class StreamSink:
@@ -266,7 +284,8 @@ class CompletionStream:
             finished = True
             if not sink.handed_out and result.ok:  # answered from the store: never streamed
                 yield deltas_of(ProviderResponse(result.text or "", result.usage, result.model, result.session_id,
-                                                 (result.message or {}).get("tool_calls"), result.finish_reason))
+                                                 (result.message or {}).get("tool_calls"), result.finish_reason,
+                                                 logprobs=result.logprobs))
             if not result.ok:
                 raise error_of(result)
         finally:

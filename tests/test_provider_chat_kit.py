@@ -221,6 +221,8 @@ def test_an_answer_with_tool_calls_refusal_finish_reason_model_and_usage_details
     ({"choices": [{"message": {"content": "", "tool_calls": [{"function": {"name": "f"}}]}}]}, "an id and a name"),
     ({"choices": [{"message": {"content": "", "tool_calls": {"id": "x"}}}]}, "not a list"),
     ({"choices": [{"message": {"content": "x"}, "finish_reason": 3}]}, "finish_reason is int"),
+    ({"choices": [{"message": {"content": "x"}, "logprobs": [-0.5]}]}, "logprobs is list, not an object"),
+    ({"choices": [{"message": {"content": "x"}, "logprobs": {"content": "x"}}]}, "logprobs.content is str, not a list"),
 ])
 def test_what_is_not_an_answer_is_a_malformed_response(payload: Any, why: str) -> None:
     with pytest.raises(ProviderUnavailable, match=f"d1: malformed response: .*{why}"):
@@ -254,6 +256,12 @@ def test_chunks_become_deltas() -> None:
         delta_of({"error": {"message": "overloaded"}}, provider="d1")
     with pytest.raises(ProviderUnavailable, match="malformed"):
         delta_of({"choices": [{"delta": {"tool_calls": [{"index": "0"}]}}]}, provider="d1")
+    entry = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
+    probs = delta_of({"choices": [{"delta": {"content": "Hi"}, "logprobs": {"content": [entry], "refusal": None}}]},
+                     provider="d1")
+    assert probs == ChatDelta("Hi", logprobs={"content": [entry], "refusal": None})
+    with pytest.raises(ProviderUnavailable, match="d1: malformed response: .*logprobs is str"):
+        delta_of({"choices": [{"delta": {"content": "Hi"}, "logprobs": "-0.5"}]}, provider="d1")
 
 
 def test_usage_of_leaves_unreported_details_unknown() -> None:

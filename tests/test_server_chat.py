@@ -110,6 +110,27 @@ def test_a_cut_whole_answer_stops_halfway(openai_server: OpenAIServer) -> None:
     assert openai_server.arrivals[0].answered_at is None
 
 
+def test_log_probabilities_one_entry_per_word_with_the_alternatives_asked(openai_server: OpenAIServer) -> None:
+    _, asked = post(openai_server, logprobs=True, top_logprobs=2)
+    _, bare = post(openai_server, logprobs=True)
+    _, plain = post(openai_server)
+    openai_server.script("refusal")
+    _, refused = post(openai_server, logprobs=True)
+    probs = asked["choices"][0]["logprobs"]
+    assert [e["token"] for e in probs["content"]] == ["echo: ", "weather ", "in ", "Paris"] and probs["refusal"] is None
+    first = probs["content"][0]
+    assert first == {"token": "echo: ", "logprob": first["logprob"], "bytes": [101, 99, 104, 111, 58, 32],
+                     "top_logprobs": [{"token": "echo: ", "logprob": first["logprob"], "bytes": [101, 99, 104, 111, 58, 32]},
+                                      {"token": "echo:~1", "logprob": round(first["logprob"] - 1, 2),
+                                       "bytes": list(b"echo:~1")}]}
+    assert [e["logprob"] for e in probs["content"]] == [-0.21, -0.09, -0.54, -0.27]  # made from each word
+    assert [e["top_logprobs"] for e in bare["choices"][0]["logprobs"]["content"]] == [[]] * 4  # none asked
+    assert [e["logprob"] for e in bare["choices"][0]["logprobs"]["content"]] == [e["logprob"] for e in probs["content"]]
+    assert plain["choices"][0]["logprobs"] is None
+    refusal = refused["choices"][0]["logprobs"]
+    assert refusal["content"] is None and "".join(e["token"] for e in refusal["refusal"]) == REFUSAL
+
+
 # -- streams -------------------------------------------------------------------------------
 
 
@@ -176,6 +197,18 @@ async def test_a_stream_is_server_sent_events_word_by_word_ending_in_done(openai
     a = openai_server.arrivals[0]
     assert a.stream and a.chunks == 6 and not a.closed_early and a.usage is not None and a.answered_at is not None
     assert openai_server.stream_stats() == {"streams": 1, "closed_early": 0, "holding": 0}
+
+
+async def test_a_streams_chunks_carry_the_log_probabilities_of_their_words(openai_server: OpenAIServer) -> None:
+    s = await Stream.open(openai_server, logprobs=True, top_logprobs=1)
+    await s.rest()
+    s.close()
+    _, whole = post(openai_server, logprobs=True, top_logprobs=1)
+    chunks = s.chunks()
+    assert chunks[0]["choices"][0]["logprobs"] is None and chunks[-1]["choices"][0]["logprobs"] is None  # no text
+    pieces = [c["choices"][0]["logprobs"] for c in chunks[1:-1]]
+    assert [p["content"][0]["token"] for p in pieces] == [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    assert [e for p in pieces for e in p["content"]] == whole["choices"][0]["logprobs"]["content"]  # the same entries
 
 
 async def test_usage_comes_in_a_last_chunk_when_asked(openai_server: OpenAIServer) -> None:

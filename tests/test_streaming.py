@@ -127,6 +127,26 @@ async def test_tool_call_pieces_are_assembled_into_the_results_message(make_host
     assert ledger.calls[0].usage == Usage(9, 4, 13)  # the stream's usage, from its last piece
 
 
+def entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+async def test_the_log_probabilities_of_the_pieces_are_put_together_in_order(make_host: Any) -> None:
+    pieces = [ChatDelta("Hel", logprobs={"content": [entry("Hel", -0.1)], "refusal": None}),
+              ChatDelta("lo", logprobs={"content": [entry("lo", -0.2)]}),
+              ChatDelta(refusal="no", logprobs={"content": None, "refusal": [entry("no", -0.3)]}),
+              ChatDelta(finish_reason="stop")]
+    p = FakeStreamingProvider("p", script=[pieces, ["plain", ChatDelta(finish_reason="stop")]])
+    async with make_host(DirectQueue(), ScriptedProviders(p)) as host:
+        stream = host.stream({"model": "m", "prompt": "hi", "logprobs": True})
+        got = await collect(stream)
+        plain = host.stream({"model": "m", "prompt": "hi"})
+        await collect(plain)
+    assert [d.logprobs for d in got] == [d.logprobs for d in pieces]  # each piece handed out with its own
+    assert stream.result.logprobs == {"content": [entry("Hel", -0.1), entry("lo", -0.2)], "refusal": [entry("no", -0.3)]}
+    assert plain.result.logprobs is None
+
+
 async def test_a_stream_whose_upstream_reports_no_usage_records_none(make_host: Any) -> None:
     p = FakeStreamingProvider("p", script=[["hi", ChatDelta(finish_reason="stop")]])
     ledger = UsageCalls()

@@ -201,7 +201,7 @@ def chat_completion(result: CompletionResult) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(when),
         "model": result.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason or "stop"}],
+        "choices": [{"index": 0, "message": message, "logprobs": result.logprobs, "finish_reason": result.finish_reason or "stop"}],
         "usage": usage,
     }
 

@@ -10,7 +10,8 @@ client library that hands back that shape as plain data:
   the same name; the keys the provider sets itself are refused);
 * :func:`response_of`: a ``chat.completion`` object to a
   :class:`~ksi_host.models.ProviderResponse` (text, tool calls, finish reason,
-  refusal, the upstream's model name, usage with cached and reasoning tokens);
+  refusal, log probabilities, the upstream's model name, usage with cached and
+  reasoning tokens);
 * :func:`delta_of`: one ``chat.completion.chunk`` to a :class:`~ksi_host.models.ChatDelta`;
 * :func:`sse_data`: the ``data:`` payloads of a server-sent events byte stream.
 
@@ -129,6 +130,20 @@ def _tool_calls(calls: Any, provider: str) -> tuple[dict[str, Any], ...] | None:
     return tuple(found)
 
 
+def _logprobs(value: Any, provider: str) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` (an object whose ``content`` and ``refusal`` are lists or null, passed on as it is;
+    None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise malformed_response(provider, f"the answer's logprobs is {type(value).__name__}, not an object")
+    for key in ("content", "refusal"):
+        entries = value.get(key)
+        if entries is not None and not isinstance(entries, list):
+            raise malformed_response(provider, f"the answer's logprobs.{key} is {type(entries).__name__}, not a list")
+    return value
+
+
 def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | None = None,
                 session_id: str | None = None) -> ProviderResponse:
     """A ``chat.completion`` object (parsed JSON) as a ProviderResponse; its first choice is the answer.
@@ -157,6 +172,7 @@ def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | 
         tool_calls=_tool_calls(message.get("tool_calls"), provider),
         finish_reason=_finish(choice.get("finish_reason"), provider),
         refusal=_text(message.get("refusal"), "refusal", provider),
+        logprobs=_logprobs(choice.get("logprobs"), provider),
     )
 
 
@@ -194,7 +210,7 @@ def delta_of(chunk: Any, *, provider: str, cost: Cost | None = None) -> ChatDelt
     choices = chunk.get("choices")
     if "error" in chunk and not choices:
         raise _stream_error(chunk, provider)
-    content = refusal = finish = calls = None
+    content = refusal = finish = calls = logprobs = None
     if choices:
         if not isinstance(choices, list) or not isinstance(choices[0], dict):
             raise malformed_response(provider, "a stream chunk's choices are not a list of objects")
@@ -206,11 +222,14 @@ def delta_of(chunk: Any, *, provider: str, cost: Cost | None = None) -> ChatDelt
         refusal = _text(delta.get("refusal"), "refusal", provider) or None
         calls = _delta_calls(delta.get("tool_calls"), provider)
         finish = _finish(choice.get("finish_reason"), provider)
+        raw = choice.get("logprobs")
+        if raw is not None:  # (asked for: most chunks carry none, and pay no call for it)
+            logprobs = _logprobs(raw, provider)
     usage = usage_of(chunk.get("usage"), cost)
-    if content is None and refusal is None and calls is None and finish is None and usage is None:
+    if content is None and refusal is None and calls is None and finish is None and usage is None and logprobs is None:
         return None
     model = chunk.get("model")
-    return ChatDelta(content, calls, finish, usage, model if isinstance(model, str) else None, refusal)
+    return ChatDelta(content, calls, finish, usage, model if isinstance(model, str) else None, refusal, logprobs)
 
 
 def _stream_error(chunk: dict[str, Any], provider: str) -> ProviderError:

@@ -29,7 +29,7 @@ reads what reached the server in its arrival log. What the suite checks:
   (:attr:`~ProviderConformance.PROVIDER_OPTIONS`) arriving as sent, whole and streamed, and
   ``provider_options`` refused (BadRequest, nothing sent) where they would set what the provider sets;
 - a tool call and its round trip, whole and streamed; JSON mode; cached and reasoning tokens, the
-  upstream's model name and a refusal;
+  upstream's model name and a refusal; the answer's log probabilities when asked (none when not);
 - streaming: pieces before the upstream finishes, failover before the first piece, a cut stream
   an error (not retried), the consumer leaving closing the connection, a gap longer than the timeout a
   ProviderTimeout, the last chunk's usage the call's;
@@ -64,6 +64,7 @@ from ..service import Host
 from .chat import EVERY_PARAMETER, WEATHER, until
 from .fakes import DirectQueue, FailOver, UsageCalls
 from .faults import PROVIDER_FAULTS
+from .server import logprob_entries
 
 MODEL = "gpt-test"
 """The model every deployment of the suite serves (the server answers any name)."""
@@ -292,6 +293,28 @@ class ProviderConformance:
         assert (r.usage.cached_tokens, r.usage.reasoning_tokens) == (3, 4) and r.model == "served-name"
         assert openai_server.arrivals[0].model == "served-name" and usage.calls[0].usage == r.usage
         assert refused.ok and refused.message["refusal"] == "I can't help with that (test server)."
+
+    @pytest.mark.asyncio
+    async def test_log_probabilities_come_back_when_asked(self, provider_host: Any) -> None:
+        async with provider_host() as host:
+            r = await host.complete({"model": MODEL, "prompt": "one two", "logprobs": True, "top_logprobs": 2})
+            plain = await host.complete({"model": MODEL, "prompt": "one two"})
+        assert r.ok and r.logprobs is not None, r
+        assert [e["token"] for e in r.logprobs["content"]] == ["echo: ", "one ", "two"]
+        assert r.logprobs["content"] == logprob_entries("echo: one two", 2) and r.logprobs.get("refusal") is None
+        assert [len(e["top_logprobs"]) for e in r.logprobs["content"]] == [2, 2, 2]
+        assert plain.ok and plain.logprobs is None and "logprobs" not in plain.to_dict()
+
+    @pytest.mark.asyncio
+    async def test_a_streams_log_probabilities_come_with_its_pieces_and_in_its_result(self, provider_host: Any) -> None:
+        async with provider_host() as host:
+            pieces, r = await _streamed(host, {"model": MODEL, "prompt": "one two", "logprobs": True, "top_logprobs": 1})
+            _, plain = await _streamed(host, {"model": MODEL, "prompt": "one two"})
+        expected = logprob_entries("echo: one two", 1)
+        assert [e for d in pieces if d.logprobs for e in d.logprobs["content"] or ()] == expected
+        assert r is not None and r.ok and r.logprobs is not None and r.logprobs["content"] == expected, r
+        assert not r.logprobs.get("refusal")
+        assert plain is not None and plain.ok and plain.logprobs is None
 
     # -- streaming --------------------------------------------------------------------------
 

@@ -31,6 +31,13 @@ The answer follows the request as a model would, deterministically:
   ``json_schema``: a JSON value of the schema (every property filled in);
 * otherwise ``reply``, or ``"echo: <last user message>"``.
 
+``"logprobs": true`` adds the choice's ``logprobs`` (OpenAI's shape): one entry
+per word of the content (a refusal's under ``refusal``), each with its
+``token``, a ``logprob`` made from the word (deterministic), its UTF-8
+``bytes`` and ``top_logprobs`` entries (``top_logprobs`` of them: the word
+first, then made-up alternatives); a stream carries each word's entry in its
+chunk. Without it, ``logprobs`` is null.
+
 ``cached_tokens`` / ``reasoning_tokens`` (when set) are reported in the usage as
 ``prompt_tokens_details.cached_tokens`` and ``completion_tokens_details.reasoning_tokens``
 (the reasoning tokens counted in ``completion_tokens``, as OpenAI does).
@@ -225,8 +232,46 @@ def _pieces(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text) or [text]
 
 
+def token_logprob(token: str) -> float:
+    """The log probability the server gives ``token``: made from its text, so the same word always gets the same."""
+    return -round((sum(token.encode()) % 97 + 1) / 100, 2)
+
+
+def logprob_entries(text: str | None, top: int) -> list[dict[str, Any]] | None:
+    """OpenAI's log probability entries for ``text`` (one per piece a stream sends; None for no text), each with
+    ``top`` alternatives (the piece itself first)."""
+    if text is None:
+        return None
+    entries = []
+    for piece in _pieces(text):
+        lp = token_logprob(piece)
+        alternatives = [{"token": piece, "logprob": lp, "bytes": list(piece.encode())}]
+        alternatives += [{"token": f"{piece.strip()}~{k}", "logprob": round(lp - k, 2),
+                          "bytes": list(f"{piece.strip()}~{k}".encode())} for k in range(1, top)]
+        entries.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": alternatives[:top]})
+    return entries
+
+
+def _top(body: dict[str, Any]) -> int | None:
+    """How many alternatives per token a request asks (``top_logprobs``, 0 when not given); None when it asks no
+    log probabilities."""
+    if body.get("logprobs") is not True:
+        return None
+    top = body.get("top_logprobs")
+    return top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
+
+
 def _arguments_pieces(arguments: str, size: int = 8) -> list[str]:
     return [arguments[i:i + size] for i in range(0, len(arguments), size)] or [""]
+
+
+def _chunk_logprobs(delta: dict[str, Any], top: int | None) -> dict[str, Any] | None:
+    """A stream chunk's ``logprobs``: the entry of the piece of content (or refusal) it carries; None when the request
+    asks none or the chunk carries no text."""
+    if top is None or not (delta.get("content") or delta.get("refusal")):
+        return None
+    return {"content": logprob_entries(delta.get("content") or None, top),
+            "refusal": logprob_entries(delta.get("refusal"), top)}
 
 
 def _client_gone(reader: asyncio.StreamReader) -> bool:
@@ -606,7 +651,8 @@ class OpenAIServer:
             "created": int(time.time()),
             "model": model or "unknown",
             "system_fingerprint": "fp_ksi_test",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": self._logprobs(body, message),
+                         "finish_reason": finish_reason}],
             "usage": usage,
         }).encode()
         extra = {"x-request-id": f"req-{self._next_id}"}
@@ -644,6 +690,15 @@ class OpenAIServer:
             schema = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else {}
             text = json.dumps(schema_example(schema.get("schema", {"type": "object"}), text))
         return {"role": "assistant", "content": text}, "stop"
+
+    @staticmethod
+    def _logprobs(body: dict[str, Any], message: dict[str, Any]) -> dict[str, Any] | None:
+        """The choice's ``logprobs`` for ``message`` (None when the request asks none)."""
+        top = _top(body)
+        if top is None:
+            return None
+        return {"content": logprob_entries(message.get("content") or None, top),
+                "refusal": logprob_entries(message.get("refusal"), top)}
 
     def _usage(self, messages: Any, message: dict[str, Any]) -> dict[str, Any]:
         prompt_tokens = sum(_words(m.get("content")) + 3 for m in messages if isinstance(m, dict)) if isinstance(messages, list) else 0
@@ -684,8 +739,9 @@ class OpenAIServer:
         base = {"id": f"chatcmpl-test-{self._next_id}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": model or "unknown", "system_fingerprint": "fp_ksi_test"}
         extra_usage = {"usage": None} if with_usage else {}
-        chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}], **extra_usage}
-                  for d in self._chunk_deltas(message)]
+        top = _top(body)
+        chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": _chunk_logprobs(d, top), "finish_reason": None}],
+                   **extra_usage} for d in self._chunk_deltas(message)]
         chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
                        **extra_usage})
         if with_usage:

@@ -98,3 +98,38 @@ def test_a_batch_file_runs_unchanged_and_resumes_without_resending(tmp_path, ser
     usage = subprocess.run([sys.executable, "-m", "ksi_host.cli", "usage", "--db", str(tmp_path / "k.db"), "--json"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert sum(r["calls"] for r in json.loads(usage.stdout)) == 32
+
+
+def test_log_probabilities_reach_the_batch_output_and_the_ksi_result_lines_also_on_a_rerun(tmp_path, server):
+    from ksi_host.testing.server import logprob_entries
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[openai.deployments]]\nname = "local"\nmodel = "local-*"\napi_base = "{server["url"]}"\n'
+                   'api_key_env = "LOCAL_KEY"\n')
+    asked = json.loads(batch_line("asked", "local-a", "one two"))
+    asked["body"].update(logprobs=True, top_logprobs=3)
+    (tmp_path / "batch.jsonl").write_text(f"{json.dumps(asked)}\n{batch_line('plain', 'local-a', 'one two')}\n")
+    (tmp_path / "ksi.jsonl").write_text(
+        json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-asked", "logprobs": True}) + "\n"
+        + json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-plain"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_HOST_")}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LOCAL_KEY="sk-test", KSI_HOST_PLUGINS="queue,openai,retry,tokens")
+
+    def run(name: str, out: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "ksi_host.cli", "run", str(tmp_path / name), "--db",
+                               str(tmp_path / "k.db"), "--config", str(cfg), "--out", str(tmp_path / out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        lines = results(tmp_path / out)
+        return {o.get("custom_id") or o.get("request_id"): o for o in lines}
+
+    for attempt in ("first", "rerun"):
+        batch, ksi = run("batch.jsonl", f"batch-{attempt}.jsonl"), run("ksi.jsonl", f"ksi-{attempt}.jsonl")
+        choice = ChatCompletion.model_validate(batch["asked"]["response"]["body"]).choices[0]  # OpenAI's client reads it
+        assert [t.token for t in choice.logprobs.content] == ["echo: ", "one ", "two"], attempt
+        assert batch["asked"]["response"]["body"]["choices"][0]["logprobs"] == {
+            "content": logprob_entries("echo: one two", 3), "refusal": None}
+        assert batch["plain"]["response"]["body"]["choices"][0]["logprobs"] is None
+        assert ksi["k-asked"]["logprobs"] == {"content": logprob_entries("echo: three", 0), "refusal": None}
+        assert "logprobs" not in ksi["k-plain"]  # only when set
+    assert hits(server) == 4  # the rerun was answered from the store

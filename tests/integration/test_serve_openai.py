@@ -17,7 +17,7 @@ import openai
 import pytest
 from ksi_serve.testing import ServeProcess, toml
 
-from ksi_host.testing.server import OpenAIServer
+from ksi_host.testing.server import OpenAIServer, logprob_entries
 
 PLUGINS = "queue,openai,retry,tokens,serve"
 TOKEN = "it-token-0123456789abcdef"
@@ -94,6 +94,38 @@ def test_streaming(served: ServeProcess):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: stream this"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+def test_log_probabilities_come_back_when_asked(served: ServeProcess, upstream: OpenAIServer):
+    client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "say it"}]
+    asked = client.chat.completions.create(model="gpt-4o-mini", messages=messages, logprobs=True, top_logprobs=2,
+                                           extra_headers={"Idempotency-Key": "lp-1"})
+    again = client.chat.completions.create(model="gpt-4o-mini", messages=messages, logprobs=True, top_logprobs=2,
+                                           extra_headers={"Idempotency-Key": "lp-1"})  # answered from the store
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    content = asked.choices[0].logprobs.content
+    assert [t.token for t in content] == ["echo: ", "say ", "it"] and [len(t.top_logprobs) for t in content] == [2, 2, 2]
+    assert [t.model_dump() for t in content] == logprob_entries("echo: say it", 2)
+    assert again.choices[0].logprobs == asked.choices[0].logprobs and upstream.hits == 2
+    assert plain.choices[0].logprobs is None
+    assert upstream.arrivals[0].body["logprobs"] is True and upstream.arrivals[0].body["top_logprobs"] == 2
+
+
+def test_a_streams_chunks_carry_their_log_probabilities(served: ServeProcess, upstream: OpenAIServer):
+    client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "stream it"}]
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True, logprobs=True,
+                                                 top_logprobs=1, extra_headers={"Idempotency-Key": "lp-s"}))
+    again = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True, logprobs=True,
+                                                top_logprobs=1, extra_headers={"Idempotency-Key": "lp-s"}))
+    plain = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True))
+    with_text = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert [c.choices[0].logprobs.content[0].token for c in with_text] == [c.choices[0].delta.content for c in with_text]
+    assert [t.model_dump() for c in with_text for t in c.choices[0].logprobs.content] == logprob_entries("echo: stream it", 1)
+    [whole] = again  # the stored result, in one piece, with all of them
+    assert [t.model_dump() for t in whole.choices[0].logprobs.content] == logprob_entries("echo: stream it", 1)
+    assert all(c.choices[0].logprobs is None for c in plain if c.choices) and upstream.hits == 2
 
 
 def test_two_sessions_from_several_client_tasks_reach_the_upstream_in_order(served: ServeProcess,

@@ -242,7 +242,8 @@ ADD_WAITERS = "INSERT INTO ksi_pg_waiters (seq, host_id) SELECT s, $2 FROM unnes
 RESULT_COLUMNS = (
     "r.seq, r.request_id, r.status, r.request_hash, r.created_at, r.started_at, r.finished_at, r.result_text,"
     " r.result_message, r.finish_reason, r.result_model, r.result_provider, r.result_session_id, r.prompt_tokens,"
-    " r.completion_tokens, r.total_tokens, r.cost_usd, r.cached_tokens, r.reasoning_tokens, r.error_type, r.error_message"
+    " r.completion_tokens, r.total_tokens, r.cost_usd, r.cached_tokens, r.reasoning_tokens, r.error_type, r.error_message,"
+    " r.result_logprobs"
 )
 SELECT_BY_IDS = f"SELECT {RESULT_COLUMNS} FROM ksi_pg_requests r WHERE r.request_id = ANY($1::text[])"
 SELECT_BY_SEQS = f"SELECT {RESULT_COLUMNS} FROM ksi_pg_requests r WHERE r.seq = ANY($1::bigint[])"
@@ -336,27 +337,30 @@ SELECT count(*), pg_notify('ksi_pg_work', '') FROM back
 
 # -- results ----------------------------------------------------------------------------------------
 
-STORE_TYPES = {
+_V1_STORE_TYPES = {
     "seq": "bigint", "epoch": "integer", "status": "text", "started_at": "double precision",
     "finished_at": "double precision", "result_text": "text", "result_message": "json", "finish_reason": "text",
     "result_model": "text", "result_provider": "text", "result_session_id": "text", "prompt_tokens": "integer",
     "completion_tokens": "integer", "total_tokens": "integer", "cost_usd": "double precision",
     "cached_tokens": "integer", "reasoning_tokens": "integer", "error_type": "text", "error_message": "text",
 }
+STORE_TYPES = {**_V1_STORE_TYPES, "result_logprobs": "json"}
+"""The columns a stored result writes (migration 3 added ``result_logprobs``; migration 1's ``ksi_pg_store`` wrote
+the others)."""
 ATTEMPT_TYPES = {
     "seq": "bigint", "number": "integer", "provider": "text", "error_type": "text", "error_message": "text",
     "delay_s": "double precision", "latency_ms": "double precision", "ttft_ms": "double precision",
 }
 
 
-def _store_sql() -> str:
-    n = len(STORE_TYPES)
-    arrays = ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(STORE_TYPES.values()))
-    sets = ", ".join(f"{c} = u.{c}" for c in STORE_TYPES if c not in ("seq", "epoch"))
+def _store_sql(store_types: dict[str, str]) -> str:
+    n = len(store_types)
+    arrays = ", ".join(f"${i + 2}::{t}[]" for i, t in enumerate(store_types.values()))
+    sets = ", ".join(f"{c} = u.{c}" for c in store_types if c not in ("seq", "epoch"))
     a_arrays = ", ".join(f"${n + 2 + i}::{t}[]" for i, t in enumerate(ATTEMPT_TYPES.values()))
     a_names = ", ".join(ATTEMPT_TYPES)
     return f"""
-WITH u AS (SELECT * FROM unnest({arrays}) AS u({', '.join(STORE_TYPES)})),
+WITH u AS (SELECT * FROM unnest({arrays}) AS u({', '.join(store_types)})),
 done AS (
     UPDATE ksi_pg_requests r SET {sets}, lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
     FROM u WHERE r.seq = u.seq AND r.status = 'running' AND r.lease_owner = $1 AND r.lease_epoch = u.epoch
@@ -374,7 +378,7 @@ SELECT done.seq, t.told FROM done CROSS JOIN (SELECT count(*) AS told FROM told)
 """
 
 
-STORE_RESULTS = _store_sql()
+STORE_RESULTS = _store_sql(STORE_TYPES)
 """Store final results and end their leases in one statement: only rows this host still holds under the
 same lease epoch are written (a host that lost its lease writes nothing); their attempts are inserted and
 the other hosts waiting on them are told (NOTIFY on their channels; the count of notifications is selected
@@ -510,11 +514,19 @@ def _function(name: str, arg_types: list[str], returns: str, body_sql: str, sess
 
 _ACCEPT_ARGS = ([f"{t}[]" for t in ACCEPT_TYPES.values()] + [f"{t}[]" for t in PAYLOAD_COLUMNS.values()]
                 + ["text", "text[]"])
-_STORE_ARGS = ["text"] + [f"{t}[]" for t in STORE_TYPES.values()] + [f"{t}[]" for t in ATTEMPT_TYPES.values()] + ["text[]"]
+
+
+def _store_args(store_types: dict[str, str]) -> list[str]:
+    return ["text"] + [f"{t}[]" for t in store_types.values()] + [f"{t}[]" for t in ATTEMPT_TYPES.values()] + ["text[]"]
+
+
+_V1_STORE_ARGS = _store_args(_V1_STORE_TYPES)
+_STORE_ARGS = _store_args(STORE_TYPES)
 
 MIGRATIONS[0] += _function("ksi_pg_accept", _ACCEPT_ARGS, "TABLE (seq bigint, request_id text, created_at double precision)",
                            ACCEPT, 2)
-MIGRATIONS[0] += _function("ksi_pg_store", _STORE_ARGS, "TABLE (seq bigint, told bigint)", STORE_RESULTS, len(_STORE_ARGS))
+MIGRATIONS[0] += _function("ksi_pg_store", _V1_STORE_ARGS, "TABLE (seq bigint, told bigint)", _store_sql(_V1_STORE_TYPES),
+                           len(_V1_STORE_ARGS))
 
 ACCEPT_CALL = f"SELECT * FROM ksi_pg_accept({', '.join(f'${i + 1}' for i in range(len(_ACCEPT_ARGS)))})"
 """ACCEPT under the locks of its sessions, then FIX_HEADS, in one call. Parameters as ACCEPT's."""
@@ -619,3 +631,12 @@ ksi_postgres.windows). ``ksi_pg_window_take`` answers no row when it took the le
 lacking room."""
 
 MIGRATIONS.append(WINDOWS_MIGRATION)
+
+LOGPROBS_MIGRATION = f"""
+ALTER TABLE ksi_pg_requests ADD COLUMN result_logprobs json;
+DROP FUNCTION ksi_pg_store({', '.join(_V1_STORE_ARGS)});
+""" + _function("ksi_pg_store", _STORE_ARGS, "TABLE (seq bigint, told bigint)", STORE_RESULTS, len(_STORE_ARGS))
+"""Migration 3 of ksi-postgres: a result's log probabilities (OpenAI's ``choices[0].logprobs``, a JSON document; NULL
+when the request did not ask for them, as in every row stored before), and ``ksi_pg_store`` writing them."""
+
+MIGRATIONS.append(LOGPROBS_MIGRATION)

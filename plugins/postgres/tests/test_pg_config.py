@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import pytest
 from conftest import ENV, pg_config
 from ksi_postgres import schema
@@ -12,6 +13,7 @@ from pg_helpers import rows
 
 import ksi_host
 from ksi_host.errors import DatabaseStartupError, StartupError
+from ksi_host.models import ProviderResponse
 from ksi_host.testing import DirectQueue, FakeProvider, ScriptedProviders
 
 
@@ -108,6 +110,30 @@ async def test_migrations_apply_once_and_a_newer_database_is_refused(make_host, 
     with pytest.raises(DatabaseStartupError, match="version 99, newer than this code knows"):
         async with make_host(Plugin(), config=pg_config()):
             pass
+
+
+async def test_a_database_of_migration_2_gets_the_log_probabilities_column_and_keeps_its_results(make_host, pg_env) -> None:
+    con = await asyncpg.connect(pg_env)
+    try:  # as the ksi-postgres of migration 2 left it, with a stored result
+        await con.execute("CREATE TABLE ksi_pg_schema_versions (owner text PRIMARY KEY, version integer NOT NULL)")
+        for migration in schema.MIGRATIONS[:2]:
+            await con.execute(migration)
+        await con.execute("INSERT INTO ksi_pg_schema_versions VALUES ($1, 2)", schema.OWNER)
+        await con.execute("INSERT INTO ksi_pg_requests (request_id, model, priority, rank, request_hash, status, created_at,"
+                          " head, result_text) VALUES ('old', 'm', 'normal', 2, 'h', 'ok', 1.0, false, 'before')")
+    finally:
+        await con.close()
+    probs = {"content": [{"token": "hi", "logprob": -0.5, "bytes": [104, 105], "top_logprobs": []}], "refusal": None}
+    provider = FakeProvider("a", script=[ProviderResponse("hi", logprobs=probs)])
+    async with make_host(Plugin(), ScriptedProviders(provider), config=pg_config()) as host:
+        new = await host.complete({"model": "m", "prompt": "hi", "request_id": "new", "logprobs": True})
+    async with make_host(Plugin(), config=pg_config()) as host:
+        again = await host.complete({"model": "m", "prompt": "hi", "request_id": "new", "logprobs": True})
+    assert new.logprobs == probs and again == new  # written by migration 3's ksi_pg_store, read back
+    old = await rows(pg_env, "SELECT result_text, result_logprobs FROM ksi_pg_requests WHERE request_id = 'old'")
+    assert [tuple(r) for r in old] == [("before", None)]
+    versions = await rows(pg_env, "SELECT version FROM ksi_pg_schema_versions")
+    assert [r["version"] for r in versions] == [len(schema.MIGRATIONS)] == [3]
 
 
 def test_every_chat_parameter_has_a_column() -> None:

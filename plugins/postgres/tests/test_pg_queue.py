@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from conftest import pg_config
@@ -10,8 +11,8 @@ from ksi_postgres.plugin import Plugin
 from pg_helpers import Gate, answered, rows, until
 
 from ksi_host.errors import ValidationError
-from ksi_host.models import RequestQuery
-from ksi_host.testing import FakeProvider, ScriptedProviders
+from ksi_host.models import ChatDelta, ProviderResponse, RequestQuery, Usage
+from ksi_host.testing import FakeProvider, FakeStreamingProvider, ScriptedProviders
 
 
 async def test_sessions_run_in_order_one_at_a_time_and_priority_picks_among_sessions(make_host, pg_env) -> None:
@@ -199,3 +200,32 @@ async def test_model_limits_hold_on_a_host(make_host, pg_env) -> None:
         results = await asyncio.gather(*[host.complete({"model": "m" if i % 2 else "n", "prompt": f"{i}"})
                                          for i in range(60)])
     assert all(r.ok for r in results) and peak["m"] == 2 and peak["n"] >= 3
+
+
+LOGPROBS = {"content": [{"token": "é ", "logprob": -0.25, "bytes": [195, 169, 32],
+                         "top_logprobs": [{"token": "é ", "logprob": -0.25, "bytes": [195, 169, 32]}]},
+                        {"token": "ok", "logprob": -1.5, "bytes": [111, 107], "top_logprobs": []}], "refusal": None}
+
+
+async def test_a_result_keeps_its_log_probabilities_whole_and_streamed(make_host, pg_env) -> None:
+    whole = FakeProvider("a", script=[ProviderResponse("é ok", Usage(3, 2, 5), logprobs=LOGPROBS), "plain"])
+    streamed = FakeStreamingProvider("a", script=[[
+        ChatDelta("é ", logprobs={"content": LOGPROBS["content"][:1], "refusal": None}),
+        ChatDelta("ok", logprobs={"content": LOGPROBS["content"][1:], "refusal": None}), ChatDelta(finish_reason="stop")]])
+    asked = {"model": "m", "prompt": "hi", "logprobs": True, "top_logprobs": 1}
+    async with make_host(Plugin(), ScriptedProviders(whole), config=pg_config()) as host:
+        first = await host.complete({**asked, "request_id": "lp"})
+        plain = await host.complete({"model": "m", "prompt": "hi", "request_id": "plain"})
+    async with make_host(Plugin(), ScriptedProviders(streamed), config=pg_config()) as host:
+        stream = host.stream({**asked, "request_id": "lp-s"})
+        [d async for d in stream]
+    async with make_host(Plugin(), config=pg_config()) as host:  # no provider: only the database can answer
+        again = await host.complete({**asked, "request_id": "lp"})
+        again_streamed = await host.complete({**asked, "request_id": "lp-s"})
+        details = await host.request_details("lp")
+    assert first.logprobs == LOGPROBS and again == first and details["result"]["logprobs"] == LOGPROBS
+    assert stream.result.logprobs == LOGPROBS and again_streamed == stream.result
+    assert plain.logprobs is None and "logprobs" not in plain.to_dict()
+    stored = {r["request_id"]: r["result_logprobs"] for r in await rows(pg_env, "SELECT request_id, result_logprobs"
+                                                                                 " FROM ksi_pg_requests")}
+    assert stored["plain"] is None and json.loads(stored["lp"]) == LOGPROBS  # NULL when not asked; a JSON document

@@ -184,6 +184,11 @@ MIGRATIONS = [
     CREATE INDEX ksi_queue_requests_model ON ksi_queue_requests(model, created_at);
     CREATE INDEX ksi_queue_requests_failed ON ksi_queue_requests(created_at) WHERE status = 'error' OR status = 'cancelled';
     """,
+    # v5: the answer's log probabilities (a document: OpenAI's choice.logprobs), NULL when the request did not ask
+    # for them (or the upstream sent none), as in every row stored before.
+    """
+    ALTER TABLE ksi_queue_requests ADD COLUMN result_logprobs_json TEXT;
+    """,
 ]
 
 SCALAR_PARAMETERS = (
@@ -213,7 +218,7 @@ PAYLOAD_SELECT = ", ".join(f"p.{c}" for c in PAYLOAD_COLUMNS)
 RESULT_COLUMNS = (
     "request_hash, status, created_at, started_at, finished_at, result_text, result_model, result_provider,"
     " result_session_id, prompt_tokens, completion_tokens, total_tokens, cost_usd, cached_tokens, reasoning_tokens,"
-    " error_type, error_message, finish_reason, result_message_json"
+    " error_type, error_message, finish_reason, result_message_json, result_logprobs_json"
 )
 
 # Accepting a request writes its row and its payload, in the order of these columns (status: 'queued'). The chat
@@ -266,7 +271,7 @@ STORE_RESULT = (
     "UPDATE ksi_queue_requests SET status = ?, started_at = ?, finished_at = ?, result_text = ?, result_model = ?,"
     " result_provider = ?, result_session_id = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost_usd = ?,"
     " cached_tokens = ?, reasoning_tokens = ?, error_type = ?, error_message = ?, finish_reason = ?,"
-    " result_message_json = ? WHERE seq = ?"
+    " result_message_json = ?, result_logprobs_json = ? WHERE seq = ?"
 )
 ATTEMPT_COLUMNS = "request_id, number, provider, error_type, error_message, delay_s, latency_ms, ttft_ms"
 INSERT_ATTEMPT = f"INSERT INTO ksi_queue_attempts ({ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"

@@ -115,6 +115,45 @@ async def test_a_result_answered_from_the_table_is_the_one_first_returned(make_h
     assert details["result"] == first.to_dict() and details["state"] == "ok"
 
 
+LOGPROBS = {"content": [{"token": "é ", "logprob": -0.25, "bytes": [195, 169, 32],
+                         "top_logprobs": [{"token": "é ", "logprob": -0.25, "bytes": [195, 169, 32]}]},
+                        {"token": "ok", "logprob": -1.5, "bytes": [111, 107], "top_logprobs": []}], "refusal": None}
+
+
+async def test_a_result_keeps_its_log_probabilities(make_host: Any, ksi_db_path: Any) -> None:
+    """Stored as a document (NULL when not asked) and read back: the same request id answered again, by another
+    process, has them, and so has ksi-host show."""
+    answer = ProviderResponse(text="é ok", usage=Usage(3, 2, 5), logprobs=LOGPROBS)
+    request = {"model": "m", "prompt": "hi", "request_id": "lp", "logprobs": True, "top_logprobs": 1}
+    async with make_host(Plugin(), ScriptedProviders(FakeProvider("p", script=[answer]))) as host:
+        first = await host.complete(request)
+    async with make_host(Plugin()) as host:  # no provider at all: only the table can answer
+        again = await host.complete(request)
+        details = await host.request_details("lp")
+    assert first.logprobs == LOGPROBS and again == first
+    assert details["result"]["logprobs"] == LOGPROBS
+    [(stored,)] = rows(ksi_db_path, "SELECT result_logprobs_json FROM ksi_queue_requests")
+    assert json.loads(stored) == LOGPROBS and "é" in stored  # a JSON document, as written
+
+
+async def test_a_streamed_result_keeps_its_log_probabilities_and_a_stream_answered_from_the_table_has_them(
+        make_host: Any) -> None:
+    provider = FakeStreamingProvider("p", script=[[
+        ChatDelta("é ", logprobs={"content": LOGPROBS["content"][:1], "refusal": None}),
+        ChatDelta("ok", logprobs={"content": LOGPROBS["content"][1:], "refusal": None}),
+        ChatDelta(finish_reason="stop", usage=Usage(3, 2, 5))]])
+    request = {"model": "m", "prompt": "hi", "request_id": "slp", "logprobs": True, "top_logprobs": 1}
+    async with make_host(Plugin(), ScriptedProviders(provider)) as host:
+        stream = host.stream(request)
+        [d async for d in stream]
+        first = stream.result
+    async with make_host(Plugin()) as host:  # no provider: the table answers, as one piece
+        again = host.stream(request)
+        [whole] = [d async for d in again]
+    assert first.logprobs == LOGPROBS and again.result == first
+    assert whole.content == "é ok" and whole.logprobs == LOGPROBS
+
+
 async def test_a_streamed_result_keeps_its_time_to_first_token(make_host: Any) -> None:
     provider = FakeStreamingProvider("p", script=[["Hel", "lo", ChatDelta(finish_reason="length", usage=Usage(3, 2, 5))]])
     request = {"model": "m", "prompt": "hi", "request_id": "s1"}
@@ -133,8 +172,8 @@ async def test_a_plain_text_answer_is_stored_once(make_host: Any, ksi_db_path: A
     async with make_host(Plugin(), ScriptedProviders(FakeProvider("p", script=["the answer"]))) as host:
         first = await host.complete({"model": "m", "prompt": "hi", "request_id": "t"})
     assert first.message == {"role": "assistant", "content": "the answer"}
-    assert rows(ksi_db_path, "SELECT result_text, result_message_json FROM ksi_queue_requests") == [
-        ("the answer", '{"role":"assistant"}')]
+    assert rows(ksi_db_path, "SELECT result_text, result_message_json, result_logprobs_json FROM ksi_queue_requests") == [
+        ("the answer", '{"role":"assistant"}', None)]  # no log probabilities asked: NULL
     async with make_host(Plugin()) as host:
         assert await host.complete({"model": "m", "prompt": "hi", "request_id": "t"}) == first
 

@@ -277,11 +277,14 @@ class Server:
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         try:
             await response.prepare(request)
-            await response.write(wire.chunk(visible, created, model, _delta(first, role=True), first.finish_reason))
+            await response.write(wire.chunk(visible, created, model, _delta(first, role=True), first.finish_reason,
+                                            first.logprobs))
             async for delta in pieces:
-                if delta.content is None and not delta.tool_calls and delta.finish_reason is None and delta.refusal is None:
+                if delta.content is None and not delta.tool_calls and delta.finish_reason is None and delta.refusal is None \
+                        and delta.logprobs is None:
                     continue  # only usage (or nothing): its numbers come in the usage chunk at the end
-                await response.write(wire.chunk(visible, created, model, _delta(delta), delta.finish_reason))
+                await response.write(wire.chunk(visible, created, model, _delta(delta), delta.finish_reason,
+                                                delta.logprobs))
         except OperationalError as e:  # the request failed after its first piece: an error event, never a clean end
             result = getattr(e, "result", None)
             error = wire.result_error(result, self._retry_after) if result is not None else ApiError(
@@ -322,7 +325,8 @@ class Server:
         response = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         await response.prepare(request)
-        await _write_quietly(response, wire.chunk(visible, body["created"], body["model"], message, choice["finish_reason"]))
+        await _write_quietly(response, wire.chunk(visible, body["created"], body["model"], message, choice["finish_reason"],
+                                                  choice["logprobs"]))
         if include_usage:
             await _write_quietly(response, wire.usage_chunk(visible, body["created"], body["model"], result.usage))
         await _write_quietly(response, wire.DONE)

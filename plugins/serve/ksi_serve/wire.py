@@ -242,18 +242,19 @@ def completion(result: CompletionResult, visible: str, requested_model: str) -> 
         "object": "chat.completion",
         "created": created_of(result),
         "model": result.model or requested_model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
+        "choices": [{"index": 0, "message": message, "logprobs": result.logprobs,
                      "finish_reason": result.finish_reason or ("tool_calls" if message.get("tool_calls") else "stop")}],
         "usage": usage_of(result.usage),
         "system_fingerprint": None,
     }
 
 
-def chunk(visible: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None) -> bytes:
-    """One server-sent event of a stream: a ``chat.completion.chunk``."""
+def chunk(visible: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
+          logprobs: dict[str, Any] | None = None) -> bytes:
+    """One server-sent event of a stream: a ``chat.completion.chunk`` (``logprobs``: its piece's log probabilities)."""
     return b"data: " + dumps({
         "id": completion_id(visible), "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }) + b"\n\n"
 
 

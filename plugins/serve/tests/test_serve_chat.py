@@ -53,6 +53,20 @@ async def test_a_refusal_has_null_content_as_openais_does(serve):
     assert message.refusal == "I can't help with that" and message.content is None
 
 
+LOGPROBS = {"content": [{"token": "hi", "logprob": -0.5, "bytes": [104, 105],
+                         "top_logprobs": [{"token": "hi", "logprob": -0.5, "bytes": [104, 105]}]}], "refusal": None}
+
+
+async def test_log_probabilities_are_in_the_choice_when_the_upstream_sent_them(serve):
+    provider = FakeProvider("p1", script=[ProviderResponse("hi", logprobs=LOGPROBS), "no probabilities"])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        asked = await client.chat.completions.create(model="m1", messages=MESSAGES, logprobs=True, top_logprobs=1)
+        plain = await client.chat.completions.create(model="m1", messages=MESSAGES)
+    assert asked.choices[0].logprobs.model_dump() == LOGPROBS and provider.calls[0].top_logprobs == 1
+    assert plain.choices[0].logprobs is None
+
+
 async def test_the_openai_client_reads_the_request_id_of_answers_errors_and_streams(serve):
     """x-request-id is where the openai client reads a response's request id (``_request_id``, an error's
     ``request_id``, a raw response's ``request_id``), as OpenAI sends it: here the id GET /v1/requests/{id} takes."""

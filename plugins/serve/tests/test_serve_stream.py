@@ -34,6 +34,29 @@ async def test_pieces_arrive_as_chunks_then_usage_then_done(serve):
     assert raw.endswith("data: [DONE]\n\n") and raw.count("data: ") == 5  # 3 pieces, the finish, [DONE]
 
 
+def entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+async def test_each_chunk_carries_the_log_probabilities_of_its_piece(serve):
+    pieces = [ChatDelta("Hel", logprobs={"content": [entry("Hel", -0.1)], "refusal": None}),
+              ChatDelta("lo", logprobs={"content": [entry("lo", -0.2)], "refusal": None}), ChatDelta(finish_reason="stop")]
+    provider = FakeStreamingProvider("p1", script=[pieces, ["plain"]])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        chunks = [c async for c in await client.chat.completions.create(
+            model="m1", messages=MESSAGES, stream=True, logprobs=True, extra_headers={"Idempotency-Key": "lp-s"})]
+        again = [c async for c in await client.chat.completions.create(  # the stored result, in one piece
+            model="m1", messages=MESSAGES, stream=True, logprobs=True, extra_headers={"Idempotency-Key": "lp-s"})]
+        plain = [c async for c in await client.chat.completions.create(model="m1", messages=MESSAGES, stream=True)]
+    assert [(c.choices[0].delta.content, c.choices[0].logprobs and c.choices[0].logprobs.model_dump()) for c in chunks] == [
+        ("Hel", {"content": [entry("Hel", -0.1)], "refusal": None}),
+        ("lo", {"content": [entry("lo", -0.2)], "refusal": None}), (None, None)]
+    assert [c.choices[0].logprobs.model_dump() for c in again] == [{"content": [entry("Hel", -0.1), entry("lo", -0.2)],
+                                                                    "refusal": None}]
+    assert [c.choices[0].logprobs for c in plain] == [None, None]
+
+
 async def test_a_failure_before_the_first_piece_is_an_http_error(serve):
     provider = FakeStreamingProvider("p1", script=[NoProviderError("no such model here")])
     async with serve(ScriptedProviders(provider)) as s:
