@@ -227,10 +227,8 @@ class Host:
 
     async def execute(self, request: CompletionRequest, *, submitted_at: float | None = None,
                       attempts: list[Attempt] | None = None) -> CompletionResult:
-        """Run ``request`` now: attempts, failure handling, usage. Never raises an OperationalError (it becomes
-        an error result); programming errors propagate. ``submitted_at``: when the queue accepted it.
-        ``attempts``: a list to which each attempt is appended as it ends, the one cut short by a cancel
-        included (then ``execute`` raises CancelledError: the list is what a queue's cancelled result keeps)."""
+        """Run ``request`` now: attempts, failure handling, usage; an OperationalError becomes an error result, programming
+        errors propagate. ``submitted_at``: when it was queued. ``attempts``: gets each attempt as it ends (one cut short too)."""
         rid = request.request_id
         self.executing.add(rid)
         try:
@@ -238,8 +236,7 @@ class Host:
         finally:
             self.executing.discard(rid)
 
-    async def _execute(self, request: CompletionRequest, submitted_at: float | None,
-                       history: list[Attempt]) -> CompletionResult:
+    async def _execute(self, request: CompletionRequest, submitted_at: float | None, history: list[Attempt]) -> CompletionResult:
         started_wall, started = time.time(), self.clock()
         deadline = started + request.timeout_s if request.timeout_s else None
         excluded: set[str] = set()
