@@ -60,8 +60,10 @@ class AttemptRunner:
         self.ranking = ProviderRanking(host.hooks, host)
         self._background: set[asyncio.Task[None]] = set()
 
-    async def run(self, request: CompletionRequest, number: int, excluded: set[str], deadline: float | None) -> _Run:
-        """One attempt: select, admit, record the call, call the provider, record how it ended."""
+    async def run(self, request: CompletionRequest, number: int, excluded: set[str], deadline: float | None,
+                  history: list[Attempt]) -> _Run:
+        """One attempt: select, admit, record the call, call the provider, record how it ended. One cancelled
+        is appended to ``history`` (the caller appends the others, once it has decided what they become)."""
         run = _Run()
         t0 = self.host.clock()
         call: UpstreamCall | None = None
@@ -88,7 +90,7 @@ class AttemptRunner:
             run.error = e
             run.assembly = getattr(e, "assembly", None)
         except asyncio.CancelledError:
-            self._cut_short(request, number, run, call, (self.host.clock() - t0) * 1000)
+            history.append(self._cut_short(request, number, run, call, (self.host.clock() - t0) * 1000))
             raise
         run.latency_ms = (self.host.clock() - t0) * 1000
         run.usage = run.response.usage if run.response is not None else getattr(run.error, "usage", None)
@@ -161,9 +163,9 @@ class AttemptRunner:
                                          error=error, call=call)
 
     def _cut_short(self, request: CompletionRequest, number: int, run: _Run, call: UpstreamCall | None,
-                   latency_ms: float) -> None:
+                   latency_ms: float) -> Attempt:
         """An attempt was cancelled (ksi_cancel, shut-down): record its call as of unknown outcome and tell
-        the observers, in the background (the cancel goes on now; ``stop`` waits for these)."""
+        the observers, in the background (the cancel goes on now; ``stop`` waits for these). Returns the attempt."""
         error = Cancelled(f"attempt {number} was cancelled while in progress")
         attempt = Attempt(number, run.provider, error.type, error.message, None, latency_ms)
         ended = None if call is None else attrs.evolve(call, latency_ms=latency_ms, outcome=OUTCOME_UNKNOWN)
@@ -176,6 +178,7 @@ class AttemptRunner:
         task = asyncio.ensure_future(report())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return attempt
 
     async def drain(self) -> None:
         """Wait for the reports of attempts cut short (the host calls this before closing its database). A

@@ -210,7 +210,11 @@ def ksi_enqueue(host: Host, request: CompletionRequest) -> Ticket | None:
     (which selects a provider, calls it, handles failures and records usage),
     stores the final result, and completes the ticket with it. A result the
     queue makes itself (a cancel) is reported with
-    ``await host.request_finished(request, result)`` so observers see it.
+    ``await host.request_finished(request, result)`` so observers see it. A
+    queue that cancels a running ``host.execute`` passes it ``attempts=[]``:
+    the list then holds the attempts made so far, the one cut short (a
+    ``Cancelled`` error) last, for the cancelled result's ``attempts`` (and
+    ``provider``: the last attempt's).
 
     A request whose ``request_id`` already has a stored final result must not
     run again: return a ticket already done with the stored result. A request
@@ -520,7 +524,8 @@ def ksi_cancel(host: Host, request_id: str) -> bool | None:
     """Cancel one request.
 
     Called by ``host.cancel``. A queued request ends with status ``cancelled``
-    (its ticket completes with that result, which is stored). Return True if
+    (its ticket completes with that result, which is stored); a running one
+    too, its result keeping the attempts made (see ``ksi_enqueue``). Return True if
     the request was found and cancelled, False if it was found but is already
     final, None if this plugin does not know it.
     firstresult. Reference implementation: ``ksi-queue``.

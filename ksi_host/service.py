@@ -225,20 +225,20 @@ class Host:
 
     # -- running one request (called by the queue) ------------------------------
 
-    async def execute(self, request: CompletionRequest, *, submitted_at: float | None = None) -> CompletionResult:
-        """Run ``request`` now: attempts, failure handling, usage. Never raises an OperationalError (it becomes
-        an error result); programming errors propagate. ``submitted_at``: when the queue accepted it."""
+    async def execute(self, request: CompletionRequest, *, submitted_at: float | None = None,
+                      attempts: list[Attempt] | None = None) -> CompletionResult:
+        """Run ``request`` now: attempts, failure handling, usage; an OperationalError becomes an error result, programming
+        errors propagate. ``submitted_at``: when it was queued. ``attempts``: gets each attempt as it ends (one cut short too)."""
         rid = request.request_id
         self.executing.add(rid)
         try:
-            return await self._execute(request, submitted_at)
+            return await self._execute(request, submitted_at, [] if attempts is None else attempts)
         finally:
             self.executing.discard(rid)
 
-    async def _execute(self, request: CompletionRequest, submitted_at: float | None) -> CompletionResult:
+    async def _execute(self, request: CompletionRequest, submitted_at: float | None, history: list[Attempt]) -> CompletionResult:
         started_wall, started = time.time(), self.clock()
         deadline = started + request.timeout_s if request.timeout_s else None
-        history: list[Attempt] = []
         excluded: set[str] = set()
         total: Usage | None = None
         try:
@@ -250,7 +250,7 @@ class Host:
         number = 0
         while True:
             number += 1
-            run = await self._attempts.run(request, number, excluded, deadline)
+            run = await self._attempts.run(request, number, excluded, deadline, history)
             if run.usage is not None:
                 total = run.usage if total is None else total + run.usage
             error = run.error

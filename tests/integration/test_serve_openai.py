@@ -8,8 +8,10 @@ import json
 import os
 import sqlite3
 import textwrap
+import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,31 @@ def test_a_retried_post_with_the_same_key_is_answered_once_upstream(served: Serv
     assert upstream.hits == 1
     served.stop()
     assert len(ledger(served.db)) == 1
+
+
+def test_a_request_cancelled_mid_call_shows_the_attempt_that_failed_and_the_one_cut_short(served: ServeProcess,
+                                                                                          upstream: OpenAIServer):
+    """GET /v1/requests/{id} of a request cancelled while its second call was held upstream: its result lists both
+    attempts, in order, with the provider, as the ledger's calls section lists both calls."""
+    upstream.script("500", "hold")
+    client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(client.chat.completions.create, model="gpt-4o-mini",
+                            messages=[{"role": "user", "content": "cut me short"}],
+                            extra_headers={"Idempotency-Key": "cut-short"})
+        deadline = time.monotonic() + 30
+        while upstream.holding == 0:
+            assert time.monotonic() < deadline and not asked.done(), "the second call never reached the upstream"
+            time.sleep(0.01)
+        assert client.post("/requests/cut-short/cancel", cast_to=object)["cancelled"] is True
+        with pytest.raises(openai.ConflictError):
+            asked.result(30)
+    details = client.get("/requests/cut-short", cast_to=object)
+    result = details["result"]
+    assert result["status"] == "cancelled" and result["provider"] == "local"
+    assert [(a["number"], a["provider"], a["error_type"]) for a in result["attempts"]] == [
+        (1, "local", "ProviderUnavailable"), (2, "local", "Cancelled")]
+    assert len(details["calls"]) == 2 and upstream.hits == 2
 
 
 def test_without_a_valid_key_401(tmp_path: Path, upstream: OpenAIServer):

@@ -33,7 +33,7 @@ import uuid
 from typing import Any
 
 from ksi_host.errors import Cancelled, DatabaseError, OperationalError, ValidationError
-from ksi_host.models import CompletionRequest, CompletionResult, Ticket
+from ksi_host.models import Attempt, CompletionRequest, CompletionResult, Ticket
 
 from . import rows, schema
 from .db import Batcher, Pg, columns
@@ -435,8 +435,9 @@ class PgQueue:
 
     async def _run(self, run: Run) -> None:
         request = run.request
+        attempts: list[Attempt] = []  # host.execute appends each attempt as it ends: what a cancelled result keeps
         try:
-            result = await self.host.execute(request, submitted_at=run.created_at)
+            result = await self.host.execute(request, submitted_at=run.created_at, attempts=attempts)
         except asyncio.CancelledError:
             if run.stop_reason == "lost":  # no result from here: the new holder runs it
                 del self.running[run.seq]
@@ -445,7 +446,8 @@ class PgQueue:
                 return
             result = await self.host.request_finished(request, CompletionResult.failed(
                 request.request_id, Cancelled("cancelled while running"), model=request.model,
-                session_id=request.session_id, submitted_at=run.created_at))
+                session_id=request.session_id, submitted_at=run.created_at, attempts=tuple(attempts),
+                provider=attempts[-1].provider if attempts else None))
         except BaseException as exc:  # a programming error: the tickets get it; the lease is not renewed
             self.running.pop(run.seq, None)
             e = self.by_seq.get(run.seq)

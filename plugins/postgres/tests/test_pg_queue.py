@@ -10,8 +10,9 @@ from conftest import pg_config
 from ksi_postgres.plugin import Plugin
 from pg_helpers import Gate, answered, rows, until
 
-from ksi_host.errors import ValidationError
-from ksi_host.models import ChatDelta, ProviderResponse, RequestQuery, Usage
+import ksi_host
+from ksi_host.errors import ProviderUnavailable, ValidationError
+from ksi_host.models import ChatDelta, CompletionResult, FailureDecision, ProviderResponse, RequestQuery, Usage
 from ksi_host.testing import FakeProvider, FakeStreamingProvider, ScriptedProviders
 
 
@@ -146,6 +147,33 @@ async def test_cancel_and_clear_session_from_a_process_that_does_not_serve(make_
     assert gate.arrived == ["running"]  # nothing queued reached the provider
     ledger = await rows(pg_env, "SELECT request_id, outcome FROM ksi_pg_token_usage")
     assert [(r["request_id"], r["outcome"]) for r in ledger] == [("running", "unknown")]
+
+
+class SwitchOnFailure:
+    """A failure policy: every failed attempt is retried at once on another provider."""
+
+    @ksi_host.hookimpl
+    def ksi_handle_failure(self) -> FailureDecision:
+        return FailureDecision.retry(0, switch_provider=True)
+
+
+async def test_a_request_cancelled_mid_call_keeps_its_attempts_and_provider(make_host, pg_env) -> None:
+    """The attempt that failed before, then the one cut short (Cancelled), in order, with the last one's provider:
+    in the result the ticket gets and in the one stored (read by a process that does not serve)."""
+    gate = Gate()
+    first = FakeProvider("first", script=[ProviderUnavailable("upstream answered 500", provider="first")])
+    second = FakeProvider("second", script=[gate])
+    async with make_host(Plugin(), ScriptedProviders(first, second), SwitchOnFailure(), config=pg_config()) as host:
+        ticket = await host.submit({"model": "m", "prompt": "r", "request_id": "r0"})
+        await until(lambda: gate.arrived, what="the second attempt to run")
+        async with make_host(Plugin(), config=pg_config(), serve=False) as cli:
+            assert await asyncio.wait_for(cli.cancel("r0"), 10) is True
+            got = await ticket.result()
+            stored = CompletionResult.from_dict((await cli.request_details("r0"))["result"])
+    for result in (got, stored):
+        assert result.status == "cancelled" and result.provider == "second"
+        assert [(a.number, a.provider, a.error_type) for a in result.attempts] == [
+            (1, "first", "ProviderUnavailable"), (2, "second", "Cancelled")]
 
 
 async def test_status_details_and_list_read_the_database(make_host, pg_env) -> None:

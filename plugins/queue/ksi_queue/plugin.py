@@ -23,7 +23,7 @@ from typing import Any
 
 import ksi_host
 from ksi_host.errors import Cancelled, DatabaseError, OperationalError, StartupError, ValidationError
-from ksi_host.models import PRIORITIES, CompletionRequest, CompletionResult, RequestQuery, Ticket, iso
+from ksi_host.models import PRIORITIES, Attempt, CompletionRequest, CompletionResult, RequestQuery, Ticket, iso
 
 from . import listing, schema
 from .config import QueueConfig
@@ -392,17 +392,21 @@ class Plugin:
                 me.uncancel()  # the cancel was for that request (ksi_cancel), not for this worker
 
     async def _run(self, e: Entry) -> None:
+        """Run ``e``; store its result. One cancelled meanwhile (``e`` no longer RUNNING) gets its cancelled
+        result here, with the attempts made (``host.execute`` appends each to ``attempts`` as it ends)."""
+        attempts: list[Attempt] = []
         try:
             request = e.request
             if request is None:  # restored: its messages are still in the database
                 request = e.request = await self.store.load(e.seq)
             try:
-                result = await self.host.execute(request, submitted_at=e.created_at)
+                result = await self.host.execute(request, submitted_at=e.created_at, attempts=attempts)
             finally:
                 self._reported.discard(e.request_id)
         except asyncio.CancelledError as exc:
             if e.state != RUNNING:
-                return  # ksi_cancel stored the cancelled result
+                self._cancelled(e, "cancelled while running", attempts)
+                return
             task = asyncio.current_task()
             if task is None or task.cancelling():
                 raise  # shutdown: the request stays stored unfinished
@@ -413,8 +417,10 @@ class Plugin:
             return
         except DatabaseError as exc:  # a table (the ledger's, ...) could not be written: no result is stored either; the
             # request stays stored unfinished (it runs again at the next start) and its tickets get the error
-            if e.state == RUNNING:  # (else it was cancelled meanwhile: the cancelled result stands)
+            if e.state == RUNNING:
                 self._crashed(e, exc, "stopped: the database failed")
+            else:  # cancelled meanwhile: the cancel stands
+                self._cancelled(e, "cancelled while running", attempts)
             return
         except OperationalError as err:  # host.execute turns these into results (a stored request that no longer
             # validates fails here, before any request exists to show the observers)
@@ -423,11 +429,13 @@ class Plugin:
         except Exception as exc:
             if e.state == RUNNING:
                 self._crashed(e, exc)
-            else:  # raised while being cancelled: the cancelled result stands; report, do not lose it
+            else:  # raised while being cancelled: the cancel stands; report, do not lose it
                 asyncio.get_running_loop().call_exception_handler({
                     "message": f"ksi-queue: cancelled request {e.request_id} raised while stopping", "exception": exc})
+                self._cancelled(e, "cancelled while running", attempts)
             return
-        if e.state != RUNNING:
+        if e.state != RUNNING:  # cancelled, but host.execute returned (the cancel came too late for it)
+            self._cancelled(e, "cancelled while running", attempts)
             return
         self.sched.executed(e)
         self.store.save_result(e, result)
@@ -479,9 +487,10 @@ class Plugin:
     # -- cancelling ----------------------------------------------------------------------
 
     def _cancel_entry(self, e: Entry, message: str) -> Ticket:
-        """Make a cancelled result for QUEUED or RUNNING ``e``: the observers see it, then it is stored; the
-        ticket completes once it is stored."""
-        request = e.request
+        """Cancel QUEUED or RUNNING ``e``: its cancelled result is made (here, or by ``_run`` once its
+        ``host.execute`` has stopped), the observers see it, then it is stored; the ticket completes once it
+        is stored."""
+        running = e.state == RUNNING and e.task is not None
         if e.state == RUNNING:
             self.sched.executed(e)
             if e.task is not None:
@@ -492,13 +501,20 @@ class Plugin:
             e.error = None
             e.tickets = None
         ticket = self._attach(e)
-        result = CompletionResult.failed(e.request_id, Cancelled(message), model=e.model, session_id=e.session_id,
-                                         submitted_at=e.created_at)
-        task = asyncio.ensure_future(self._report_and_store(e, request, result))
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
+        if not running:
+            self._cancelled(e, message)
         self._pump()
         return ticket
+
+    def _cancelled(self, e: Entry, message: str, attempts: list[Attempt] | None = None) -> None:
+        """Make the cancelled result of ``e``, with the ``attempts`` made (the provider is the last one's),
+        and report and store it in the background."""
+        result = CompletionResult.failed(e.request_id, Cancelled(message), model=e.model, session_id=e.session_id,
+                                         submitted_at=e.created_at, attempts=tuple(attempts or ()),
+                                         provider=attempts[-1].provider if attempts else None)
+        task = asyncio.ensure_future(self._report_and_store(e, e.request, result))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def _report_and_store(self, e: Entry, request: CompletionRequest | None, result: CompletionResult) -> None:
         """Tell the ``ksi_request_finished`` observers about a result the queue made (a cancel), loading the

@@ -10,6 +10,9 @@ import pytest
 from ksi_queue import Plugin
 from queue_helpers import GatedProvider, req, rows, settle, status_of, stored_only
 
+import ksi_host
+from ksi_host.errors import ProviderUnavailable
+from ksi_host.models import CompletionResult, FailureDecision
 from ksi_host.testing import FakeProvider, ScriptedProviders
 
 
@@ -50,6 +53,31 @@ async def test_cancel_a_running_request_frees_its_session(make_host: Any, ksi_db
         assert (await nxt.result()).ok
     assert rows(ksi_db_path, "SELECT request_id, status FROM ksi_queue_requests ORDER BY seq") == [
         ("r0", "cancelled"), ("r1", "ok")]
+
+
+class SwitchOnFailure:
+    """A failure policy: every failed attempt is retried at once on another provider."""
+
+    @ksi_host.hookimpl
+    def ksi_handle_failure(self) -> FailureDecision:
+        return FailureDecision.retry(0, switch_provider=True)
+
+
+async def test_a_request_cancelled_mid_call_keeps_its_attempts_and_provider(make_host: Any) -> None:
+    """The attempt that failed before, then the one cut short (Cancelled), in order, with the last one's provider:
+    in the result the canceller's ticket gets, and in the one stored (a resubmit is answered from the table)."""
+    gate = GatedProvider("second")
+    first = FakeProvider("first", script=[ProviderUnavailable("upstream answered 500", provider="first")])
+    async with make_host(Plugin(), ScriptedProviders(first, gate), SwitchOnFailure()) as host:
+        ticket = await host.submit(req("r0"))
+        await gate.wait_calls(1)
+        assert await host.cancel("r0") is True
+        for result in (await ticket.result(), await host.complete(req("r0")),
+                       CompletionResult.from_dict((await host.request_details("r0"))["result"])):
+            assert result.status == "cancelled" and result.provider == "second"
+            assert [(a.number, a.provider, a.error_type) for a in result.attempts] == [
+                (1, "first", "ProviderUnavailable"), (2, "second", "Cancelled")]
+    assert gate.calls == ["r0"]
 
 
 async def test_the_worker_that_ran_a_cancelled_request_runs_the_next_ones_with_working_timeouts(
