@@ -123,11 +123,14 @@ async def load_litellm() -> Any:
 
 
 def map_exception(exc: BaseException, lit: Any, *, provider: str, timeout_s: float | None,
-                  secrets: tuple[str | None, ...] = ()) -> ProviderError | None:
+                  secrets: tuple[str | None, ...] = (), api_base: str | None = None) -> ProviderError | None:
     """The ksi_host error for an exception litellm raised, or None if it is not an upstream failure.
 
-    Timeouts -> ProviderTimeout; context length -> ContextWindowExceeded;
-    connection errors -> ProviderUnavailable; everything else by its HTTP
+    Timeouts -> ProviderTimeout; failures with no answer (connection refused,
+    a name that does not resolve, a connection closed or reset) ->
+    ProviderUnavailable "connection failed", naming ``api_base`` and with no
+    HTTP status (litellm gives them a 500 of its own: :func:`unanswered`);
+    context length -> ContextWindowExceeded; everything else by its HTTP
     status (429 RateLimited with Retry-After, 401/403 AuthFailed, 400
     BadRequest, 5xx ProviderUnavailable). Exceptions that are not litellm's /
     the OpenAI SDK's API errors are programming errors: None (re-raise them).
@@ -151,19 +154,75 @@ def map_exception(exc: BaseException, lit: Any, *, provider: str, timeout_s: flo
         except (httpx.ResponseNotRead, AttributeError):  # a streamed body, or no body: use the exception's message
             body = None
     message = getattr(exc, "message", None) or str(exc)
-    if isinstance(exc, (ex.Timeout, openai.APITimeoutError)):
+    cause = unanswered(exc, openai)
+    if isinstance(cause, openai.APITimeoutError):  # litellm.Timeout is one
         return timeout_error(provider, timeout_s, secrets=secrets)
+    if cause is not None:
+        return connection_error(provider, _connection_detail(cause, api_base), secrets=secrets)
     found, _ = error_detail(body)
     detail = found or _short(message)
     if isinstance(exc, ex.ContextWindowExceededError):
         return context_window_error(provider, detail, secrets=secrets)
     status = getattr(exc, "status_code", None)
-    if isinstance(exc, openai.APIConnectionError) and not isinstance(status, int):
-        return connection_error(provider, detail, secrets=secrets)
     if isinstance(status, int):
         return error_for_status(status, headers=headers, body=body, message=None if found else detail,
                                 provider=provider, secrets=secrets)
     return None
+
+
+def unanswered(exc: BaseException, openai: Any) -> BaseException | None:
+    """The OpenAI SDK's (or litellm's) connection error behind ``exc`` when the call got no answer; else None.
+
+    litellm reports a call that never got an answer with an HTTP status of its own: its OpenAI handler
+    wraps the SDK's ``APIConnectionError`` (refused, DNS, closed or reset) in its ``OpenAIError`` with
+    ``status_code=500`` (its default for an exception without one), which it raises as
+    ``litellm.InternalServerError``; a cut stream comes as ``MidStreamFallbackError`` (500) around
+    ``litellm.APIConnectionError`` (whose status is always 500). The chain tells: litellm's own
+    exceptions are passed through (``original_exception``, then the cause / context) down to the first
+    one that is not litellm's. A connection error (``openai.APIConnectionError``, litellm's subclass
+    included; ``APITimeoutError`` is one too) means no answer came; anything else (the SDK's
+    ``APIStatusError`` of a real HTTP 500, an ``httpx.HTTPStatusError``) leaves the status as it is.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, openai.APIConnectionError):
+            return e
+        if not type(e).__module__.startswith("litellm"):
+            return None
+        e = getattr(e, "original_exception", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _connection_detail(error: BaseException, api_base: str | None) -> str:
+    """What failed: connecting or the connection, to where (the deployment's ``api_base``, else the URL the
+    SDK called, without its query), and the lowest-level reason (``ConnectionRefusedError: ...``)."""
+    import httpx  # litellm imported it already: cheap
+
+    url: httpx.URL | None = None
+    try:
+        if api_base is not None:
+            url = httpx.URL(api_base)
+        elif not type(error).__module__.startswith("litellm"):  # litellm's own carries a made-up URL
+            url = httpx.URL(error.request.url)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError, TypeError, httpx.InvalidURL):
+        url = None
+    # no user:password, no query (some providers take the key as ?key=)
+    where = f"{url.scheme}://{url.host}{f':{url.port}' if url.port else ''}{url.path}" if url is not None else None
+    chain = []
+    e: BaseException | None = error
+    while e is not None and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    connect = any(isinstance(c, httpx.ConnectError) for c in chain)
+    what = ("could not connect" if connect else "lost the connection") + (f" to {where}" if where else "")
+    root = chain[-1]
+    if root is error:  # nothing below litellm's / the SDK's own message
+        return what
+    reason = getattr(root, "message", None)
+    reason = " ".join((reason if isinstance(reason, str) and reason else str(root)).split())
+    return f"{what} ({type(root).__name__}: {reason})" if reason else f"{what} ({type(root).__name__})"
 
 
 def _short(message: str) -> str:
@@ -268,7 +327,8 @@ class LitellmProvider(DeploymentProvider):
         except (TimeoutError, ProviderError):
             raise
         except Exception as e:
-            mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,))
+            mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,),
+                                   api_base=self.deployment.api_base)
             if mapped is None:
                 raise
             raise mapped from None
@@ -305,7 +365,8 @@ class LitellmProvider(DeploymentProvider):
             await stream.aclose()  # closes the HTTP response (the connection) when the stream stops early
 
     def _mapped(self, e: Exception, lit: Any, timeout_s: float | None, key: str | None) -> Exception:
-        mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,))
+        mapped = map_exception(e, lit, provider=self.name, timeout_s=timeout_s, secrets=(key,),
+                               api_base=self.deployment.api_base)
         if mapped is None:
             raise e
         return mapped
