@@ -283,7 +283,10 @@ class ProviderResponse:
     choice's log probabilities as the OpenAI schema shapes them
     (``{"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...],
     "refusal": ...}``, a document passed on as it is), None when the upstream
-    sent none (the request did not ask for them).
+    sent none (the request did not ask for them); ``system_fingerprint`` the
+    upstream's ``system_fingerprint`` (which backend configuration answered:
+    with ``seed``, a caller's way to see that the backend changed), None when
+    it sent none.
     """
 
     text: str
@@ -294,6 +297,7 @@ class ProviderResponse:
     finish_reason: str | None = None
     refusal: str | None = None
     logprobs: dict[str, Any] | None = None
+    system_fingerprint: str | None = None
 
     def message(self) -> dict[str, Any]:
         """The assistant message of this answer, as the OpenAI schema shapes it (``content`` null when the answer is
@@ -369,7 +373,9 @@ class ChatDelta:
     comes with the last piece, ``usage`` with it or after it (when the
     upstream reports usage for a stream); ``logprobs`` the log probabilities
     of the piece's tokens as the chunk's ``choices[0].logprobs`` shapes them
-    (``{"content": [...], "refusal": [...]}``), None when it has none.
+    (``{"content": [...], "refusal": [...]}``), None when it has none;
+    ``system_fingerprint`` the chunk's (the stream's result keeps the last
+    one sent), None when it has none.
 
     A provider that can stream has, besides ``complete``, ``stream(request,
     *, timeout_s)``: an async iterator of ChatDelta making exactly one upstream
@@ -388,6 +394,7 @@ class ChatDelta:
     model: str | None = None
     refusal: str | None = None
     logprobs: dict[str, Any] | None = None
+    system_fingerprint: str | None = None
 
 
 @attrs.frozen(slots=True)
@@ -509,7 +516,9 @@ class CompletionResult:
     when the queue accepted it (None when unknown), ``started_at`` when it
     began to run, ``finished_at`` when it ended. ``logprobs`` is the answer's
     log probabilities (see :class:`ProviderResponse`) when the request asked
-    for them (``logprobs: true``) and the upstream sent them, else None.
+    for them (``logprobs: true``) and the upstream sent them, else None;
+    ``system_fingerprint`` the upstream's (see :class:`ProviderResponse`),
+    None when it sent none.
     """
 
     request_id: str
@@ -527,6 +536,7 @@ class CompletionResult:
     finish_reason: str | None = None
     submitted_at: float | None = None
     logprobs: dict[str, Any] | None = None
+    system_fingerprint: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -554,7 +564,7 @@ class CompletionResult:
         return cls(request_id, status, model=model, session_id=session_id, error=info, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form written to results files (``logprobs`` only when set)."""
+        """The JSON form written to results files (``logprobs`` and ``system_fingerprint`` only when set)."""
         d = {
             "request_id": self.request_id,
             "status": self.status,
@@ -573,6 +583,8 @@ class CompletionResult:
         }
         if self.logprobs is not None:
             d["logprobs"] = self.logprobs
+        if self.system_fingerprint is not None:
+            d["system_fingerprint"] = self.system_fingerprint
         return d
 
     @classmethod
@@ -600,6 +612,7 @@ class CompletionResult:
             finish_reason=d.get("finish_reason"),
             submitted_at=ts(d.get("submitted_at")),
             logprobs=d.get("logprobs"),
+            system_fingerprint=d.get("system_fingerprint"),
         )
 
 

@@ -264,7 +264,7 @@ class Host:
                     provider=run.provider, session_id=response.session_id or request.session_id,
                     usage=total or _NO_USAGE, attempts=tuple(history), started_at=started_wall, finished_at=time.time(),
                     message=response.message(), finish_reason=response.finish_reason, submitted_at=submitted_at,
-                    logprobs=response.logprobs,
+                    logprobs=response.logprobs, system_fingerprint=response.system_fingerprint,
                 ))
             decision = await self._attempts.decide(request, error, number, run, started, deadline, history, excluded)
             attempt = Attempt(number, run.provider, error.type, error.message,

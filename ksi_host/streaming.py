@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 
 class Assembly:
-    """The answer so far, from its pieces: text, tool calls (merged by ``index``), finish reason, usage, and the
-    log probabilities of the pieces that had them (their ``content`` and ``refusal`` entries, in order)."""
+    """The answer so far, from its pieces: text, tool calls (merged by ``index``), finish reason, usage, the
+    log probabilities of the pieces that had them (their ``content`` and ``refusal`` entries, in order), and the
+    last system fingerprint a piece had."""
 
     def __init__(self) -> None:
         self.text: list[str] = []
@@ -47,6 +48,7 @@ class Assembly:
         self.model: str | None = None
         self.refusal: str | None = None
         self.logprobs: dict[str, list[Any] | None] | None = None
+        self.system_fingerprint: str | None = None
 
     def add(self, delta: ChatDelta) -> None:
         if delta.content:
@@ -69,6 +71,8 @@ class Assembly:
             self.refusal = (self.refusal or "") + delta.refusal
         if delta.logprobs is not None:
             self._add_logprobs(delta.logprobs)
+        if delta.system_fingerprint is not None:
+            self.system_fingerprint = delta.system_fingerprint
 
     def _add_logprobs(self, piece: dict[str, Any]) -> None:
         found = self.logprobs
@@ -87,14 +91,14 @@ class Assembly:
         calls = tuple(self.calls[i] for i in sorted(self.calls)) or None
         return ProviderResponse("".join(self.text), usage=self.usage, model=self.model, session_id=session_id,
                                 tool_calls=calls, finish_reason=self.finish_reason, refusal=self.refusal,
-                                logprobs=self.logprobs)
+                                logprobs=self.logprobs, system_fingerprint=self.system_fingerprint)
 
 
 def deltas_of(response: ProviderResponse) -> ChatDelta:
     """A whole answer as one piece (a provider without ``stream``, or a result answered from the store)."""
     calls = tuple({"index": i, **call} for i, call in enumerate(response.tool_calls or ())) or None
     return ChatDelta(response.text or None, calls, response.finish_reason or "stop", response.usage, response.model,
-                     response.refusal, response.logprobs)
+                     response.refusal, response.logprobs, response.system_fingerprint)
 
 
 class StreamSink:
@@ -285,7 +289,8 @@ class CompletionStream:
             if not sink.handed_out and result.ok:  # answered from the store: never streamed
                 yield deltas_of(ProviderResponse(result.text or "", result.usage, result.model, result.session_id,
                                                  (result.message or {}).get("tool_calls"), result.finish_reason,
-                                                 logprobs=result.logprobs))
+                                                 logprobs=result.logprobs,
+                                                 system_fingerprint=result.system_fingerprint))
             if not result.ok:
                 raise error_of(result)
         finally:

@@ -170,10 +170,13 @@ def test_an_ok_result_is_a_200_with_a_chat_completion_body():
                      "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
                   "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 2}},
+        "system_fingerprint": None,  # the upstream said none
     }
     assert body["id"].startswith("chatcmpl-")
     assert FMT.render(ok_result()) == out  # the same result, the same line (a rerun writes what the first run did)
     assert FMT.render(ok_result(request_id="q2"))["id"] != out["id"]
+    said = FMT.render(ok_result(system_fingerprint="fp_44709d6fcb"))["response"]["body"]
+    assert said == {**body, "system_fingerprint": "fp_44709d6fcb"}
 
 
 def test_tool_calls_and_their_finish_reason_are_in_the_message():

@@ -264,6 +264,18 @@ def test_chunks_become_deltas() -> None:
         delta_of({"choices": [{"delta": {"content": "Hi"}, "logprobs": "-0.5"}]}, provider="d1")
 
 
+
+def test_the_system_fingerprint_of_an_answer_and_of_a_chunk_is_read() -> None:
+    answer = {"choices": [{"message": {"content": "x"}}]}
+    assert response_of({**answer, "system_fingerprint": "fp_44709d6fcb"}, provider="d1").system_fingerprint == "fp_44709d6fcb"
+    for none in ({}, {"system_fingerprint": None}, {"system_fingerprint": 3}):  # absent, null, or not a string: none
+        assert response_of({**answer, **none}, provider="d1").system_fingerprint is None
+    chunk = {"system_fingerprint": "fp_1", "choices": [{"delta": {"content": "Hi"}}]}
+    assert delta_of(chunk, provider="d1") == ChatDelta("Hi", system_fingerprint="fp_1")
+    assert delta_of({**chunk, "system_fingerprint": None}, provider="d1") == ChatDelta("Hi")
+    assert delta_of({"system_fingerprint": "fp_1", "choices": [{"delta": {"role": "assistant", "content": ""}}]},
+                    provider="d1") is None  # a fingerprint alone is no piece: every other chunk says it too
+
 def test_usage_of_leaves_unreported_details_unknown() -> None:
     assert usage_of({"prompt_tokens": 4, "completion_tokens": 1}) == Usage(4, 1, 5)
     assert usage_of({"prompt_tokens": 4, "completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": 0}},

@@ -147,6 +147,20 @@ async def test_the_log_probabilities_of_the_pieces_are_put_together_in_order(mak
     assert plain.result.logprobs is None
 
 
+
+async def test_a_streams_result_has_the_last_system_fingerprint_its_pieces_said(make_host: Any) -> None:
+    pieces = [ChatDelta("a", system_fingerprint="fp_old"), ChatDelta("b", system_fingerprint="fp_new"),
+              ChatDelta("c"), ChatDelta(finish_reason="stop")]
+    p = FakeStreamingProvider("p", script=[pieces, ["plain", ChatDelta(finish_reason="stop")]])
+    async with make_host(DirectQueue(), ScriptedProviders(p)) as host:
+        stream = host.stream({"model": "m", "prompt": "hi"})
+        got = await collect(stream)
+        plain = host.stream({"model": "m", "prompt": "hi"})
+        await collect(plain)
+    assert [d.system_fingerprint for d in got] == ["fp_old", "fp_new", None, None]  # each piece with its own
+    assert stream.result.system_fingerprint == "fp_new" and stream.result.to_dict()["system_fingerprint"] == "fp_new"
+    assert plain.result.system_fingerprint is None and "system_fingerprint" not in plain.result.to_dict()
+
 async def test_a_stream_whose_upstream_reports_no_usage_records_none(make_host: Any) -> None:
     p = FakeStreamingProvider("p", script=[["hi", ChatDelta(finish_reason="stop")]])
     ledger = UsageCalls()

@@ -203,6 +203,7 @@ def chat_completion(result: CompletionResult) -> dict[str, Any]:
         "model": result.model,
         "choices": [{"index": 0, "message": message, "logprobs": result.logprobs, "finish_reason": result.finish_reason or "stop"}],
         "usage": usage,
+        "system_fingerprint": result.system_fingerprint,
     }
 
 

@@ -10,8 +10,8 @@ client library that hands back that shape as plain data:
   the same name; the keys the provider sets itself are refused);
 * :func:`response_of`: a ``chat.completion`` object to a
   :class:`~ksi_host.models.ProviderResponse` (text, tool calls, finish reason,
-  refusal, log probabilities, the upstream's model name, usage with cached and
-  reasoning tokens);
+  refusal, log probabilities, the upstream's model name and system fingerprint,
+  usage with cached and reasoning tokens);
 * :func:`delta_of`: one ``chat.completion.chunk`` to a :class:`~ksi_host.models.ChatDelta`;
 * :func:`sse_data`: the ``data:`` payloads of a server-sent events byte stream.
 
@@ -164,6 +164,7 @@ def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | 
     if not isinstance(message, dict):
         raise malformed_response(provider, "the answer's choice has no message")
     model = payload.get("model")
+    fingerprint = payload.get("system_fingerprint")
     return ProviderResponse(
         _text(message.get("content"), "content", provider) or "",
         usage=usage_of(payload.get("usage"), cost),
@@ -173,6 +174,7 @@ def response_of(payload: Any, *, provider: str, status: int = 200, cost: Cost | 
         finish_reason=_finish(choice.get("finish_reason"), provider),
         refusal=_text(message.get("refusal"), "refusal", provider),
         logprobs=_logprobs(choice.get("logprobs"), provider),
+        system_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
     )
 
 
@@ -229,7 +231,9 @@ def delta_of(chunk: Any, *, provider: str, cost: Cost | None = None) -> ChatDelt
     if content is None and refusal is None and calls is None and finish is None and usage is None and logprobs is None:
         return None
     model = chunk.get("model")
-    return ChatDelta(content, calls, finish, usage, model if isinstance(model, str) else None, refusal, logprobs)
+    fingerprint = chunk.get("system_fingerprint")
+    return ChatDelta(content, calls, finish, usage, model if isinstance(model, str) else None, refusal, logprobs,
+                     fingerprint if isinstance(fingerprint, str) else None)
 
 
 def _stream_error(chunk: dict[str, Any], provider: str) -> ProviderError:

@@ -29,7 +29,8 @@ reads what reached the server in its arrival log. What the suite checks:
   (:attr:`~ProviderConformance.PROVIDER_OPTIONS`) arriving as sent, whole and streamed, and
   ``provider_options`` refused (BadRequest, nothing sent) where they would set what the provider sets;
 - a tool call and its round trip, whole and streamed; JSON mode; cached and reasoning tokens, the
-  upstream's model name and a refusal; the answer's log probabilities when asked (none when not);
+  upstream's model name and a refusal; the answer's log probabilities when asked (none when not); the
+  upstream's ``system_fingerprint``, whole and streamed (none when it sent none);
 - streaming: pieces before the upstream finishes, failover before the first piece, a cut stream
   an error (not retried), the consumer leaving closing the connection, a gap longer than the timeout a
   ProviderTimeout, the last chunk's usage the call's;
@@ -64,7 +65,7 @@ from ..service import Host
 from .chat import EVERY_PARAMETER, WEATHER, until
 from .fakes import DirectQueue, FailOver, UsageCalls
 from .faults import PROVIDER_FAULTS
-from .server import logprob_entries
+from .server import SYSTEM_FINGERPRINT, logprob_entries
 
 MODEL = "gpt-test"
 """The model every deployment of the suite serves (the server answers any name)."""
@@ -315,6 +316,22 @@ class ProviderConformance:
         assert r is not None and r.ok and r.logprobs is not None and r.logprobs["content"] == expected, r
         assert not r.logprobs.get("refusal")
         assert plain is not None and plain.ok and plain.logprobs is None
+
+    @pytest.mark.asyncio
+    async def test_the_upstreams_system_fingerprint_comes_back_whole_and_streamed(self, provider_host: Any,
+                                                                                 openai_server: Any) -> None:
+        async with provider_host() as host:
+            whole = await host.complete({"model": MODEL, "prompt": "one two", "seed": 7})
+            pieces, streamed = await _streamed(host, {"model": MODEL, "prompt": "one two", "seed": 7})
+            openai_server.system_fingerprint = None  # an upstream that says none
+            plain = await host.complete({"model": MODEL, "prompt": "one two"})
+            _, plain_streamed = await _streamed(host, {"model": MODEL, "prompt": "one two"})
+        assert whole.ok and whole.system_fingerprint == SYSTEM_FINGERPRINT, whole
+        assert whole.to_dict()["system_fingerprint"] == SYSTEM_FINGERPRINT
+        assert pieces and {d.system_fingerprint for d in pieces} == {SYSTEM_FINGERPRINT}
+        assert streamed is not None and streamed.ok and streamed.system_fingerprint == SYSTEM_FINGERPRINT, streamed
+        assert plain.ok and plain.system_fingerprint is None and "system_fingerprint" not in plain.to_dict()
+        assert plain_streamed is not None and plain_streamed.ok and plain_streamed.system_fingerprint is None
 
     # -- streaming --------------------------------------------------------------------------
 

@@ -42,6 +42,10 @@ chunk. Without it, ``logprobs`` is null.
 ``prompt_tokens_details.cached_tokens`` and ``completion_tokens_details.reasoning_tokens``
 (the reasoning tokens counted in ``completion_tokens``, as OpenAI does).
 
+Every answer, whole or streamed (each chunk), says ``system_fingerprint``:
+``system_fingerprint`` (:data:`SYSTEM_FINGERPRINT` unless set; None: null, as
+an upstream that sends none).
+
 ``"stream": true`` answers with server-sent events: ``data: {chat.completion.chunk}``
 lines (the role, then the content word by word, or a tool call's name and then
 its arguments in pieces; the last with the ``finish_reason``), a last chunk with
@@ -88,7 +92,7 @@ counted as hits): ``GET /_ksi/stats``, ``GET /_ksi/arrivals``, ``POST
 /_ksi/reset``, ``POST /_ksi/faults`` with a JSON body of any of ``script``,
 ``rates``, ``seed``, ``faults_by_model``, ``delay_s``, ``retry_after``,
 ``hang_s``, ``echo_auth``, ``cut_after``, ``first_chunk_delay_s``, ``cached_tokens``,
-``reasoning_tokens``; ``POST /_ksi/release`` releases the held answers, ``GET
+``reasoning_tokens``, ``system_fingerprint``; ``POST /_ksi/release`` releases the held answers, ``GET
 /_ksi/streams`` reports ``{"streams", "closed_early", "holding"}``.
 
 The pytest fixture ``openai_server`` (function scope) yields a started server
@@ -121,6 +125,8 @@ FAULTS = frozenset(
 )
 
 REFUSAL = "I can't help with that (test server)."
+SYSTEM_FINGERPRINT = "fp_ksi_test"
+"""The ``system_fingerprint`` every answer and chunk says unless the server is told another."""
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -292,6 +298,7 @@ class OpenAIServer:
     ``cut_after``: the chunks a ``cut`` stream sends before it closes the connection.
     ``first_chunk_delay_s``: seconds between a stream's headers and its first chunk.
     ``cached_tokens``, ``reasoning_tokens``: report them in every answer's usage (None: not reported).
+    ``system_fingerprint``: every answer's and chunk's (None: null).
     """
 
     def __init__(
@@ -313,6 +320,7 @@ class OpenAIServer:
         first_chunk_delay_s: float = 0.0,
         cached_tokens: int | None = None,
         reasoning_tokens: int | None = None,
+        system_fingerprint: str | None = SYSTEM_FINGERPRINT,
     ) -> None:
         self.host = host
         self.port = port
@@ -326,6 +334,7 @@ class OpenAIServer:
         self.first_chunk_delay_s = first_chunk_delay_s
         self.cached_tokens = cached_tokens
         self.reasoning_tokens = reasoning_tokens
+        self.system_fingerprint = system_fingerprint
         self.streams = 0  # streamed answers begun
         self.closed_early = 0  # streams whose client closed the connection before their end
         self._held: list[asyncio.Event] = []  # the answers waiting for release()
@@ -650,7 +659,7 @@ class OpenAIServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model or "unknown",
-            "system_fingerprint": "fp_ksi_test",
+            "system_fingerprint": self.system_fingerprint,
             "choices": [{"index": 0, "message": message, "logprobs": self._logprobs(body, message),
                          "finish_reason": finish_reason}],
             "usage": usage,
@@ -737,7 +746,7 @@ class OpenAIServer:
         options = body.get("stream_options")
         with_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {"id": f"chatcmpl-test-{self._next_id}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": model or "unknown", "system_fingerprint": "fp_ksi_test"}
+                "model": model or "unknown", "system_fingerprint": self.system_fingerprint}
         extra_usage = {"usage": None} if with_usage else {}
         top = _top(body)
         chunks = [{**base, "choices": [{"index": 0, "delta": d, "logprobs": _chunk_logprobs(d, top), "finish_reason": None}],
@@ -850,7 +859,7 @@ class OpenAIServer:
             try:
                 cfg = json.loads(raw or b"{}")
                 for key in ("delay_s", "retry_after", "hang_s", "echo_auth", "cut_after", "first_chunk_delay_s",
-                            "cached_tokens", "reasoning_tokens"):
+                            "cached_tokens", "reasoning_tokens", "system_fingerprint"):
                     if key in cfg:
                         setattr(self, key, cfg.pop(key))
                 self.set_faults(**{k: cfg[k] for k in ("script", "rates", "seed", "faults_by_model") if k in cfg})

@@ -133,3 +133,42 @@ def test_log_probabilities_reach_the_batch_output_and_the_ksi_result_lines_also_
         assert ksi["k-asked"]["logprobs"] == {"content": logprob_entries("echo: three", 0), "refusal": None}
         assert "logprobs" not in ksi["k-plain"]  # only when set
     assert hits(server) == 4  # the rerun was answered from the store
+
+
+def test_the_upstreams_system_fingerprint_reaches_the_batch_output_and_the_ksi_result_lines_also_on_a_rerun(
+        tmp_path, server):
+    from ksi_host.testing.server import SYSTEM_FINGERPRINT
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[openai.deployments]]\nname = "local"\nmodel = "local-*"\napi_base = "{server["url"]}"\n'
+                   'api_key_env = "LOCAL_KEY"\n')
+    said = json.loads(batch_line("said", "local-a", "one two"))
+    said["body"]["seed"] = 7
+    (tmp_path / "said.jsonl").write_text(json.dumps(said) + "\n")  # a file is in one format: OpenAI Batch or KSI
+    (tmp_path / "k-said.jsonl").write_text(json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-said",
+                                                       "seed": 7}) + "\n")
+    (tmp_path / "plain.jsonl").write_text(batch_line("plain", "local-a", "one two") + "\n")
+    (tmp_path / "k-plain.jsonl").write_text(json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-plain"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_HOST_")}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LOCAL_KEY="sk-test", KSI_HOST_PLUGINS="queue,openai,retry,tokens")
+
+    def run(name: str, out: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "ksi_host.cli", "run", str(tmp_path / name), "--db",
+                               str(tmp_path / "k.db"), "--config", str(cfg), "--out", str(tmp_path / out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return {o.get("custom_id") or o.get("request_id"): o for o in results(tmp_path / out)}
+
+    first = {**run("said.jsonl", "said-1.jsonl"), **run("k-said.jsonl", "k-said-1.jsonl")}
+    base = server["url"].rsplit("/v1", 1)[0]  # from now on the upstream says none
+    urllib.request.urlopen(urllib.request.Request(f"{base}/_ksi/faults", method="POST",
+                                                  data=json.dumps({"system_fingerprint": None}).encode())).close()
+    rerun = {**run("said.jsonl", "said-2.jsonl"), **run("k-said.jsonl", "k-said-2.jsonl")}
+    plain = {**run("plain.jsonl", "plain-out.jsonl"), **run("k-plain.jsonl", "k-plain-out.jsonl")}
+    for lines in (first, rerun):  # the rerun is answered from the store: the fingerprint of the answer it stored
+        body = lines["said"]["response"]["body"]
+        assert ChatCompletion.model_validate(body).system_fingerprint == SYSTEM_FINGERPRINT  # OpenAI's client reads it
+        assert lines["k-said"]["system_fingerprint"] == SYSTEM_FINGERPRINT
+    assert plain["plain"]["response"]["body"]["system_fingerprint"] is None
+    assert "system_fingerprint" not in plain["k-plain"]  # only when set
+    assert hits(server) == 4  # the rerun sent nothing

@@ -19,7 +19,7 @@ import openai
 import pytest
 from ksi_serve.testing import ServeProcess, toml
 
-from ksi_host.testing.server import OpenAIServer, logprob_entries
+from ksi_host.testing.server import SYSTEM_FINGERPRINT, OpenAIServer, logprob_entries
 
 PLUGINS = "queue,openai,retry,tokens,serve"
 TOKEN = "it-token-0123456789abcdef"
@@ -128,6 +128,27 @@ def test_a_streams_chunks_carry_their_log_probabilities(served: ServeProcess, up
     [whole] = again  # the stored result, in one piece, with all of them
     assert [t.model_dump() for t in whole.choices[0].logprobs.content] == logprob_entries("echo: stream it", 1)
     assert all(c.choices[0].logprobs is None for c in plain if c.choices) and upstream.hits == 2
+
+
+def test_the_upstreams_system_fingerprint_comes_back_whole_and_streamed(served: ServeProcess, upstream: OpenAIServer):
+    client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "which backend"}]
+    whole = client.chat.completions.create(model="gpt-4o-mini", messages=messages, seed=7,
+                                           extra_headers={"Idempotency-Key": "fp-1"})
+    again = client.chat.completions.create(model="gpt-4o-mini", messages=messages, seed=7,
+                                           extra_headers={"Idempotency-Key": "fp-1"})  # answered from the store
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, seed=7, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_headers={"Idempotency-Key": "fp-s"}))
+    stored = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, seed=7, stream=True,
+                                                 extra_headers={"Idempotency-Key": "fp-s"}))
+    upstream.system_fingerprint = None  # an upstream that says none
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    plain_chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True))
+    assert whole.system_fingerprint == again.system_fingerprint == SYSTEM_FINGERPRINT and upstream.hits == 4
+    assert len(chunks) > 3 and {c.system_fingerprint for c in chunks} == {SYSTEM_FINGERPRINT}
+    assert [c.system_fingerprint for c in stored] == [SYSTEM_FINGERPRINT]
+    assert plain.system_fingerprint is None and {c.system_fingerprint for c in plain_chunks} == {None}
 
 
 def test_two_sessions_from_several_client_tasks_reach_the_upstream_in_order(served: ServeProcess,

@@ -83,7 +83,7 @@ def store_row(seq: int, epoch: int, r: CompletionResult) -> tuple[Any, ...]:
     return (seq, epoch, r.status, r.started_at, r.finished_at, r.text,
             None if r.message is None else _encode(r.message), r.finish_reason, r.model, r.provider, r.session_id,
             u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd, u.cached_tokens, u.reasoning_tokens,
-            err.get("type"), err.get("message"), None if r.logprobs is None else _encode(r.logprobs))
+            err.get("type"), err.get("message"), None if r.logprobs is None else _encode(r.logprobs), r.system_fingerprint)
 
 
 def attempt_rows(seq: int, r: CompletionResult) -> list[tuple[Any, ...]]:
@@ -108,4 +108,5 @@ def result_from_row(row: Any, attempts: Sequence[Attempt] = ()) -> CompletionRes
         message=None if row["result_message"] is None else json.loads(row["result_message"]),
         finish_reason=row["finish_reason"], submitted_at=row["created_at"],
         logprobs=None if row["result_logprobs"] is None else json.loads(row["result_logprobs"]),
+        system_fingerprint=row["system_fingerprint"],
     )

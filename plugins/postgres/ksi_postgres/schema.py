@@ -243,7 +243,7 @@ RESULT_COLUMNS = (
     "r.seq, r.request_id, r.status, r.request_hash, r.created_at, r.started_at, r.finished_at, r.result_text,"
     " r.result_message, r.finish_reason, r.result_model, r.result_provider, r.result_session_id, r.prompt_tokens,"
     " r.completion_tokens, r.total_tokens, r.cost_usd, r.cached_tokens, r.reasoning_tokens, r.error_type, r.error_message,"
-    " r.result_logprobs"
+    " r.result_logprobs, r.system_fingerprint"
 )
 SELECT_BY_IDS = f"SELECT {RESULT_COLUMNS} FROM ksi_pg_requests r WHERE r.request_id = ANY($1::text[])"
 SELECT_BY_SEQS = f"SELECT {RESULT_COLUMNS} FROM ksi_pg_requests r WHERE r.seq = ANY($1::bigint[])"
@@ -344,9 +344,10 @@ _V1_STORE_TYPES = {
     "completion_tokens": "integer", "total_tokens": "integer", "cost_usd": "double precision",
     "cached_tokens": "integer", "reasoning_tokens": "integer", "error_type": "text", "error_message": "text",
 }
-STORE_TYPES = {**_V1_STORE_TYPES, "result_logprobs": "json"}
-"""The columns a stored result writes (migration 3 added ``result_logprobs``; migration 1's ``ksi_pg_store`` wrote
-the others)."""
+_V3_STORE_TYPES = {**_V1_STORE_TYPES, "result_logprobs": "json"}
+STORE_TYPES = {**_V3_STORE_TYPES, "system_fingerprint": "text"}
+"""The columns a stored result writes (migration 4 added ``system_fingerprint``, migration 3 ``result_logprobs``;
+migration 1's ``ksi_pg_store`` wrote the others)."""
 ATTEMPT_TYPES = {
     "seq": "bigint", "number": "integer", "provider": "text", "error_type": "text", "error_message": "text",
     "delay_s": "double precision", "latency_ms": "double precision", "ttft_ms": "double precision",
@@ -521,6 +522,7 @@ def _store_args(store_types: dict[str, str]) -> list[str]:
 
 
 _V1_STORE_ARGS = _store_args(_V1_STORE_TYPES)
+_V3_STORE_ARGS = _store_args(_V3_STORE_TYPES)
 _STORE_ARGS = _store_args(STORE_TYPES)
 
 MIGRATIONS[0] += _function("ksi_pg_accept", _ACCEPT_ARGS, "TABLE (seq bigint, request_id text, created_at double precision)",
@@ -635,8 +637,18 @@ MIGRATIONS.append(WINDOWS_MIGRATION)
 LOGPROBS_MIGRATION = f"""
 ALTER TABLE ksi_pg_requests ADD COLUMN result_logprobs json;
 DROP FUNCTION ksi_pg_store({', '.join(_V1_STORE_ARGS)});
-""" + _function("ksi_pg_store", _STORE_ARGS, "TABLE (seq bigint, told bigint)", STORE_RESULTS, len(_STORE_ARGS))
+""" + _function("ksi_pg_store", _V3_STORE_ARGS, "TABLE (seq bigint, told bigint)", _store_sql(_V3_STORE_TYPES),
+                len(_V3_STORE_ARGS))
 """Migration 3 of ksi-postgres: a result's log probabilities (OpenAI's ``choices[0].logprobs``, a JSON document; NULL
 when the request did not ask for them, as in every row stored before), and ``ksi_pg_store`` writing them."""
 
 MIGRATIONS.append(LOGPROBS_MIGRATION)
+
+FINGERPRINT_MIGRATION = f"""
+ALTER TABLE ksi_pg_requests ADD COLUMN system_fingerprint text;
+DROP FUNCTION ksi_pg_store({', '.join(_V3_STORE_ARGS)});
+""" + _function("ksi_pg_store", _STORE_ARGS, "TABLE (seq bigint, told bigint)", STORE_RESULTS, len(_STORE_ARGS))
+"""Migration 4 of ksi-postgres: the upstream's ``system_fingerprint`` of a result (which backend configuration
+answered; NULL when it sent none, as in every row stored before), and ``ksi_pg_store`` writing it."""
+
+MIGRATIONS.append(FINGERPRINT_MIGRATION)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import asyncpg
@@ -129,11 +130,38 @@ async def test_a_database_of_migration_2_gets_the_log_probabilities_column_and_k
         new = await host.complete({"model": "m", "prompt": "hi", "request_id": "new", "logprobs": True})
     async with make_host(Plugin(), config=pg_config()) as host:
         again = await host.complete({"model": "m", "prompt": "hi", "request_id": "new", "logprobs": True})
-    assert new.logprobs == probs and again == new  # written by migration 3's ksi_pg_store, read back
+    assert new.logprobs == probs and again == new  # written by the newest ksi_pg_store, read back
     old = await rows(pg_env, "SELECT result_text, result_logprobs FROM ksi_pg_requests WHERE request_id = 'old'")
     assert [tuple(r) for r in old] == [("before", None)]
     versions = await rows(pg_env, "SELECT version FROM ksi_pg_schema_versions")
-    assert [r["version"] for r in versions] == [len(schema.MIGRATIONS)] == [3]
+    assert [r["version"] for r in versions] == [len(schema.MIGRATIONS)]
+
+
+async def test_a_database_of_migration_3_gets_the_system_fingerprint_column_and_keeps_its_results(make_host,
+                                                                                              pg_env) -> None:
+    probs = {"content": [{"token": "hi", "logprob": -0.5, "bytes": [104, 105], "top_logprobs": []}], "refusal": None}
+    con = await asyncpg.connect(pg_env)
+    try:  # as the ksi-postgres of migration 3 left it, with a stored result (its log probabilities too)
+        await con.execute("CREATE TABLE ksi_pg_schema_versions (owner text PRIMARY KEY, version integer NOT NULL)")
+        for migration in schema.MIGRATIONS[:3]:
+            await con.execute(migration)
+        await con.execute("INSERT INTO ksi_pg_schema_versions VALUES ($1, 3)", schema.OWNER)
+        await con.execute("INSERT INTO ksi_pg_requests (request_id, model, priority, rank, request_hash, status, created_at,"
+                          " head, result_text, result_logprobs) VALUES ('old', 'm', 'normal', 2, 'h', 'ok', 1.0, false,"
+                          " 'before', $1)", json.dumps(probs))
+    finally:
+        await con.close()
+    provider = FakeProvider("a", script=[ProviderResponse("hi", system_fingerprint="fp_new")])
+    async with make_host(Plugin(), ScriptedProviders(provider), config=pg_config()) as host:
+        new = await host.complete({"model": "m", "prompt": "hi", "request_id": "new", "seed": 7})
+    async with make_host(Plugin(), config=pg_config()) as host:  # no provider: only the database can answer
+        again = await host.complete({"model": "m", "prompt": "hi", "request_id": "new", "seed": 7})
+    assert new.system_fingerprint == "fp_new" and again == new  # written by migration 4's ksi_pg_store, read back
+    old = await rows(pg_env, "SELECT result_text, result_logprobs, system_fingerprint FROM ksi_pg_requests"
+                             " WHERE request_id = 'old'")
+    assert [(r[0], json.loads(r[1]), r[2]) for r in old] == [("before", probs, None)]
+    versions = await rows(pg_env, "SELECT version FROM ksi_pg_schema_versions")
+    assert [r["version"] for r in versions] == [len(schema.MIGRATIONS)] == [4]
 
 
 def test_every_chat_parameter_has_a_column() -> None:

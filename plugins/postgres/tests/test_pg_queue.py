@@ -257,3 +257,29 @@ async def test_a_result_keeps_its_log_probabilities_whole_and_streamed(make_host
     stored = {r["request_id"]: r["result_logprobs"] for r in await rows(pg_env, "SELECT request_id, result_logprobs"
                                                                                  " FROM ksi_pg_requests")}
     assert stored["plain"] is None and json.loads(stored["lp"]) == LOGPROBS  # NULL when not asked; a JSON document
+
+
+async def test_a_result_keeps_its_system_fingerprint_whole_and_streamed(make_host, pg_env) -> None:
+    whole = FakeProvider("a", script=[ProviderResponse("a", system_fingerprint="fp_whole"), "plain"])
+    streamed = FakeStreamingProvider("a", script=[[ChatDelta("b", system_fingerprint="fp_old"),
+                                                   ChatDelta("c", system_fingerprint="fp_new"), ChatDelta(finish_reason="stop")]])
+    asked = {"model": "m", "prompt": "hi", "seed": 7}
+    async with make_host(Plugin(), ScriptedProviders(whole), config=pg_config()) as host:
+        first = await host.complete({**asked, "request_id": "fp"})
+        plain = await host.complete({"model": "m", "prompt": "hi", "request_id": "plain"})
+    async with make_host(Plugin(), ScriptedProviders(streamed), config=pg_config()) as host:
+        stream = host.stream({**asked, "request_id": "fp-s"})
+        [d async for d in stream]
+    async with make_host(Plugin(), config=pg_config()) as host:  # no provider: only the database can answer
+        again = await host.complete({**asked, "request_id": "fp"})
+        again_streamed = host.stream({**asked, "request_id": "fp-s"})
+        [one] = [d async for d in again_streamed]
+        again_plain = await host.complete({"model": "m", "prompt": "hi", "request_id": "plain"})
+        details = await host.request_details("fp")
+    assert first.system_fingerprint == "fp_whole" and again == first and details["result"]["system_fingerprint"] == "fp_whole"
+    assert stream.result.system_fingerprint == "fp_new" and again_streamed.result == stream.result
+    assert one.system_fingerprint == "fp_new"
+    assert plain.system_fingerprint is None and again_plain == plain and "system_fingerprint" not in plain.to_dict()
+    stored = {r["request_id"]: r["system_fingerprint"] for r in await rows(pg_env, "SELECT request_id, system_fingerprint"
+                                                                                   " FROM ksi_pg_requests")}
+    assert stored == {"fp": "fp_whole", "fp-s": "fp_new", "plain": None}

@@ -189,6 +189,11 @@ MIGRATIONS = [
     """
     ALTER TABLE ksi_queue_requests ADD COLUMN result_logprobs_json TEXT;
     """,
+    # v6: the upstream's system_fingerprint (which backend configuration answered), NULL when it sent none, as in
+    # every row stored before.
+    """
+    ALTER TABLE ksi_queue_requests ADD COLUMN system_fingerprint TEXT;
+    """,
 ]
 
 SCALAR_PARAMETERS = (
@@ -218,7 +223,8 @@ PAYLOAD_SELECT = ", ".join(f"p.{c}" for c in PAYLOAD_COLUMNS)
 RESULT_COLUMNS = (
     "request_hash, status, created_at, started_at, finished_at, result_text, result_model, result_provider,"
     " result_session_id, prompt_tokens, completion_tokens, total_tokens, cost_usd, cached_tokens, reasoning_tokens,"
-    " error_type, error_message, finish_reason, result_message_json, result_logprobs_json"
+    " error_type, error_message, finish_reason, result_message_json, result_logprobs_json,"
+    " system_fingerprint"
 )
 
 # Accepting a request writes its row and its payload, in the order of these columns (status: 'queued'). The chat
@@ -271,7 +277,7 @@ STORE_RESULT = (
     "UPDATE ksi_queue_requests SET status = ?, started_at = ?, finished_at = ?, result_text = ?, result_model = ?,"
     " result_provider = ?, result_session_id = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost_usd = ?,"
     " cached_tokens = ?, reasoning_tokens = ?, error_type = ?, error_message = ?, finish_reason = ?,"
-    " result_message_json = ?, result_logprobs_json = ? WHERE seq = ?"
+    " result_message_json = ?, result_logprobs_json = ?, system_fingerprint = ? WHERE seq = ?"
 )
 ATTEMPT_COLUMNS = "request_id, number, provider, error_type, error_message, delay_s, latency_ms, ttft_ms"
 INSERT_ATTEMPT = f"INSERT INTO ksi_queue_attempts ({ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"

@@ -196,7 +196,7 @@ def result_params(seq: int, r: CompletionResult) -> tuple[Any, ...]:
         r.status, r.started_at, r.finished_at, r.text, r.model, r.provider, r.session_id,
         u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_usd, u.cached_tokens, u.reasoning_tokens,
         err.get("type"), err.get("message"), r.finish_reason, _message_json(r),
-        None if r.logprobs is None else _encode(r.logprobs), seq,
+        None if r.logprobs is None else _encode(r.logprobs), r.system_fingerprint, seq,
     )
 
 
@@ -227,6 +227,7 @@ def result_from_row(row: Any, attempts: Sequence[Attempt] = ()) -> CompletionRes
         finish_reason=row["finish_reason"],
         submitted_at=row["created_at"],
         logprobs=None if row["result_logprobs_json"] is None else json.loads(row["result_logprobs_json"]),
+        system_fingerprint=row["system_fingerprint"],
     )
 
 

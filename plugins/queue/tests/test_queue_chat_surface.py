@@ -154,6 +154,33 @@ async def test_a_streamed_result_keeps_its_log_probabilities_and_a_stream_answer
     assert whole.content == "é ok" and whole.logprobs == LOGPROBS
 
 
+
+async def test_a_result_keeps_its_system_fingerprint_whole_and_streamed(make_host: Any, ksi_db_path: Any) -> None:
+    """Stored in its column (NULL when the upstream sent none) and read back: the same request id answered again by
+    another process, whole or as a stream, has it, and so has ksi-host show."""
+    whole = FakeProvider("p", script=[ProviderResponse("a", system_fingerprint="fp_whole"), "plain"])
+    streamed = FakeStreamingProvider("p", script=[[ChatDelta("b", system_fingerprint="fp_old"),
+                                                   ChatDelta("c", system_fingerprint="fp_new"),
+                                                   ChatDelta(finish_reason="stop")]])
+    async with make_host(Plugin(), ScriptedProviders(whole)) as host:
+        first = await host.complete({"model": "m", "prompt": "hi", "request_id": "fp", "seed": 7})
+        plain = await host.complete({"model": "m", "prompt": "hi", "request_id": "plain"})
+    async with make_host(Plugin(), ScriptedProviders(streamed)) as host:
+        stream = host.stream({"model": "m", "prompt": "hi", "request_id": "fp-s", "seed": 7})
+        [d async for d in stream]
+    async with make_host(Plugin()) as host:  # no provider at all: only the table can answer
+        again = await host.complete({"model": "m", "prompt": "hi", "request_id": "fp", "seed": 7})
+        again_streamed = host.stream({"model": "m", "prompt": "hi", "request_id": "fp-s", "seed": 7})
+        [one] = [d async for d in again_streamed]
+        again_plain = await host.complete({"model": "m", "prompt": "hi", "request_id": "plain"})
+        details = await host.request_details("fp")
+    assert first.system_fingerprint == "fp_whole" and again == first and details["result"]["system_fingerprint"] == "fp_whole"
+    assert stream.result.system_fingerprint == "fp_new" and again_streamed.result == stream.result
+    assert one.content == "bc" and one.system_fingerprint == "fp_new"
+    assert plain.system_fingerprint is None and again_plain == plain and "system_fingerprint" not in plain.to_dict()
+    assert dict(rows(ksi_db_path, "SELECT request_id, system_fingerprint FROM ksi_queue_requests")) == {
+        "fp": "fp_whole", "fp-s": "fp_new", "plain": None}
+
 async def test_a_streamed_result_keeps_its_time_to_first_token(make_host: Any) -> None:
     provider = FakeStreamingProvider("p", script=[["Hel", "lo", ChatDelta(finish_reason="length", usage=Usage(3, 2, 5))]])
     request = {"model": "m", "prompt": "hi", "request_id": "s1"}

@@ -180,6 +180,34 @@ async def test_a_version_1_database_is_migrated_with_its_rows(make_host: Any, ks
     con.close()
 
 
+
+async def test_a_version_5_database_gets_the_system_fingerprint_column_and_keeps_its_results(make_host: Any,
+                                                                                           ksi_db_path: Any) -> None:
+    from ksi_queue import schema
+
+    from ksi_host import Database
+    from ksi_host.models import ProviderResponse
+    from ksi_host.testing import FakeProvider
+
+    async with Database(ksi_db_path) as db:  # a database the ksi-queue of migration 5 left, with a stored answer
+        await db.migrate(schema.OWNER, schema.MIGRATIONS[:5])
+        await db.write_batch([
+            ("INSERT INTO ksi_queue_requests (seq, request_id, model, priority, status, created_at, started_at,"
+             " finished_at, result_text, result_model, result_provider, prompt_tokens, completion_tokens, total_tokens)"
+             " VALUES (1, 'old', 'm', 'normal', 'ok', 1.0, 1.0, 2.0, 'before', 'm', 'p', 1, 1, 2)", ()),
+            ("INSERT INTO ksi_queue_payloads (seq, messages_json, metadata_json) VALUES (1, '[]', '{}')", ()),
+        ])
+    provider = FakeProvider("p", script=[ProviderResponse("new", system_fingerprint="fp_new")])
+    async with make_host(Plugin(), ScriptedProviders(provider)) as host:
+        old, new = await host.complete(req("old")), await host.complete(req("new"))
+    async with make_host(Plugin()) as host:  # no provider: the table answers both
+        assert [await host.complete(req("old")), await host.complete(req("new"))] == [old, new]
+    assert (old.text, old.system_fingerprint) == ("before", None) and new.system_fingerprint == "fp_new"
+    assert rows(ksi_db_path, "SELECT request_id, result_text, system_fingerprint FROM ksi_queue_requests ORDER BY seq") == [
+        ("old", "before", None), ("new", "new", "fp_new")]
+    assert rows(ksi_db_path, "SELECT version FROM ksi_schema_versions WHERE owner = ?", (schema.OWNER,)) == [
+        (len(schema.MIGRATIONS),)] == [(6,)]
+
 async def test_a_host_that_does_not_resume_runs_only_what_is_submitted_to_it(make_host: Any, ksi_db_path: Any) -> None:
     """``Host(resume=False)`` (``ksi-host ask``): the requests an earlier run left stored are not started and take
     no slot; a request behind one of them in its session is refused (it could never start), and not stored."""

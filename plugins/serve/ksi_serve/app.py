@@ -273,18 +273,21 @@ class Server:
             raise self._not_accepted(e) from None
         created = int(time.time())
         model = first.model or req.model
+        fingerprint = first.system_fingerprint  # the upstream's: each chunk says the last one it sent
         response = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         try:
             await response.prepare(request)
             await response.write(wire.chunk(visible, created, model, _delta(first, role=True), first.finish_reason,
-                                            first.logprobs))
+                                            first.logprobs, fingerprint))
             async for delta in pieces:
+                if delta.system_fingerprint is not None:
+                    fingerprint = delta.system_fingerprint
                 if delta.content is None and not delta.tool_calls and delta.finish_reason is None and delta.refusal is None \
                         and delta.logprobs is None:
                     continue  # only usage (or nothing): its numbers come in the usage chunk at the end
                 await response.write(wire.chunk(visible, created, model, _delta(delta), delta.finish_reason,
-                                                delta.logprobs))
+                                                delta.logprobs, fingerprint))
         except OperationalError as e:  # the request failed after its first piece: an error event, never a clean end
             result = getattr(e, "result", None)
             error = wire.result_error(result, self._retry_after) if result is not None else ApiError(
@@ -300,7 +303,7 @@ class Server:
             return response
         result = stream.result
         if include_usage and result is not None:
-            await _write_quietly(response, wire.usage_chunk(visible, created, model, result.usage))
+            await _write_quietly(response, wire.usage_chunk(visible, created, model, result.usage, fingerprint))
         await _write_quietly(response, wire.DONE)
         return response
 
@@ -326,9 +329,10 @@ class Server:
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **wire.id_headers(visible)})
         await response.prepare(request)
         await _write_quietly(response, wire.chunk(visible, body["created"], body["model"], message, choice["finish_reason"],
-                                                  choice["logprobs"]))
+                                                  choice["logprobs"], result.system_fingerprint))
         if include_usage:
-            await _write_quietly(response, wire.usage_chunk(visible, body["created"], body["model"], result.usage))
+            await _write_quietly(response, wire.usage_chunk(visible, body["created"], body["model"], result.usage,
+                                                            result.system_fingerprint))
         await _write_quietly(response, wire.DONE)
         return response
 

@@ -245,23 +245,26 @@ def completion(result: CompletionResult, visible: str, requested_model: str) -> 
         "choices": [{"index": 0, "message": message, "logprobs": result.logprobs,
                      "finish_reason": result.finish_reason or ("tool_calls" if message.get("tool_calls") else "stop")}],
         "usage": usage_of(result.usage),
-        "system_fingerprint": None,
+        "system_fingerprint": result.system_fingerprint,
     }
 
 
 def chunk(visible: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
-          logprobs: dict[str, Any] | None = None) -> bytes:
-    """One server-sent event of a stream: a ``chat.completion.chunk`` (``logprobs``: its piece's log probabilities)."""
+          logprobs: dict[str, Any] | None = None, system_fingerprint: str | None = None) -> bytes:
+    """One server-sent event of a stream: a ``chat.completion.chunk`` (``logprobs``: its piece's log probabilities;
+    ``system_fingerprint``: the upstream's, as OpenAI's chunks each say it)."""
     return b"data: " + dumps({
         "id": completion_id(visible), "object": "chat.completion.chunk", "created": created, "model": model,
+        "system_fingerprint": system_fingerprint,
         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }) + b"\n\n"
 
 
-def usage_chunk(visible: str, created: int, model: str, usage: Usage) -> bytes:
+def usage_chunk(visible: str, created: int, model: str, usage: Usage, system_fingerprint: str | None = None) -> bytes:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
     return b"data: " + dumps({"id": completion_id(visible), "object": "chat.completion.chunk", "created": created,
-                              "model": model, "choices": [], "usage": usage_of(usage)}) + b"\n\n"
+                              "model": model, "system_fingerprint": system_fingerprint, "choices": [],
+                              "usage": usage_of(usage)}) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

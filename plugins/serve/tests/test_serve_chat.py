@@ -67,6 +67,18 @@ async def test_log_probabilities_are_in_the_choice_when_the_upstream_sent_them(s
     assert plain.choices[0].logprobs is None
 
 
+async def test_the_answer_says_the_upstreams_system_fingerprint(serve):
+    provider = FakeProvider("p1", script=[ProviderResponse("hi", system_fingerprint="fp_44709d6fcb"), "none said"])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        said = await client.chat.completions.create(model="m1", messages=MESSAGES, seed=7,
+                                                    extra_headers={"Idempotency-Key": "fp-1"})
+        again = await client.chat.completions.create(model="m1", messages=MESSAGES, seed=7,  # the stored result
+                                                     extra_headers={"Idempotency-Key": "fp-1"})
+        plain = await client.chat.completions.create(model="m1", messages=MESSAGES)
+    assert said.system_fingerprint == again.system_fingerprint == "fp_44709d6fcb" and len(provider.calls) == 2
+    assert plain.system_fingerprint is None
+
 async def test_the_openai_client_reads_the_request_id_of_answers_errors_and_streams(serve):
     """x-request-id is where the openai client reads a response's request id (``_request_id``, an error's
     ``request_id``, a raw response's ``request_id``), as OpenAI sends it: here the id GET /v1/requests/{id} takes."""

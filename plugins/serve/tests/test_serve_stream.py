@@ -57,6 +57,22 @@ async def test_each_chunk_carries_the_log_probabilities_of_its_piece(serve):
     assert [c.choices[0].logprobs for c in plain] == [None, None]
 
 
+async def test_each_chunk_says_the_upstreams_last_system_fingerprint(serve):
+    pieces = [ChatDelta("Hel", system_fingerprint="fp_old"), ChatDelta("lo"), ChatDelta("!", system_fingerprint="fp_new"),
+              ChatDelta(finish_reason="stop", usage=Usage(4, 3, 7))]
+    provider = FakeStreamingProvider("p1", script=[pieces, ["plain"]])
+    async with serve(ScriptedProviders(provider)) as s:
+        client = s.client()
+        asked = {"model": "m1", "messages": MESSAGES, "stream": True, "seed": 7, "stream_options": {"include_usage": True}}
+        chunks = [c async for c in await client.chat.completions.create(**asked, extra_headers={"Idempotency-Key": "fp-s"})]
+        again = [c async for c in await client.chat.completions.create(  # the stored result, in one piece
+            **asked, extra_headers={"Idempotency-Key": "fp-s"})]
+        plain = [c async for c in await client.chat.completions.create(model="m1", messages=MESSAGES, stream=True)]
+    assert [(c.choices[0].delta.content if c.choices else "usage", c.system_fingerprint) for c in chunks] == [
+        ("Hel", "fp_old"), ("lo", "fp_old"), ("!", "fp_new"), (None, "fp_new"), ("usage", "fp_new")]
+    assert [c.system_fingerprint for c in again] == ["fp_new", "fp_new"] and again[0].choices[0].delta.content == "Hello!"
+    assert [c.system_fingerprint for c in plain] == [None, None]
+
 async def test_a_failure_before_the_first_piece_is_an_http_error(serve):
     provider = FakeStreamingProvider("p1", script=[NoProviderError("no such model here")])
     async with serve(ScriptedProviders(provider)) as s:
