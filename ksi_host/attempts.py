@@ -22,6 +22,7 @@ from .errors import (
     BadRequest,
     BudgetExceeded,
     Cancelled,
+    DatabaseError,
     DeadlineExceeded,
     MissingPluginError,
     NoProviderError,
@@ -86,6 +87,8 @@ class AttemptRunner:
                 run.response = await call_complete(provider, request, timeout)
             else:
                 run.response, run.ttft_ms, run.assembly = await self._stream(provider, request, timeout, sink, deadline)
+        except DatabaseError:  # the ledger's row (or a plugin's table) could not be written: no attempt's outcome, and
+            raise  # no result either; the queue keeps the request stored unfinished (it runs again at the next start)
         except OperationalError as e:
             run.error = e
             run.assembly = getattr(e, "assembly", None)

@@ -366,8 +366,10 @@ def ksi_attempt_started(host: Host, request: CompletionRequest, call: UpstreamCa
     ``unknown``: it may have been answered and billed).
 
     Returns nothing. Every implementation is called. Raising an
-    OperationalError fails the attempt before anything is sent.
-    Reference implementation: ``ksi-tokens``.
+    OperationalError fails the attempt before anything is sent; a
+    DatabaseError (the row could not be written) is not the attempt's
+    outcome: ``host.execute`` raises it, and the queue keeps the request
+    stored unfinished. Reference implementation: ``ksi-tokens``.
     """
 
 

@@ -395,6 +395,24 @@ async def test_a_cut_short_attempt_whose_record_fails_is_logged_at_stop_not_lost
     assert "the record of an attempt cut short was lost: DatabaseError" in caplog.text
 
 
+
+async def test_a_ledger_row_that_cannot_be_written_before_the_call_is_not_the_requests_result(make_host: Any) -> None:
+    """The disk is full when ksi_attempt_started writes the call's row: nothing was sent, and the database failed, so
+    host.execute raises (the queue keeps the request stored unfinished: it runs at the next start). Before, the error
+    became the attempt's outcome and the request's final error result, which a rerun then answered from the store."""
+    from ksi_host import DatabaseError
+
+    class FullDisk:
+        @hookimpl
+        def ksi_attempt_started(self, call: Any) -> None:
+            raise DatabaseError("k.db", "database or disk is full")
+
+    provider = FakeProvider("p")
+    async with make_host(DirectQueue(), ScriptedProviders(provider), FullDisk()) as host:
+        with pytest.raises(DatabaseError, match="database or disk is full"):
+            await host.execute(CompletionRequest.from_dict({"model": "m", "prompt": "hi"}))
+    assert provider.calls == []
+
 async def test_a_plugin_that_loses_its_hooks_and_only_observes_besides_is_not_started_but_observers_are(make_host: Any) -> None:
     class ObservingQueue(LocalQueue):
         @hookimpl
