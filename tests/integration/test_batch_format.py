@@ -100,18 +100,12 @@ def test_a_batch_file_runs_unchanged_and_resumes_without_resending(tmp_path, ser
     assert sum(r["calls"] for r in json.loads(usage.stdout)) == 32
 
 
-def test_log_probabilities_reach_the_batch_output_and_the_ksi_result_lines_also_on_a_rerun(tmp_path, server):
-    from ksi_host.testing.server import logprob_entries
-
+def local_runner(tmp_path, server):
+    """``run(input name, output name)``: ``ksi-host run`` of a file in ``tmp_path`` against the local server (the openai
+    provider, models ``local-*``), on one database; its results by custom_id (or request_id)."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[[openai.deployments]]\nname = "local"\nmodel = "local-*"\napi_base = "{server["url"]}"\n'
                    'api_key_env = "LOCAL_KEY"\n')
-    asked = json.loads(batch_line("asked", "local-a", "one two"))
-    asked["body"].update(logprobs=True, top_logprobs=3)
-    (tmp_path / "batch.jsonl").write_text(f"{json.dumps(asked)}\n{batch_line('plain', 'local-a', 'one two')}\n")
-    (tmp_path / "ksi.jsonl").write_text(
-        json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-asked", "logprobs": True}) + "\n"
-        + json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-plain"}) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_HOST_")}
     env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LOCAL_KEY="sk-test", KSI_HOST_PLUGINS="queue,openai,retry,tokens")
 
@@ -120,8 +114,21 @@ def test_log_probabilities_reach_the_batch_output_and_the_ksi_result_lines_also_
                                str(tmp_path / "k.db"), "--config", str(cfg), "--out", str(tmp_path / out)],
                               env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        lines = results(tmp_path / out)
-        return {o.get("custom_id") or o.get("request_id"): o for o in lines}
+        return {o.get("custom_id") or o.get("request_id"): o for o in results(tmp_path / out)}
+
+    return run
+
+
+def test_log_probabilities_reach_the_batch_output_and_the_ksi_result_lines_also_on_a_rerun(tmp_path, server):
+    from ksi_host.testing.server import logprob_entries
+
+    asked = json.loads(batch_line("asked", "local-a", "one two"))
+    asked["body"].update(logprobs=True, top_logprobs=3)
+    (tmp_path / "batch.jsonl").write_text(f"{json.dumps(asked)}\n{batch_line('plain', 'local-a', 'one two')}\n")
+    (tmp_path / "ksi.jsonl").write_text(
+        json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-asked", "logprobs": True}) + "\n"
+        + json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-plain"}) + "\n")
+    run = local_runner(tmp_path, server)
 
     for attempt in ("first", "rerun"):
         batch, ksi = run("batch.jsonl", f"batch-{attempt}.jsonl"), run("ksi.jsonl", f"ksi-{attempt}.jsonl")
@@ -139,9 +146,6 @@ def test_the_upstreams_system_fingerprint_reaches_the_batch_output_and_the_ksi_r
         tmp_path, server):
     from ksi_host.testing.server import SYSTEM_FINGERPRINT
 
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[[openai.deployments]]\nname = "local"\nmodel = "local-*"\napi_base = "{server["url"]}"\n'
-                   'api_key_env = "LOCAL_KEY"\n')
     said = json.loads(batch_line("said", "local-a", "one two"))
     said["body"]["seed"] = 7
     (tmp_path / "said.jsonl").write_text(json.dumps(said) + "\n")  # a file is in one format: OpenAI Batch or KSI
@@ -149,15 +153,7 @@ def test_the_upstreams_system_fingerprint_reaches_the_batch_output_and_the_ksi_r
                                                        "seed": 7}) + "\n")
     (tmp_path / "plain.jsonl").write_text(batch_line("plain", "local-a", "one two") + "\n")
     (tmp_path / "k-plain.jsonl").write_text(json.dumps({"model": "local-a", "prompt": "three", "request_id": "k-plain"}) + "\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KSI_HOST_")}
-    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LOCAL_KEY="sk-test", KSI_HOST_PLUGINS="queue,openai,retry,tokens")
-
-    def run(name: str, out: str) -> dict:
-        done = subprocess.run([sys.executable, "-m", "ksi_host.cli", "run", str(tmp_path / name), "--db",
-                               str(tmp_path / "k.db"), "--config", str(cfg), "--out", str(tmp_path / out)],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return {o.get("custom_id") or o.get("request_id"): o for o in results(tmp_path / out)}
+    run = local_runner(tmp_path, server)
 
     first = {**run("said.jsonl", "said-1.jsonl"), **run("k-said.jsonl", "k-said-1.jsonl")}
     base = server["url"].rsplit("/v1", 1)[0]  # from now on the upstream says none
